@@ -1,0 +1,124 @@
+"""The paper's models, by name, taking raw ``uint8`` image batches.
+
+Each model starts with :class:`Standardize`, so sites and the server feed it the
+``uint8`` tensors they hold and normalisation happens per batch on the device,
+in exactly one place. Its mean and std are buffers, so they travel with the
+model's arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+class Standardize(nn.Module):
+    """Map a ``uint8`` batch to floats: ``(x / 255 - mean) / std`` per channel.
+
+    A ``(B, H, W)`` batch gets a channel axis, giving ``(B, 1, H, W)``.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Return the standardized float batch."""
+        if images.ndim == 3:
+            images = images.unsqueeze(1)
+        return (images.float() / 255.0 - self.mean) / self.std
+
+
+class LeNet5(nn.Module):
+    """LeNet-5 (LeCun et al. 1998, the paper's [15]) for 28x28 single-channel input.
+
+    The classic layout with ReLU and max pooling: conv 6@5x5 (padding 2, as the
+    original sees 32x32), pool, conv 16@5x5, pool, then 120, 84 and
+    ``num_classes`` units.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        mean: Sequence[float] = MNIST_MEAN,
+        std: Sequence[float] = MNIST_STD,
+    ) -> None:
+        super().__init__()
+        self.standardize = Standardize(mean, std)
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+        )  # fmt: skip
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(16 * 5 * 5, 120), nn.ReLU(),
+            nn.Linear(120, 84), nn.ReLU(),
+            nn.Linear(84, num_classes),
+        )  # fmt: skip
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Return logits for a ``uint8`` batch ``(B, 28, 28)`` or ``(B, 1, 28, 28)``."""
+        return self.classifier(self.features(self.standardize(images)))
+
+
+class CifarCNN(nn.Module):
+    """The CIFAR-10 network of the paper's [16] (as in the TensorFlow tutorial).
+
+    Two 5x5 conv layers of 64 filters, each followed by 3x3/2 max pooling and
+    local response normalisation (radius 4, alpha 0.001/9, beta 0.75), then 384 and
+    192 fully connected units. Takes 32x32 RGB input.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        mean: Sequence[float] = CIFAR10_MEAN,
+        std: Sequence[float] = CIFAR10_STD,
+    ) -> None:
+        super().__init__()
+        # torch divides alpha by size, TensorFlow does not: 0.001/9 * 9 = 0.001.
+        lrn = {"size": 9, "alpha": 0.001, "beta": 0.75, "k": 1.0}
+        self.standardize = Standardize(mean, std)
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 64, 5, padding=2), nn.ReLU(),
+            nn.MaxPool2d(3, stride=2, padding=1), nn.LocalResponseNorm(**lrn),
+            nn.Conv2d(64, 64, 5, padding=2), nn.ReLU(),
+            nn.LocalResponseNorm(**lrn), nn.MaxPool2d(3, stride=2, padding=1),
+        )  # fmt: skip
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(64 * 8 * 8, 384), nn.ReLU(),
+            nn.Linear(384, 192), nn.ReLU(),
+            nn.Linear(192, num_classes),
+        )  # fmt: skip
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Return logits for a ``uint8`` batch ``(B, 3, 32, 32)``."""
+        return self.classifier(self.features(self.standardize(images)))
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {"lenet5": LeNet5, "cifar-cnn": CifarCNN}
+"""Model constructors by the name a run config uses."""
+
+
+def build_model(name: str, *, seed: int | None = None, **options: object) -> nn.Module:
+    """Return a fresh model called ``name``; with ``seed``, the same weights each time.
+
+    Examples
+    --------
+    >>> build_model("lenet5", seed=0)(torch.zeros(2, 28, 28, dtype=torch.uint8)).shape
+    torch.Size([2, 10])
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    if seed is None:
+        return MODELS[name](**options)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MODELS[name](**options)
