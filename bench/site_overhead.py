@@ -37,13 +37,12 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
-import os
 import statistics
 import time
 
 import torch
 
-from flwr_select.data import SiteData, load_mnist
+from flwr_select.data import SiteData, add_data_dir_option, load_mnist
 from flwr_select.models import build_model
 from flwr_select.policies import Budget, select
 from flwr_select.trial import trial_test
@@ -66,11 +65,7 @@ def keep_freed_memory() -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--data-dir",
-        default=os.environ.get("FLWR_SELECT_DATA_DIR"),
-        help="folder with the MNIST IDX files (default: $FLWR_SELECT_DATA_DIR)",
-    )
+    add_data_dir_option(parser)
     parser.add_argument(
         "--threads",
         type=int,
@@ -90,10 +85,6 @@ def main() -> None:
         "--system-malloc", action="store_true", help="leave glibc's malloc defaults"
     )
     args = parser.parse_args()
-    if not args.data_dir:
-        parser.error("give --data-dir or set FLWR_SELECT_DATA_DIR to the MNIST folder")
-    if not os.path.isdir(args.data_dir):
-        parser.error(f"data dir {args.data_dir!r} is not a folder")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     pinned = not args.system_malloc and keep_freed_memory()

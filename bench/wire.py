@@ -27,14 +27,13 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
 import numpy as np
 import torch
 
-from flwr_select.data import SiteData, load_mnist
+from flwr_select.data import SiteData, add_data_dir_option, load_mnist
 from flwr_select.wire import decode, encode, pack, wire_bytes
 
 POOL, UPLOAD = 10_000, 5_000  # draw the upload from the first POOL training images
@@ -45,17 +44,9 @@ TARGETS = {False: ("uncompressed", 1.02), True: ("compressed", 0.40)}
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--data-dir",
-        default=os.environ.get("FLWR_SELECT_DATA_DIR"),
-        help="folder with the MNIST IDX files (default: $FLWR_SELECT_DATA_DIR)",
-    )
+    add_data_dir_option(parser)
     parser.add_argument("--reps", type=int, default=25, help="timed runs per variant")
     args = parser.parse_args()
-    if not args.data_dir:
-        parser.error("give --data-dir or set FLWR_SELECT_DATA_DIR to the MNIST folder")
-    if not os.path.isdir(args.data_dir):
-        parser.error(f"data dir {args.data_dir!r} is not a folder")
     torch.manual_seed(0)
 
     images, labels = load_mnist(args.data_dir, "train")

@@ -7,7 +7,9 @@ never assume where data lives.
 
 from __future__ import annotations
 
+import argparse
 import gzip
+import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +18,21 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+DATA_DIR_ENV = "FLWR_SELECT_DATA_DIR"
+"""Environment variable naming the data folder when a command line does not."""
+
+
+def add_data_dir_option(parser: argparse.ArgumentParser) -> None:
+    """Add ``--data-dir``, required unless $FLWR_SELECT_DATA_DIR is set."""
+    default = os.environ.get(DATA_DIR_ENV)
+    parser.add_argument(
+        "--data-dir",
+        default=default,
+        required=default is None,
+        help=f"folder with the MNIST-format IDX files (default: ${DATA_DIR_ENV})",
+    )
+
 
 IDX_DTYPES = {
     0x08: np.dtype(np.uint8),

@@ -9,13 +9,12 @@ it, raw and compressed. Run ``python -m flwr_select.demo --help``.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import torch
 from torch import nn
 
-from flwr_select.data import SiteData, load_mnist
+from flwr_select.data import SiteData, add_data_dir_option, load_mnist
 from flwr_select.models import build_model
 from flwr_select.policies import Budget, select
 from flwr_select.trial import trial_test
@@ -41,16 +40,10 @@ def train_briefly(
 def main(argv: list[str] | None = None) -> None:
     """Run the demo and print one line per selection scheme."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--data-dir",
-        default=os.environ.get("FLWR_SELECT_DATA_DIR"),
-        help="folder with the MNIST-format IDX files (default: $FLWR_SELECT_DATA_DIR)",
-    )
+    add_data_dir_option(parser)
     parser.add_argument("--rho", type=float, default=0.05, help="fraction to upload")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.data_dir is None:
-        parser.error("name the MNIST folder with --data-dir or $FLWR_SELECT_DATA_DIR")
     budget = Budget(rho=args.rho)
 
     images, labels = load_mnist(args.data_dir, "train")
