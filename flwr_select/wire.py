@@ -146,9 +146,9 @@ def _numpy(array: Array, name: str) -> np.ndarray:
 
 def _unsigned(record: ArrayRecord, name: str) -> np.ndarray:
     values = _numpy(record[name], name)
-    if values.dtype.kind != "u" or values.dtype.itemsize > 4:
+    if values.dtype.kind != "u":
         raise UploadError(
-            f"{name} must be an unsigned integer of at most 32 bits, got {values.dtype}"
+            f"{name} must be an unsigned integer type, got {values.dtype}"
         )
     return values
 

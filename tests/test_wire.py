@@ -128,7 +128,7 @@ MALFORMED = {
     ),
     "signed labels": (
         replace(labels=Array(np.zeros(4, np.int64))),
-        "labels must be an unsigned integer",
+        "labels must be an unsigned integer type, got int64",
     ),
     "labels out of range": (
         replace(labels=Array(np.full(4, 10, np.uint8))),
@@ -137,6 +137,10 @@ MALFORMED = {
     "too few labels": (
         replace(labels=Array(np.zeros(3, np.uint8))),
         r"labels has shape \(3,\), expected one per image \(4,\)",
+    ),
+    "ids beyond int64": (
+        replace(ids=Array(np.array([0, 1, 2, 2**63], np.uint64))),
+        "ids must be >= 0",
     ),
     "duplicate ids": (
         replace(ids=Array(np.array([1, 1, 2, 3], np.uint16))),
