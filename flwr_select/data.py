@@ -11,6 +11,7 @@ import argparse
 import gzip
 import os
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -289,3 +290,84 @@ def load_cifar10(data_dir: str | Path, split: str = "train") -> tuple[Tensor, Te
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(
         np.concatenate(labels)
     )
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """A data set known by name: how to read it and what it needs."""
+
+    loader: Callable[[str | Path, str], tuple[Tensor, Tensor]]
+    num_classes: int
+    model: str
+    files: str
+
+
+MNIST_FORMAT_FILES = (
+    "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+    "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz"
+)
+DATASETS = {
+    "mnist": DatasetInfo(load_mnist, 10, "lenet5", MNIST_FORMAT_FILES),
+    "fashion-mnist": DatasetInfo(load_mnist, 10, "lenet5", MNIST_FORMAT_FILES),
+    "cifar10": DatasetInfo(
+        load_cifar10,
+        10,
+        "cifar-cnn",
+        "cifar-10-batches-py/ (data_batch_1..5, test_batch)",
+    ),
+}
+"""Data sets by the name a run config uses (``dataset = "mnist"``)."""
+
+
+def resolve_data_dir(dataset: str, data_dir: str | Path | None = None) -> Path:
+    """Return where ``dataset`` lives, the first that is set of three places.
+
+    ``data_dir``, else $FLWR_SELECT_DATA_DIR, else the user cache:
+    ``$XDG_CACHE_HOME`` (or ``~/.cache``) ``/flwr_select/<dataset>``.
+    """
+    if data_dir:
+        return Path(data_dir).expanduser()
+    if os.environ.get(DATA_DIR_ENV):
+        return Path(os.environ[DATA_DIR_ENV]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "flwr_select" / dataset
+
+
+def load_dataset(
+    dataset: str, data_dir: str | Path, split: str
+) -> tuple[Tensor, Tensor]:
+    """Load ``split`` of a named data set, or say which files to put where."""
+    if dataset not in DATASETS:
+        raise ValueError(
+            f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}"
+        )
+    info = DATASETS[dataset]
+    try:
+        return info.loader(data_dir, split)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"{dataset} is not in {data_dir} ({err}). Put {info.files} there, or name "
+            f"another folder with the run config key data-dir or ${DATA_DIR_ENV}."
+        ) from None
+
+
+def load_local_site(folder: str | Path, num_classes: int) -> SiteData:
+    """Read an edge box's own labelled data from a folder, ids by position.
+
+    The folder holds one of: ``data.npz`` with ``images`` (uint8) and ``labels``
+    (and optionally ``ids``); MNIST-format IDX files (the ``train`` pair); or
+    CIFAR-10 ``data_batch_*`` pickles.
+    """
+    folder = Path(folder)
+    if (folder / "data.npz").is_file():
+        with np.load(folder / "data.npz", allow_pickle=False) as data:
+            ids = torch.from_numpy(data["ids"]) if "ids" in data else None
+            return SiteData(
+                torch.from_numpy(data["images"]),
+                torch.from_numpy(data["labels"]),
+                num_classes,
+                ids,
+            )
+    loader = load_cifar10 if any(folder.glob("**/data_batch_1")) else load_mnist
+    images, labels = loader(folder, "train")
+    return SiteData(images, labels, num_classes)

@@ -23,3 +23,17 @@ def mnist_dir() -> Path:
     if not (MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip(f"real MNIST not found at {MNIST_DIR} (set FLWR_SELECT_TEST_MNIST)")
     return MNIST_DIR
+
+
+@pytest.fixture
+def task_identity():
+    """Let tests build Flower Messages outside a running app (Flower checks who sends).
+
+    ``TaskIdentity`` is private Flower API; it is touched here and nowhere else.
+    """
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved

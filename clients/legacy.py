@@ -1,0 +1,75 @@
+"""SelectNumPyClient: the remote site behind Flower's legacy ``NumPyClient`` API."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from flwr.app import Context
+from flwr.client import NumPyClient
+from flwr.common import NDArrays, Scalar
+from torch import nn
+
+from clients.site import load_ledger, save_ledger, site_round
+from flwr_select.data import SiteData
+from flwr_select.protocol import SelectionConfig
+from flwr_select.wire import IDS, IMAGES, LABELS
+
+
+class SelectNumPyClient(NumPyClient):
+    """A site for :class:`strategies.legacy.LegacySampleSelection`.
+
+    ``fit`` trial-tests the received model on the site's samples, selects, and
+    returns the upload as ``[images, labels, ids]`` ndarrays with the site's
+    metrics (``num-candidates`` among them); see :func:`clients.site.site_round`.
+
+    Parameters
+    ----------
+    site : SiteData
+        The samples this site offers.
+    model_fn : callable
+        Returns a fresh model (the architecture the parameters belong to).
+    context : Context
+        The ``Context`` that ``client_fn`` receives: the ids already sent are
+        kept in its state (as the Message API handler keeps them), because
+        ``ClientApp(client_fn=...)`` builds a new client for every message.
+    site_key : int (default: 0)
+        Seeds the site's choices with the round (e.g. its partition id).
+
+    Notes
+    -----
+    The legacy API cannot carry compressed uploads.
+    """
+
+    def __init__(
+        self,
+        site: SiteData,
+        model_fn: Callable[[], nn.Module],
+        context: Context,
+        *,
+        site_key: int = 0,
+    ) -> None:
+        self.site = site
+        self.model_fn = model_fn
+        self.context = context
+        self.site_key = site_key
+
+    def fit(
+        self, parameters: NDArrays, config: dict[str, Scalar]
+    ) -> tuple[NDArrays, int, dict[str, Scalar]]:
+        """Return the upload ``[images, labels, ids]``, its size and the metrics."""
+        model = self.model_fn()
+        tensors = (torch.from_numpy(a) for a in parameters)
+        model.load_state_dict(dict(zip(model.state_dict(), tensors, strict=True)))
+        sent = load_ledger(self.context)
+        upload, metrics = site_round(
+            model,
+            self.site,
+            SelectionConfig.from_config(config),
+            server_round=int(config["server-round"]),
+            site_key=self.site_key,
+            sent=sent,
+        )
+        save_ledger(self.context, sent)
+        arrays = [upload[name].numpy() for name in (IMAGES, LABELS, IDS)]
+        return arrays, len(arrays[2]), metrics

@@ -1,0 +1,203 @@
+"""The remote site: trial-test the received model, select, upload raw samples.
+
+The handler answers ``train.select`` messages, so it can sit beside a user's own
+``@app.train()``: build this module's ``app``, or add the handler to an existing
+ClientApp with :func:`add_select_handler`. What the site has sent is kept in the
+node's context state, so no sample is sent twice.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.clientapp import ClientApp
+from torch import nn
+
+from flwr_select.buffer import default_device
+from flwr_select.data import (
+    SiteData,
+    load_dataset,
+    load_local_site,
+    resolve_data_dir,
+)
+from flwr_select.models import build_model
+from flwr_select.partition import paper_split, round_fold, site_partition
+from flwr_select.policies import SentLedger, select
+from flwr_select.protocol import (
+    ACTION,
+    CONFIG_KEY,
+    METRICS_KEY,
+    MODEL_KEY,
+    UPLOAD_KEY,
+    SelectionConfig,
+)
+from flwr_select.trial import trial_test
+from flwr_select.wire import pack, wire_bytes
+
+LEDGER_KEY = "flwr_select.sent-ids"
+"""Key of the ArrayRecord in the node's context state that holds the sent ids."""
+
+SiteLoader = Callable[[Context, ConfigRecord], SiteData]
+ModelBuilder = Callable[[ConfigRecord], nn.Module]
+
+
+@functools.lru_cache(maxsize=2)
+def _training_set(dataset: str, data_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return load_dataset(dataset, resolve_data_dir(dataset, data_dir), "train")
+
+
+@functools.lru_cache(maxsize=2)
+def _local_site(data_dir: str, num_classes: int) -> SiteData:
+    return load_local_site(data_dir, num_classes)
+
+
+def load_site(context: Context, config: ConfigRecord) -> SiteData:
+    """Return this round's samples of the site.
+
+    On an edge box (node config ``data-dir``): everything in that folder (see
+    :func:`~flwr_select.data.load_local_site`); the ledger keeps sent samples
+    from being offered again. In a simulation: the site's IID share
+    (``partition-id`` of ``num-partitions``) of the paper split of ``dataset``,
+    and of that the fold of this ``server-round``. Ids are positions in the
+    training set.
+    """
+    num_classes = int(config["num-classes"])
+    if "data-dir" in context.node_config:
+        return _local_site(str(context.node_config["data-dir"]), num_classes)
+    images, labels = _training_set(
+        str(config["dataset"]), str(config.get("data-dir", ""))
+    )
+    split = paper_split(
+        len(images),
+        seed=int(config["seed"]),
+        validation=int(config["validation-size"]),
+        initial=int(config["initial-size"]),
+        pool=int(config.get("pool-size", 0)) or None,
+    )
+    partition = site_partition(
+        split.pool,
+        int(context.node_config["partition-id"]),
+        int(context.node_config["num-partitions"]),
+    )
+    fold = torch.from_numpy(
+        round_fold(
+            partition, int(config["server-round"]), int(config["num-server-rounds"])
+        )
+    )
+    return SiteData(images[fold], labels[fold], num_classes, ids=fold)
+
+
+def model_from_config(config: ConfigRecord) -> nn.Module:
+    """Build the built-in model named by the config's ``model`` key."""
+    return build_model(str(config["model"]), num_classes=int(config["num-classes"]))
+
+
+def load_ledger(context: Context) -> SentLedger:
+    """Return the ids this node has sent, from its context state."""
+    if LEDGER_KEY in context.state.array_records:
+        return SentLedger(context.state.array_records[LEDGER_KEY]["ids"].numpy())
+    return SentLedger()
+
+
+def save_ledger(context: Context, sent: SentLedger) -> None:
+    """Store the ids this node has sent in its context state."""
+    context.state[LEDGER_KEY] = ArrayRecord({"ids": Array(sent.to_array())})
+
+
+def site_round(
+    model: nn.Module,
+    site: SiteData,
+    selection: SelectionConfig,
+    *,
+    server_round: int,
+    site_key: int,
+    sent: SentLedger,
+) -> tuple[ArrayRecord, dict[str, int | float]]:
+    """One site's round: trial test, selection, upload; ``sent`` records the ids.
+
+    Returns the upload and the site's metrics: candidates, wrong predictions,
+    samples and wrong samples sent, trial accuracy and upload bytes. Shared by the
+    Message API handler and the legacy ``NumPyClient``.
+    """
+    trial = trial_test(model.to(default_device()), site)
+    budget = selection.budget()
+    chosen = select(
+        trial,
+        budget,
+        selection.policy(),
+        confidence=selection.confidence,
+        seed=(selection.seed, server_round, site_key),
+        sent=sent,
+    )
+    upload = pack(site, chosen, max_bytes=budget.max_bytes, compress=selection.compress)
+    sent_ids = upload["ids"].numpy().astype(np.int64)
+    sent.add(sent_ids)
+    return upload, {
+        "num-candidates": len(site),
+        "num-wrong": int(trial.wrong.sum()),
+        "num-selected": len(sent_ids),
+        "num-selected-wrong": int(trial.wrong[np.isin(trial.ids, sent_ids)].sum()),
+        "trial-accuracy": trial.accuracy,
+        "upload-bytes": wire_bytes(upload),
+    }
+
+
+def make_select_handler(
+    load_site: SiteLoader = load_site, model_fn: ModelBuilder = model_from_config
+) -> Callable[[Message, Context], Message]:
+    """Return the ``train.select`` handler, reading data and models as given.
+
+    Parameters
+    ----------
+    load_site : callable (default: :func:`load_site`)
+        ``(context, config) -> SiteData``: the samples this site offers this round.
+    model_fn : callable (default: :func:`model_from_config`)
+        ``config -> nn.Module``: the architecture the received arrays belong to.
+    """
+
+    def select_and_upload(msg: Message, context: Context) -> Message:
+        config = msg.content.config_records[CONFIG_KEY]
+        model = model_fn(config)
+        model.load_state_dict(
+            msg.content.array_records[MODEL_KEY].to_torch_state_dict()
+        )
+        sent = load_ledger(context)
+        upload, metrics = site_round(
+            model,
+            load_site(context, config),
+            SelectionConfig.from_config(config),
+            server_round=int(config["server-round"]),
+            site_key=int(context.node_config.get("partition-id", context.node_id)),
+            sent=sent,
+        )
+        save_ledger(context, sent)
+        content = RecordDict({UPLOAD_KEY: upload, METRICS_KEY: MetricRecord(metrics)})
+        return Message(content, reply_to=msg)
+
+    return select_and_upload
+
+
+def add_select_handler(
+    app: ClientApp,
+    load_site: SiteLoader = load_site,
+    model_fn: ModelBuilder = model_from_config,
+) -> None:
+    """Register the ``train.select`` handler on an existing ClientApp."""
+    app.train(ACTION)(make_select_handler(load_site, model_fn))
+
+
+app = ClientApp()
+"""A ClientApp with only the site's ``train.select`` handler."""
+add_select_handler(app)

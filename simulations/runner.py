@@ -1,0 +1,184 @@
+"""The paper's protocol as a Flower ServerApp: initial model, uploads, records.
+
+Section 4 of Jiang et al.: the server trains the initial model on 5k samples it
+holds, holds out 5k to validate, and each round every site receives the model,
+trial-tests a fresh fold of its data and uploads its rho share; the server
+trains on everything accepted so far and evaluates. Every round is one JSON line
+in ``out-dir/rounds.jsonl`` (round 0 is the initial model), and the training
+buffer is saved beside it (``buffer.npz``) after every round.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from flwr_select.data import DATASETS, SiteData, load_dataset, resolve_data_dir
+from flwr_select.models import build_model
+from flwr_select.partition import paper_split
+from flwr_select.protocol import SelectionConfig
+from flwr_select.trainer import TrainConfig
+from flwr_select.trial import trial_test
+from strategies.sample_selection import SampleSelection
+
+SITE_KEYS = (
+    "dataset",
+    "data-dir",
+    "model",
+    "seed",
+    "validation-size",
+    "initial-size",
+    "pool-size",
+    "num-server-rounds",
+)
+"""Run-config keys the sites need to find their fold of the data."""
+
+
+def defaults(dataset: str) -> dict[str, Any]:
+    """Return the run config of the sample-selection app for ``dataset``."""
+    return {
+        "num-server-rounds": 10,
+        "rho": 0.05,
+        "selection-policy": "proxy",
+        "confidence": "cross-entropy",
+        "max-count": 0,
+        "max-bytes": 0,
+        "compress": False,
+        "group": "",
+        "temperature": 1.0,
+        "seed": 0,
+        "dataset": dataset,
+        "model": DATASETS[dataset].model,
+        "data-dir": "",
+        "out-dir": f"runs/{dataset}",
+        "validation-size": 5000,
+        "initial-size": 5000,
+        "pool-size": 0,
+        "initial-epochs": 10,
+        "server-epochs": 5,
+        "batch-size": 64,
+        "optimizer": "sgd",
+        "lr": 0.01,
+        "from-scratch": False,
+        "fraction-train": 1.0,
+        "min-nodes": 2,
+    }
+
+
+class RoundLog:
+    """Writes one JSON object per round to ``rounds.jsonl`` and a progress line."""
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.path = Path(out_dir) / "rounds.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("")
+        self.last = time.perf_counter()
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append ``record`` with the seconds since the last one; print progress."""
+        now = time.perf_counter()
+        record["seconds"] = round(now - self.last, 3)
+        self.last = now
+        with self.path.open("a") as file:
+            file.write(json.dumps(record) + "\n")
+        print(
+            f"round {record['round']:>3}: accuracy {record['accuracy']:.4f}, "
+            f"{record['samples_received']} samples / {record['bytes_received']} bytes "
+            f"uploaded, buffer {record['buffer_size']}",
+            flush=True,
+        )
+
+
+def run(grid: Grid, config: Mapping[str, Any]) -> None:
+    """Run the sample-selection experiment described by ``config``."""
+    dataset, seed = str(config["dataset"]), int(config["seed"])
+    data_dir = resolve_data_dir(dataset, str(config["data-dir"]))
+    images, labels = load_dataset(dataset, data_dir, "train")
+    test_images, test_labels = load_dataset(dataset, data_dir, "test")
+    num_classes = DATASETS[dataset].num_classes
+    split = paper_split(
+        len(images),
+        seed=seed,
+        validation=int(config["validation-size"]),
+        initial=int(config["initial-size"]),
+        pool=int(config["pool-size"]) or None,
+    )
+    held_out = {
+        "": SiteData(images[split.validation], labels[split.validation], num_classes),
+        "test_": SiteData(test_images, test_labels, num_classes),
+    }
+    torch.manual_seed(seed)
+    strategy = SampleSelection(
+        functools.partial(build_model, str(config["model"]), num_classes=num_classes),
+        num_classes,
+        selection=SelectionConfig.from_config(config),
+        train_config=TrainConfig(
+            epochs=int(config["server-epochs"]),
+            batch_size=int(config["batch-size"]),
+            optimizer=str(config["optimizer"]),
+            lr=float(config["lr"]),
+        ),
+        from_scratch=bool(config["from-scratch"]),
+        site_config={key: config[key] for key in SITE_KEYS},
+        fraction_train=float(config["fraction-train"]),
+        min_train_nodes=int(config["min-nodes"]),
+        min_available_nodes=int(config["min-nodes"]),
+    )
+    initial = torch.from_numpy(split.initial)
+    initial_arrays = strategy.pretrain(
+        SiteData(images[initial], labels[initial], num_classes, ids=initial),
+        TrainConfig(
+            epochs=int(config["initial-epochs"]),
+            batch_size=int(config["batch-size"]),
+            optimizer=str(config["optimizer"]),
+            lr=float(config["lr"]),
+        ),
+    )
+    log = RoundLog(str(config["out-dir"]))
+    evaluation_model = strategy.model_fn().to(strategy.buffer.device)
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        evaluation_model.load_state_dict(arrays.to_torch_state_dict())
+        record: dict[str, Any] = {"round": server_round}
+        for prefix, samples in held_out.items():
+            trial = trial_test(evaluation_model, samples)
+            record[f"{prefix}accuracy"] = trial.accuracy
+            record[f"{prefix}loss"] = float(trial.confidence["cross-entropy"].mean())
+        metrics = strategy.rounds.get(server_round, {})
+        record["samples_received"] = int(metrics.get("samples-received", 0))
+        record["bytes_received"] = int(metrics.get("bytes-received", 0))
+        record["sites_accepted"] = int(metrics.get("sites-accepted", 0))
+        record["sites_rejected"] = int(metrics.get("sites-rejected", 0))
+        record["train_loss"] = metrics.get("train-loss")
+        record["buffer_size"] = len(strategy.buffer)
+        strategy.buffer.save(log.path.with_name("buffer.npz"))
+        log.write(record)
+        return MetricRecord(
+            {k: v for k, v in record.items() if isinstance(v, int | float)}
+        )
+
+    strategy.start(
+        grid,
+        initial_arrays,
+        num_rounds=int(config["num-server-rounds"]),
+        evaluate_fn=evaluate,
+    )
+
+
+def make_server_app(dataset: str) -> ServerApp:
+    """Return the ServerApp that runs :func:`run` on ``dataset``'s defaults."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run(grid, {**defaults(dataset), **context.run_config})
+
+    return app

@@ -1,0 +1,316 @@
+"""SampleSelection: sites upload raw samples, the server trains (Jiang et al. 2017)."""
+
+from __future__ import annotations
+
+import functools
+import random
+from collections.abc import Callable, Iterable, Mapping
+from logging import INFO, WARNING
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+from flwr.supercore import log
+from torch import nn
+
+from flwr_select.buffer import TrainingBuffer
+from flwr_select.data import SiteData
+from flwr_select.protocol import (
+    CONFIG_KEY,
+    MESSAGE_TYPE,
+    METRICS_KEY,
+    MODEL_KEY,
+    UPLOAD_KEY,
+    SelectionConfig,
+)
+from flwr_select.trainer import TrainConfig, TrainResult, train
+from flwr_select.wire import UploadError, decode, wire_bytes
+
+Upload = tuple[int, Callable[[], tuple[ArrayRecord, object]]]
+"""A site key and a function that returns its upload and ``num-candidates``."""
+
+SERVER_SITE = 0
+"""The buffer's site key for samples the server holds itself (the initial set)."""
+
+
+class SampleSelection(FedAvg):
+    """Sites upload their most informative raw samples; the server trains on them.
+
+    Drop-in where a ``FedAvg(...)`` was: ``strategy.start(grid, initial_arrays,
+    num_rounds, evaluate_fn=...)``. Each round the sampled nodes get the current
+    model and the :class:`~flwr_select.protocol.SelectionConfig` as a
+    ``train.select`` message; every upload is validated before it touches the
+    training buffer, the central model is trained on the buffer, and the new
+    model is returned. A rejected upload is logged with its node and reason and the
+    round goes on with the others; a round with nothing accepted leaves the model
+    unchanged.
+
+    Parameters
+    ----------
+    model_fn : callable
+        Returns a fresh model (the architecture the arrays belong to).
+    num_classes : int
+        Uploaded labels must lie in ``[0, num_classes)``.
+    selection : SelectionConfig (default: SelectionConfig())
+        What every site is asked to send.
+    train_config : TrainConfig (default: TrainConfig())
+        How the server trains on its buffer each round.
+    from_scratch : bool (default: False)
+        Retrain a fresh model on the whole buffer each round instead of continuing
+        from the current one.
+    buffer : TrainingBuffer, optional
+        Where accepted samples go (default: a new one on CUDA if available).
+    site_config : mapping, optional
+        Extra config values forwarded to every site (e.g. which data set fold).
+    fraction_train, min_train_nodes, min_available_nodes
+        As for ``FedAvg``; nodes are sampled with a generator seeded by
+        ``(selection.seed, round)``.
+    """
+
+    def __init__(
+        self,
+        model_fn: Callable[[], nn.Module],
+        num_classes: int,
+        *,
+        selection: SelectionConfig | None = None,
+        train_config: TrainConfig | None = None,
+        from_scratch: bool = False,
+        buffer: TrainingBuffer | None = None,
+        site_config: Mapping[str, bool | int | float | str] | None = None,
+        fraction_train: float = 1.0,
+        min_train_nodes: int = 2,
+        min_available_nodes: int = 2,
+    ) -> None:
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=0.0,
+            min_train_nodes=min_train_nodes,
+            min_evaluate_nodes=0,
+            min_available_nodes=min_available_nodes,
+        )
+        self.model_fn = model_fn
+        self.num_classes = num_classes
+        self.selection = selection or SelectionConfig()
+        self.train_config = train_config or TrainConfig()
+        self.from_scratch = from_scratch
+        self.buffer = buffer or TrainingBuffer(num_classes)
+        self.site_config = dict(site_config or {})
+        self.model = model_fn().to(self.buffer.device)
+        self.rounds: dict[int, dict[str, float | int]] = {}
+        """Metrics of every aggregated round (what ``aggregate_train`` returned)."""
+
+    def summary(self) -> None:
+        """Log the selection config beside FedAvg's sampling summary."""
+        super().summary()
+        log(
+            INFO,
+            "\t└──> Selection: %s, from_scratch=%s",
+            self.selection,
+            self.from_scratch,
+        )
+
+    def _seed(self, *parts: int) -> int:
+        return int(
+            np.random.SeedSequence([self.selection.seed, *parts]).generate_state(1)[0]
+        )
+
+    def round_config(self, server_round: int) -> dict[str, bool | int | float | str]:
+        """Return what every site is told this round (the run-config spellings)."""
+        return {
+            **self.site_config,
+            **self.selection.to_config(),
+            "server-round": server_round,
+            "num-classes": self.num_classes,
+        }
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send the current model and the selection config to the sampled nodes."""
+        self.model.load_state_dict(arrays.to_torch_state_dict())
+        if self.fraction_train == 0.0:
+            return []
+        num_nodes = int(len(list(grid.get_node_ids())) * self.fraction_train)
+        sample_size = max(num_nodes, self.min_train_nodes)
+        _, all_nodes = sample_nodes(grid, self.min_available_nodes, sample_size)
+        rng = random.Random(self._seed(server_round))
+        nodes = rng.sample(sorted(all_nodes), sample_size)
+        log(
+            INFO,
+            "configure_train: sampled %s nodes (out of %s)",
+            len(nodes),
+            len(all_nodes),
+        )
+        site_config = ConfigRecord({**dict(config), **self.round_config(server_round)})
+        content = RecordDict({MODEL_KEY: arrays, CONFIG_KEY: site_config})
+        return [
+            Message(content=content, message_type=MESSAGE_TYPE, dst_node_id=node)
+            for node in sorted(nodes)
+        ]
+
+    @staticmethod
+    def unpack_reply(reply: Message) -> tuple[ArrayRecord, object]:
+        """Return a reply's upload and its ``num-candidates``, or raise ``UploadError``.
+
+        The reply must hold exactly the upload and the site's metrics; the upload
+        itself is checked by :meth:`check_upload`.
+        """
+        content = reply.content
+        records = (set(content.array_records), set(content.metric_records))
+        if records != ({UPLOAD_KEY}, {METRICS_KEY}):
+            raise UploadError(
+                f"a reply holds ArrayRecord {UPLOAD_KEY!r} and MetricRecord "
+                f"{METRICS_KEY!r}; got {sorted(content.keys())}"
+            )
+        metrics = content.metric_records[METRICS_KEY]
+        return content.array_records[UPLOAD_KEY], metrics.get("num-candidates")
+
+    def check_upload(
+        self, site: int, record: ArrayRecord, candidates: object
+    ) -> SiteData:
+        """Return the samples of ``site``'s upload, or raise ``UploadError``.
+
+        Checks the format (:func:`~flwr_select.wire.decode`), the image shape
+        against the buffer's, the size against the budget for the site's
+        ``candidates`` (its number of samples this round), and that no id was
+        accepted from this site before.
+        """
+        samples, _ = decode(record, self.num_classes)
+        shape, got = self.buffer.image_shape, tuple(samples.images.shape[1:])
+        if shape is not None and got != shape:
+            raise UploadError(f"images of shape {got}, expected {shape}")
+        if not isinstance(candidates, int) or candidates < len(samples):
+            raise UploadError(
+                f"num-candidates must be an int >= the {len(samples)} samples sent, "
+                f"got {candidates}"
+            )
+        budget = self.selection.budget()
+        limit = budget.sample_limit(candidates)
+        if len(samples) > limit:
+            raise UploadError(
+                f"{len(samples)} samples exceed the budget of {limit} "
+                f"(of {candidates} candidates)"
+            )
+        size = wire_bytes(record)
+        if budget.max_bytes is not None and size > budget.max_bytes:
+            raise UploadError(f"{size} bytes exceed max-bytes={budget.max_bytes}")
+        repeated = self.buffer.seen(site, samples.ids.numpy())
+        if repeated.any():
+            raise UploadError(
+                f"{int(repeated.sum())} ids were already accepted from this site"
+            )
+        return samples
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate and buffer every upload, then train the central model."""
+        replies = list(replies)
+        for reply in replies:
+            if reply.has_error():
+                node, reason = reply.metadata.src_node_id, reply.error.reason
+                log(WARNING, "round %s: node %s failed: %s", server_round, node, reason)
+        uploads = [
+            (reply.metadata.src_node_id, functools.partial(self.unpack_reply, reply))
+            for reply in replies
+            if not reply.has_error()
+        ]
+        failures = len(replies) - len(uploads)
+        metrics = self.aggregate_uploads(server_round, uploads, failures=failures)
+        trained = "train-loss" in metrics
+        return (
+            ArrayRecord(self.model.state_dict()) if trained else None
+        ), MetricRecord(metrics)
+
+    def aggregate_uploads(
+        self, server_round: int, uploads: Iterable[Upload], *, failures: int = 0
+    ) -> dict[str, int | float]:
+        """Check and buffer each site's upload, then train if anything was accepted.
+
+        Parameters
+        ----------
+        server_round : int
+        uploads : iterable of (site, unpack)
+            ``unpack()`` returns the upload's ArrayRecord and the site's
+            ``num-candidates``, or raises ``UploadError``.
+        failures : int (default: 0)
+            Sites that failed instead of replying (``sites-failed``).
+
+        Returns
+        -------
+        dict
+            The round's metrics, also kept in :attr:`rounds`; ``train-loss`` is
+            there only if the model was trained (else it is unchanged).
+        """
+        metrics: dict[str, int | float] = {
+            "samples-received": 0,
+            "bytes-received": 0,
+            "sites-accepted": 0,
+            "sites-rejected": 0,
+            "sites-failed": failures,
+        }
+        for site, unpack in uploads:
+            try:
+                record, candidates = unpack()
+                samples = self.check_upload(site, record, candidates)
+            except UploadError as err:
+                log(
+                    WARNING,
+                    "round %s: rejected the upload of node %s: %s",
+                    server_round,
+                    site,
+                    err,
+                )
+                metrics["sites-rejected"] += 1
+                continue
+            size = wire_bytes(record)
+            self.buffer.add(site, samples)
+            metrics["sites-accepted"] += 1
+            metrics["samples-received"] += len(samples)
+            metrics["bytes-received"] += size
+            metrics[f"samples-received.{site}"] = len(samples)
+            metrics[f"bytes-received.{site}"] = size
+        if metrics["sites-accepted"]:
+            result = self.train_on_buffer(server_round)
+            metrics.update({"train-loss": result.loss, "train-seconds": result.seconds})
+        else:
+            log(
+                WARNING,
+                "round %s: no upload accepted; the model is unchanged",
+                server_round,
+            )
+        metrics.update(
+            {"buffer-size": len(self.buffer), "buffer-bytes": self.buffer.nbytes}
+        )
+        self.rounds[server_round] = metrics
+        return metrics
+
+    def train_on_buffer(
+        self, server_round: int, train_config: TrainConfig | None = None
+    ) -> TrainResult:
+        """Train the central model on the whole buffer (from scratch if configured)."""
+        if self.from_scratch:
+            torch.manual_seed(self._seed(server_round, 1))
+            self.model = self.model_fn().to(self.buffer.device)
+        assert self.buffer.images is not None
+        return train(
+            self.model,
+            self.buffer.images,
+            self.buffer.labels,
+            train_config or self.train_config,
+            seed=self._seed(server_round, 2),
+        )
+
+    def pretrain(
+        self, samples: SiteData, train_config: TrainConfig | None = None
+    ) -> ArrayRecord:
+        """Put the server's own samples in the buffer, train on them, return the model.
+
+        The paper's initial model: 5k samples the central site already holds.
+        """
+        self.buffer.add(SERVER_SITE, samples)
+        self.train_on_buffer(0, train_config)
+        return ArrayRecord(self.model.state_dict())

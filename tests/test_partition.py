@@ -1,0 +1,189 @@
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from flwr_select.partition import PaperSplit, paper_split, round_fold, site_partition
+
+
+def test_paper_split_parts_are_disjoint_and_sized():
+    # Execute: 60,000 samples, the paper's 5k + 5k, the rest to the sites
+    split = paper_split(60_000, seed=0)
+    # Assert
+    assert isinstance(split, PaperSplit)
+    sizes = (len(split.validation), len(split.initial), len(split.pool))
+    assert sizes == (5_000, 5_000, 50_000)
+    everything = np.concatenate([split.validation, split.initial, split.pool])
+    assert sorted(everything.tolist()) == list(range(60_000))  # disjoint and complete
+    assert everything.dtype.kind == "i"
+
+
+def test_paper_split_pool_option_leaves_the_rest_unused():
+    split = paper_split(20, seed=3, validation=5, initial=4, pool=6)
+    assert (len(split.validation), len(split.initial), len(split.pool)) == (5, 4, 6)
+    used = np.concatenate([split.validation, split.initial, split.pool])
+    assert len(set(used.tolist())) == 15 and set(used.tolist()) <= set(range(20))
+    # the smaller pool is a prefix of the full one: same seed, same shuffle
+    full = paper_split(20, seed=3, validation=5, initial=4)
+    assert len(full.pool) == 20 - 9 == 11
+    np.testing.assert_array_equal(full.pool[:6], split.pool)
+    np.testing.assert_array_equal(full.validation, split.validation)
+    # the largest pool allowed is everything left
+    assert len(paper_split(20, seed=3, validation=5, initial=4, pool=11).pool) == 11
+
+
+@given(
+    num_samples=st.integers(3, 200),
+    validation=st.integers(0, 60),
+    initial=st.integers(0, 60),
+    seed=st.integers(0, 2**32),
+)
+def test_paper_split_properties(num_samples, validation, initial, seed):
+    available = num_samples - validation - initial
+    if available < 1:
+        with pytest.raises(ValueError, match="leave no samples"):
+            paper_split(num_samples, seed=seed, validation=validation, initial=initial)
+        return
+    split = paper_split(num_samples, seed=seed, validation=validation, initial=initial)
+    again = paper_split(num_samples, seed=seed, validation=validation, initial=initial)
+    parts = (split.validation, split.initial, split.pool)
+    assert [len(p) for p in parts] == [validation, initial, available]
+    assert sorted(np.concatenate(parts).tolist()) == list(range(num_samples))
+    for a, b in zip(parts, (again.validation, again.initial, again.pool), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_paper_split_depends_on_the_seed():
+    a = paper_split(1_000, seed=1, validation=100, initial=100)
+    b = paper_split(1_000, seed=2, validation=100, initial=100)
+    assert not np.array_equal(a.validation, b.validation)
+    assert not np.array_equal(a.pool, b.pool)
+    # but both are splits of the same 1,000 positions
+    assert sorted(np.concatenate([b.validation, b.initial, b.pool]).tolist()) == list(
+        range(1_000)
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"num_samples": 10, "validation": 5, "initial": 5},
+            "validation=5 and initial=5 leave no samples of 10 for the sites",
+        ),
+        (
+            {"num_samples": 10_000},
+            "validation=5000 and initial=5000 leave no samples of 10000",
+        ),
+        (
+            {"num_samples": 10, "validation": -1, "initial": 2},
+            "validation=-1 and initial=2 leave no samples of 10",
+        ),
+        (
+            {"num_samples": 10, "validation": 2, "initial": -1},
+            "validation=2 and initial=-1",
+        ),
+        (
+            {"num_samples": 20, "validation": 5, "initial": 5, "pool": 0},
+            r"pool must be in \[1, 10\], got 0",
+        ),
+        (
+            {"num_samples": 20, "validation": 5, "initial": 5, "pool": 11},
+            r"pool must be in \[1, 10\], got 11",
+        ),
+    ],
+)
+def test_paper_split_errors_name_the_bad_value(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        paper_split(seed=0, **kwargs)
+
+
+def test_site_partition_splits_the_pool_near_equally():
+    # 10 samples over 3 sites: 4, 3, 3, in pool order
+    pool = np.array([9, 8, 7, 6, 5, 4, 3, 2, 1, 0]) * 10
+    parts = [site_partition(pool, i, 3) for i in range(3)]
+    assert [p.tolist() for p in parts] == [
+        [90, 80, 70, 60],
+        [50, 40, 30],
+        [20, 10, 0],
+    ]
+
+
+@given(
+    pool_size=st.integers(0, 120),
+    num_partitions=st.integers(1, 20),
+    seed=st.integers(0, 2**16),
+)
+def test_site_partitions_cover_the_pool_exactly_once(pool_size, num_partitions, seed):
+    pool = np.random.default_rng(seed).permutation(1_000)[:pool_size]
+    parts = [site_partition(pool, i, num_partitions) for i in range(num_partitions)]
+    np.testing.assert_array_equal(np.concatenate(parts), pool)  # in order, once each
+    sizes = [len(p) for p in parts]
+    assert max(sizes) - min(sizes) <= 1
+    assert sum(sizes) == pool_size
+
+
+@pytest.mark.parametrize(
+    ("partition_id", "num_partitions", "message"),
+    [
+        (3, 3, r"partition-id must be in \[0, 3\), got 3"),
+        (-1, 3, r"partition-id must be in \[0, 3\), got -1"),
+        (0, 0, r"partition-id must be in \[0, 0\), got 0"),
+    ],
+)
+def test_site_partition_errors_name_the_bad_value(
+    partition_id, num_partitions, message
+):
+    with pytest.raises(ValueError, match=message):
+        site_partition(np.arange(10), partition_id, num_partitions)
+
+
+def test_round_fold_cuts_the_partition_in_rounds():
+    # 7 samples over 3 rounds (1-based): 3, 2, 2
+    partition = np.array([11, 12, 13, 14, 15, 16, 17])
+    folds = [round_fold(partition, r, 3).tolist() for r in (1, 2, 3)]
+    assert folds == [[11, 12, 13], [14, 15], [16, 17]]
+
+
+@given(
+    size=st.integers(0, 100),
+    num_rounds=st.integers(1, 15),
+)
+def test_round_folds_cover_the_partition_exactly_once(size, num_rounds):
+    partition = np.arange(500, 500 + size)
+    folds = [round_fold(partition, r, num_rounds) for r in range(1, num_rounds + 1)]
+    np.testing.assert_array_equal(np.concatenate(folds), partition)
+    sizes = [len(f) for f in folds]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_every_sample_reaches_exactly_one_site_in_exactly_one_round():
+    # Prepare: the whole protocol, as the server and sites compute it
+    split = paper_split(1_000, seed=7, validation=100, initial=150, pool=700)
+    # Execute
+    delivered = [
+        round_fold(site_partition(split.pool, site, 4), r, 5)
+        for site in range(4)
+        for r in range(1, 6)
+    ]
+    # Assert
+    everything = np.concatenate(delivered)
+    assert len(everything) == 700
+    assert sorted(everything.tolist()) == sorted(split.pool.tolist())
+    held_out = np.concatenate([split.validation, split.initial])
+    assert not np.isin(everything, held_out).any()
+    # 700 / 4 sites = 175 each; 175 / 5 rounds = 35 each
+    assert {len(d) for d in delivered} == {35}
+
+
+@pytest.mark.parametrize(
+    ("server_round", "num_rounds", "message"),
+    [
+        (0, 3, r"server-round must be in \[1, 3\], got 0"),
+        (4, 3, r"server-round must be in \[1, 3\], got 4"),
+        (1, 0, r"server-round must be in \[1, 0\], got 1"),
+    ],
+)
+def test_round_fold_errors_name_the_bad_value(server_round, num_rounds, message):
+    with pytest.raises(ValueError, match=message):
+        round_fold(np.arange(10), server_round, num_rounds)

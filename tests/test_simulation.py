@@ -1,0 +1,166 @@
+"""The sample-selection app on Flower's real simulation engine, through `flower-simulation`."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tomllib
+import torch
+
+from flwr_select.buffer import TrainingBuffer
+from flwr_select.data import SiteData, load_mnist
+from flwr_select.partition import paper_split, round_fold, site_partition
+from flwr_select.wire import encode, wire_bytes
+from simulations.mnist import DEFAULTS
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMAND = str(Path(sys.executable).with_name("flower-simulation"))
+ROUNDS, SITES, FOLD = 2, 2, 2000  # pool 8,000 -> 4,000 per site -> 2,000 per round
+# A weak initial model (one epoch on 1,000 samples) and a quarter of each fold
+# uploaded, so that two rounds must raise the accuracy.
+RUN = {
+    "num-server-rounds": ROUNDS,
+    "rho": 0.25,
+    "seed": 3,
+    "validation-size": 1000,
+    "initial-size": 1000,
+    "pool-size": SITES * ROUNDS * FOLD,
+    "initial-epochs": 1,
+    "server-epochs": 1,
+}
+SENT = int(RUN["rho"] * FOLD)  # floor(0.25 * 2000) = 500 per site and round
+
+
+def flower_simulation(*args, **kwargs):
+    env = {
+        **os.environ,
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    }
+    return subprocess.run(
+        [COMMAND, "--app", "simulations.mnist", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="module")
+def run(mnist_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    config = (
+        " ".join(f"{k}={v}" for k, v in RUN.items())
+        + f' data-dir="{mnist_dir}" out-dir="{out}"'
+    )
+    done = flower_simulation("--num-supernodes", str(SITES), "--run-config", config)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [
+        json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()
+    ]
+    return records, TrainingBuffer.load(out / "buffer.npz", device="cpu"), done.stdout
+
+
+def test_rounds_are_recorded_in_order_and_accuracy_improves(run):
+    records, _, stdout = run
+    assert [r["round"] for r in records] == [0, 1, 2]
+    for r in records:
+        assert {
+            "round",
+            "accuracy",
+            "loss",
+            "samples_received",
+            "bytes_received",
+            "buffer_size",
+            "seconds",
+        } <= set(r)
+    assert records[-1]["accuracy"] > records[0]["accuracy"]
+    assert "round   2: accuracy" in stdout  # progress per round
+
+
+def test_samples_received_equal_the_sites_budgets(run):
+    records, buffer, _ = run
+    per_round = SITES * SENT
+    assert [r["samples_received"] for r in records] == [0, per_round, per_round]
+    assert [r["buffer_size"] for r in records] == [
+        1000,
+        1000 + per_round,
+        1000 + 2 * per_round,
+    ]
+    assert len(buffer) == records[-1]["buffer_size"]
+
+
+def test_no_sample_twice_and_each_round_brings_a_fresh_fold(run, mnist_dir):
+    _, buffer, _ = run
+    pairs = set(zip(buffer.sites.tolist(), buffer.ids.tolist(), strict=True))
+    assert len(pairs) == len(buffer)
+    images, labels = load_mnist(mnist_dir)
+    split = paper_split(
+        len(images),
+        seed=RUN["seed"],
+        validation=1000,
+        initial=1000,
+        pool=RUN["pool-size"],
+    )
+    sites = [
+        s for s in np.unique(buffer.sites) if s != 0
+    ]  # 0: the server's own initial samples
+    assert len(sites) == SITES
+    for site in sites:
+        ids = buffer.ids[buffer.sites == site]
+        # which partition is this node? the one holding its ids
+        partition = next(
+            p
+            for p in range(SITES)
+            if np.isin(ids, site_partition(split.pool, p, SITES)).all()
+        )
+        for r in (1, 2):  # the r-th block of uploads comes from the r-th fold
+            block = ids[(r - 1) * SENT : r * SENT]
+            assert np.isin(
+                block,
+                round_fold(site_partition(split.pool, partition, SITES), r, ROUNDS),
+            ).all()
+        # the buffer holds exactly the uploaded pixels
+        assert torch.equal(
+            buffer.images[buffer.sites == site].cpu(), images[torch.from_numpy(ids)]
+        )
+
+
+def test_bytes_received_match_the_wire_format(run):
+    records, buffer, _ = run
+    for r in (1, 2):
+        expected = 0
+        for site in [s for s in np.unique(buffer.sites) if s != 0]:
+            rows = np.flatnonzero(buffer.sites == site)[(r - 1) * SENT : r * SENT]
+            upload = SiteData(
+                buffer.images[rows].cpu(),
+                buffer.labels[rows].cpu(),
+                10,
+                ids=torch.from_numpy(buffer.ids[rows]),
+            )
+            expected += wire_bytes(encode(upload))
+        assert records[r]["bytes_received"] == expected
+
+
+def test_unknown_run_config_keys_are_refused_before_anything_starts():
+    done = flower_simulation("--run-config", "rhoo=0.1")
+    assert done.returncode != 0
+    assert (
+        "Key 'rhoo' is not present" in done.stderr
+        and "num-server-rounds" in done.stderr
+    )
+
+
+def test_pyproject_declares_the_apps_defaults():
+    with (ROOT / "pyproject.toml").open("rb") as file:
+        flwr = tomllib.load(file)["tool"]["flwr"]["app"]
+    assert flwr["config"] == DEFAULTS
+    assert flwr["components"] == {
+        "serverapp": "simulations.mnist:server_app",
+        "clientapp": "simulations.mnist:client_app",
+    }
