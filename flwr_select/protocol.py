@@ -89,11 +89,15 @@ class SelectionConfig:
     def from_config(cls, config: Mapping[str, object]) -> SelectionConfig:
         """Build from run-config names; keys this class does not know are ignored."""
         known = {f.name.replace("_", "-"): f for f in fields(cls)}
-        values = {}
+        values: dict[str, object] = {}
         for key, field in known.items():
             if key in config:
-                kind = {"float": float, "int": int, "str": str, "bool": bool}[
-                    str(field.type)
-                ]
-                values[field.name] = kind(config[key])  # type: ignore[operator]
-        return cls(**values)
+                values[field.name] = _as_type(str(field.type), config[key])
+        return cls(**values)  # type: ignore[arg-type]
+
+
+def _as_type(kind: str, value: object) -> object:
+    """Convert a config value to a field's type; ``"false"`` is False, not True."""
+    if kind == "bool" and isinstance(value, str):
+        return value.strip().lower() in ("true", "1", "yes")
+    return {"float": float, "int": int, "str": str, "bool": bool}[kind](value)

@@ -207,3 +207,9 @@ def test_policy(kwargs, policy):
 def test_every_policy_name_builds(name):
     config = SelectionConfig(selection_policy=name, group="wrong-unconfident")
     assert config.policy().name == name
+
+
+def test_from_config_reads_boolean_strings_as_booleans():
+    assert SelectionConfig.from_config({"compress": "false"}).compress is False
+    assert SelectionConfig.from_config({"compress": "true"}).compress is True
+    assert SelectionConfig.from_config({"compress": True}).compress is True
