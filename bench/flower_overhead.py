@@ -50,7 +50,7 @@ estimates; the median over rounds 2-10 is the result (target < 0.5 s). One
 simulation cannot be interleaved with anything, so every round is printed to
 show the spread.
 
-Run from the repository root (takes about 40 s on 2 cores)::
+Run from the repository root (about 45 s on 2 idle cores)::
 
     python bench/flower_overhead.py --data-dir ../shared/data/mnist
 

@@ -115,17 +115,21 @@ def run(grid: Grid, config: Mapping[str, Any]) -> None:
         "": SiteData(images[split.validation], labels[split.validation], num_classes),
         "test_": SiteData(test_images, test_labels, num_classes),
     }
+
+    def train_config(epochs_key: str) -> TrainConfig:
+        return TrainConfig(
+            epochs=int(config[epochs_key]),
+            batch_size=int(config["batch-size"]),
+            optimizer=str(config["optimizer"]),
+            lr=float(config["lr"]),
+        )
+
     torch.manual_seed(seed)
     strategy = SampleSelection(
         functools.partial(build_model, str(config["model"]), num_classes=num_classes),
         num_classes,
         selection=SelectionConfig.from_config(config),
-        train_config=TrainConfig(
-            epochs=int(config["server-epochs"]),
-            batch_size=int(config["batch-size"]),
-            optimizer=str(config["optimizer"]),
-            lr=float(config["lr"]),
-        ),
+        train_config=train_config("server-epochs"),
         from_scratch=bool(config["from-scratch"]),
         site_config={key: config[key] for key in SITE_KEYS},
         fraction_train=float(config["fraction-train"]),
@@ -135,12 +139,7 @@ def run(grid: Grid, config: Mapping[str, Any]) -> None:
     initial = torch.from_numpy(split.initial)
     initial_arrays = strategy.pretrain(
         SiteData(images[initial], labels[initial], num_classes, ids=initial),
-        TrainConfig(
-            epochs=int(config["initial-epochs"]),
-            batch_size=int(config["batch-size"]),
-            optimizer=str(config["optimizer"]),
-            lr=float(config["lr"]),
-        ),
+        train_config("initial-epochs"),
     )
     log = RoundLog(str(config["out-dir"]))
     evaluation_model = strategy.model_fn().to(strategy.buffer.device)
