@@ -190,3 +190,57 @@ def test_subset_keeps_ids():
     )
     part = site.subset(np.array([4, 0]))
     assert part.ids.tolist() == [14, 10] and part.labels.tolist() == [4, 0]
+
+
+def test_an_edge_box_folder_is_read_as_npz_or_idx(tmp_path):
+    from flwr_select.data import load_local_site
+
+    images = np.random.default_rng(1).integers(0, 256, (4, 28, 28), dtype=np.uint8)
+    npz = tmp_path / "npz"
+    npz.mkdir()
+    np.savez(
+        npz / "data.npz",
+        images=images,
+        labels=np.array([1, 2, 3, 4]),
+        ids=np.array([9, 8, 7, 6]),
+    )
+    site = load_local_site(npz, 10)
+    assert torch.equal(site.images, torch.from_numpy(images)) and site.ids.tolist() == [
+        9,
+        8,
+        7,
+        6,
+    ]
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    write_idx(idx / "train-images-idx3-ubyte.gz", images, compress=True)
+    write_idx(
+        idx / "train-labels-idx1-ubyte.gz",
+        np.array([0, 1, 0, 1], np.uint8),
+        compress=True,
+    )
+    site = load_local_site(idx, 10)
+    assert site.labels.tolist() == [0, 1, 0, 1] and site.ids.tolist() == [0, 1, 2, 3]
+
+
+def test_the_data_folder_comes_from_the_config_then_the_environment_then_the_cache(
+    tmp_path, monkeypatch
+):
+    from flwr_select.data import load_dataset, resolve_data_dir
+
+    monkeypatch.setenv("FLWR_SELECT_DATA_DIR", str(tmp_path / "env"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert resolve_data_dir("mnist", tmp_path / "given") == tmp_path / "given"
+    assert resolve_data_dir("mnist", "") == tmp_path / "env"
+    monkeypatch.delenv("FLWR_SELECT_DATA_DIR")
+    assert (
+        resolve_data_dir("fashion-mnist")
+        == tmp_path / "cache" / "flwr_select" / "fashion-mnist"
+    )
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"mnist is not in .*empty.*Put train-images-idx3-ubyte.gz, .* there",
+    ):
+        load_dataset("mnist", tmp_path / "empty", "train")
+    with pytest.raises(ValueError, match="unknown dataset 'svhn'"):
+        load_dataset("svhn", tmp_path, "train")
