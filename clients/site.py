@@ -33,7 +33,7 @@ from flwr_select.data import (
     resolve_data_dir,
 )
 from flwr_select.models import build_model
-from flwr_select.partition import paper_split, round_fold, site_partition
+from flwr_select.partition import paper_split, partition_pool, round_fold
 from flwr_select.policies import SentLedger, select
 from flwr_select.protocol import (
     ACTION,
@@ -63,15 +63,49 @@ def _local_site(data_dir: str, num_classes: int) -> SiteData:
     return load_local_site(data_dir, num_classes)
 
 
+@functools.lru_cache(maxsize=4)
+def _site_share(
+    dataset: str,
+    data_dir: str,
+    seed: int,
+    sizes: tuple[int, int, int | None],
+    partitioner: str,
+    alpha: float,
+    partition_id: int,
+    num_partitions: int,
+    num_rounds: int,
+) -> np.ndarray:
+    images, labels = _training_set(dataset, data_dir)
+    validation, initial, pool = sizes
+    split = paper_split(
+        len(images), seed=seed, validation=validation, initial=initial, pool=pool
+    )
+    share = partition_pool(
+        split.pool,
+        labels.numpy()[split.pool],
+        partition_id,
+        num_partitions,
+        partitioner=partitioner,
+        alpha=alpha,
+        seed=seed,
+        # at least one sample per round (and Flower Datasets' default of 10)
+        min_partition_size=max(10, num_rounds),
+    )
+    share.setflags(write=False)
+    return share
+
+
 def load_site(context: Context, config: ConfigRecord) -> SiteData:
     """Return this round's samples of the site.
 
     On an edge box (node config ``data-dir``): everything in that folder (see
     :func:`~flwr_select.data.load_local_site`); the ledger keeps sent samples
-    from being offered again. In a simulation: the site's IID share
-    (``partition-id`` of ``num-partitions``) of the paper split of ``dataset``,
-    and of that the fold of this ``server-round``. Ids are positions in the
-    training set.
+    from being offered again. In a simulation: the site's share
+    (``partition-id`` of ``num-partitions``) of the pool of the paper split of
+    ``dataset``, by the run config's ``partitioner`` (``"iid"``, the default,
+    or ``"dirichlet"`` with ``dirichlet-alpha``; see
+    :func:`~flwr_select.partition.partition_pool`), and of that the fold of
+    this ``server-round``. Ids are positions in the training set.
     """
     num_classes = int(config["num-classes"])
     if "data-dir" in context.node_config:
@@ -79,22 +113,24 @@ def load_site(context: Context, config: ConfigRecord) -> SiteData:
     images, labels = _training_set(
         str(config["dataset"]), str(config.get("data-dir", ""))
     )
-    split = paper_split(
-        len(images),
-        seed=int(config["seed"]),
-        validation=int(config["validation-size"]),
-        initial=int(config["initial-size"]),
-        pool=int(config.get("pool-size", 0)) or None,
-    )
-    partition = site_partition(
-        split.pool,
+    num_rounds = int(config["num-server-rounds"])
+    partition = _site_share(
+        str(config["dataset"]),
+        str(config.get("data-dir", "")),
+        int(config["seed"]),
+        (
+            int(config["validation-size"]),
+            int(config["initial-size"]),
+            int(config.get("pool-size", 0)) or None,
+        ),
+        str(config.get("partitioner", "iid")),
+        float(config.get("dirichlet-alpha", 0.5)),
         int(context.node_config["partition-id"]),
         int(context.node_config["num-partitions"]),
+        num_rounds,
     )
     fold = torch.from_numpy(
-        round_fold(
-            partition, int(config["server-round"]), int(config["num-server-rounds"])
-        )
+        round_fold(partition, int(config["server-round"]), num_rounds).copy()
     )
     return SiteData(images[fold], labels[fold], num_classes, ids=fold)
 

@@ -3,14 +3,21 @@
 Section 4 of Jiang et al.: from the training set, 5k samples validate, 5k train
 the initial model, and the rest arrive at the sites in folds, one per round. The
 server and every site compute the same split from the same seed, so no index
-list ever crosses the wire.
+list ever crosses the wire. How the pool is shared among the sites (IID, or
+non-IID by label with a Dirichlet prior) is done by Flower Datasets'
+partitioners on a small local table of pool entries and labels
+(:func:`partition_pool`; ``pip install 'flwr-select[experiments]'``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+PARTITIONERS = ("iid", "dirichlet")
+"""Names :func:`partition_pool` accepts (the run-config key ``partitioner``)."""
 
 
 @dataclass(frozen=True)
@@ -79,12 +86,118 @@ def paper_split(
 def site_partition(
     pool: np.ndarray, partition_id: int, num_partitions: int
 ) -> np.ndarray:
-    """Return site ``partition_id``'s share of the (already shuffled) pool: IID."""
+    """Return site ``partition_id``'s share of the (already shuffled) pool: IID.
+
+    Contiguous near-equal shares (``np.array_split``), the same as
+    :func:`partition_pool`'s ``"iid"``, without Flower Datasets.
+    """
     if not 0 <= partition_id < num_partitions:
         raise ValueError(
             f"partition-id must be in [0, {num_partitions}), got {partition_id}"
         )
     return np.array_split(pool, num_partitions)[partition_id]
+
+
+def check_partitioner(partitioner: str, alpha: float = 0.5) -> None:
+    """Raise if ``partitioner`` or ``alpha`` is invalid, or Dirichlet lacks its library.
+
+    Lets a server refuse a bad run config before any site starts.
+    """
+    if partitioner not in PARTITIONERS:
+        choices = ", ".join(PARTITIONERS)
+        raise ValueError(
+            f"unknown partitioner {partitioner!r}; choose one of {choices}"
+        )
+    if partitioner == "dirichlet":
+        if not alpha > 0:
+            raise ValueError(f"dirichlet-alpha must be > 0, got {alpha}")
+        _flwr_datasets_partitioner()
+
+
+def _flwr_datasets_partitioner() -> Any:
+    try:
+        import datasets
+        from flwr_datasets import partitioner
+    except ImportError as err:
+        raise ImportError(
+            "partitioning the sites' data needs Flower Datasets (flwr-datasets): "
+            "pip install 'flwr-select[experiments]'"
+        ) from err
+    return datasets, partitioner
+
+
+def partition_pool(
+    pool: np.ndarray,
+    labels: np.ndarray,
+    partition_id: int,
+    num_partitions: int,
+    *,
+    partitioner: str = "iid",
+    alpha: float = 0.5,
+    seed: int = 0,
+    min_partition_size: int = 10,
+) -> np.ndarray:
+    """Return site ``partition_id``'s share of the pool, split by Flower Datasets.
+
+    A table ``{"idx": pool, "label": labels}`` is partitioned locally (nothing is
+    downloaded) and the site's ``idx`` column returned, so every process that
+    calls this with the same arguments gets the same share.
+
+    Parameters
+    ----------
+    pool : np.ndarray
+        The sites' samples (positions in the training set), already shuffled.
+    labels : np.ndarray
+        Their labels, aligned with ``pool``.
+    partition_id, num_partitions : int
+        Which site of how many.
+    partitioner : {"iid", "dirichlet"} (default: "iid")
+        ``"iid"``: contiguous near-equal shares of the pool, :func:`site_partition`
+        (exactly what Flower Datasets' ``IidPartitioner`` gives, without needing
+        it installed; a test checks the two agree).
+        ``"dirichlet"``: ``DirichletPartitioner`` by label, non-IID: each class
+        is divided among the sites by proportions drawn from Dirichlet(``alpha``);
+        small ``alpha`` gives few classes per site, large ``alpha`` near-IID.
+    alpha : float (default: 0.5)
+        The Dirichlet concentration (``"dirichlet"`` only).
+    seed : int (default: 0)
+        Seeds the Dirichlet draws and the shuffle of each share.
+    min_partition_size : int (default: 10)
+        ``"dirichlet"``: draws are repeated (up to 10 times, then ValueError)
+        until every site has at least this many samples.
+
+    Returns
+    -------
+    np.ndarray
+        Entries of ``pool``, each in exactly one site's share.
+    """
+    check_partitioner(partitioner, alpha)
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(
+            f"partition-id must be in [0, {num_partitions}), got {partition_id}"
+        )
+    pool, labels = np.asarray(pool), np.asarray(labels)
+    if pool.shape != labels.shape:
+        raise ValueError(
+            f"pool and labels must align, got {pool.shape} and {labels.shape}"
+        )
+    if partitioner == "iid":
+        return site_partition(pool, partition_id, num_partitions)
+    datasets, partitioners = _flwr_datasets_partitioner()
+    chosen = partitioners.DirichletPartitioner(
+        num_partitions,
+        partition_by="label",
+        alpha=float(alpha),
+        min_partition_size=min_partition_size,
+        seed=seed,
+    )
+    chosen.dataset = datasets.Dataset.from_dict(
+        {"idx": pool.astype(np.int64), "label": labels.astype(np.int64)}
+    )
+    # [:] reads the column as one array (a bare ["idx"] is a lazy Column that
+    # np.asarray would walk row by row: seconds for a 50,000-sample pool).
+    share = chosen.load_partition(partition_id).with_format("numpy")[:]["idx"]
+    return np.asarray(share, dtype=pool.dtype)
 
 
 def round_fold(partition: np.ndarray, server_round: int, num_rounds: int) -> np.ndarray:

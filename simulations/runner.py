@@ -23,7 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from flwr_select.data import DATASETS, SiteData, load_dataset, resolve_data_dir
 from flwr_select.models import build_model
-from flwr_select.partition import paper_split
+from flwr_select.partition import check_partitioner, paper_split
 from flwr_select.protocol import SelectionConfig
 from flwr_select.trainer import TrainConfig
 from flwr_select.trial import trial_test
@@ -38,6 +38,8 @@ SITE_KEYS = (
     "initial-size",
     "pool-size",
     "num-server-rounds",
+    "partitioner",
+    "dirichlet-alpha",
 )
 """Run-config keys the sites need to find their fold of the data."""
 
@@ -62,6 +64,8 @@ def defaults(dataset: str) -> dict[str, Any]:
         "validation-size": 5000,
         "initial-size": 5000,
         "pool-size": 0,
+        "partitioner": "iid",
+        "dirichlet-alpha": 0.5,
         "initial-epochs": 10,
         "server-epochs": 5,
         "batch-size": 64,
@@ -100,6 +104,8 @@ class RoundLog:
 def run(grid: Grid, config: Mapping[str, Any]) -> None:
     """Run the sample-selection experiment described by ``config``."""
     dataset, seed = str(config["dataset"]), int(config["seed"])
+    # The sites partition the pool; refuse a bad partitioner before they start.
+    check_partitioner(str(config["partitioner"]), float(config["dirichlet-alpha"]))
     data_dir = resolve_data_dir(dataset, str(config["data-dir"]))
     images, labels = load_dataset(dataset, data_dir, "train")
     test_images, test_labels = load_dataset(dataset, data_dir, "test")

@@ -13,7 +13,7 @@ import torch
 
 from flwr_select.buffer import TrainingBuffer
 from flwr_select.data import SiteData, load_mnist
-from flwr_select.partition import paper_split, round_fold, site_partition
+from flwr_select.partition import paper_split, partition_pool, round_fold
 from flwr_select.wire import encode, wire_bytes
 from simulations.mnist import DEFAULTS
 
@@ -107,6 +107,13 @@ def test_no_sample_twice_and_each_round_brings_a_fresh_fold(run, mnist_dir):
         initial=1000,
         pool=RUN["pool-size"],
     )
+    # the sites' shares by the default partitioner (Flower Datasets' IID)
+    partitions = [
+        partition_pool(
+            split.pool, labels.numpy()[split.pool], p, SITES, seed=RUN["seed"]
+        )
+        for p in range(SITES)
+    ]
     sites = [
         s for s in np.unique(buffer.sites) if s != 0
     ]  # 0: the server's own initial samples
@@ -114,16 +121,12 @@ def test_no_sample_twice_and_each_round_brings_a_fresh_fold(run, mnist_dir):
     for site in sites:
         ids = buffer.ids[buffer.sites == site]
         # which partition is this node? the one holding its ids
-        partition = next(
-            p
-            for p in range(SITES)
-            if np.isin(ids, site_partition(split.pool, p, SITES)).all()
-        )
+        partition = next(p for p in partitions if np.isin(ids, p).all())
         for r in (1, 2):  # the r-th block of uploads comes from the r-th fold
             block = ids[(r - 1) * SENT : r * SENT]
             assert np.isin(
                 block,
-                round_fold(site_partition(split.pool, partition, SITES), r, ROUNDS),
+                round_fold(partition, r, ROUNDS),
             ).all()
         # the buffer holds exactly the uploaded pixels
         assert torch.equal(

@@ -1,0 +1,79 @@
+"""The experiments' figures as PNG files, in the spirit of the paper's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_experiment(
+    name: str, dataset: str, summary: dict[str, Any], path: Path
+) -> None:
+    """Draw an experiment's figure to ``path`` (PNG).
+
+    Accuracy against round, one line per scheme with +-1 std over seeds; for an
+    experiment over several rhos, final accuracy against rho and against bytes.
+    """
+    lines = summary["lines"]
+    rhos = sorted({line["rho"] for line in lines.values()})
+    schemes = sorted({line["scheme"] for line in lines.values()})
+    panels = 2 if len(rhos) > 1 else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.2), squeeze=False)
+    if len(rhos) > 1:
+        for scheme in schemes:
+            own = sorted(
+                (v for v in lines.values() if v["scheme"] == scheme),
+                key=lambda v: v["rho"],
+            )
+            final = [v["accuracy_mean"][-1] for v in own]
+            axes[0][0].plot([v["rho"] for v in own], final, marker="o", label=scheme)
+            axes[0][1].plot(
+                [v["bytes_total"][0] / 1e6 for v in own],
+                final,
+                marker="o",
+                label=scheme,
+            )
+        axes[0][0].set(
+            xscale="log",
+            xlabel="rho (fraction uploaded per round)",
+            ylabel=f"accuracy after round {summary['rounds']}",
+        )
+        axes[0][1].set(
+            xscale="log", xlabel="MB uploaded in all", ylabel="final accuracy"
+        )
+    else:
+        ax = axes[0][0]
+        for key in sorted(lines):
+            line = lines[key]
+            mean, std = line["accuracy_mean"], line["accuracy_std"]
+            rounds = range(len(mean))
+            ax.plot(rounds, mean, marker="o", label=line["scheme"])
+            ax.fill_between(
+                rounds,
+                [m - s for m, s in zip(mean, std, strict=True)],
+                [m + s for m, s in zip(mean, std, strict=True)],
+                alpha=0.15,
+            )
+        if summary["targets"].get("paper"):
+            ax.axhline(
+                summary["targets"]["paper"],
+                color="grey",
+                linestyle=":",
+                label="paper's target",
+            )
+        ax.set(xlabel="round", ylabel="validation accuracy")
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(
+        f"{name} on {dataset} (mean over seeds {lines[next(iter(lines))]['seeds']})"
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

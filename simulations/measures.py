@@ -1,0 +1,120 @@
+"""What the paper measures, and what it lacks, computed from per-round records.
+
+Runs are grouped by (scheme, rho); over their seeds each round's accuracy gets a
+mean and a standard deviation. From those curves: rounds to reach a target
+accuracy (the learning-time speed-up of Fig. 4a), the bandwidth equivalence of
+Fig. 4b (the smallest uniform rho that matches the proxy at a small rho, in
+samples and in bytes), and what FedAvg would have uploaded instead.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord
+
+from flwr_select.data import DATASETS
+from flwr_select.models import build_model
+from flwr_select.wire import wire_bytes
+
+PAPER_TARGET = {"mnist": 0.989}
+"""The paper's target accuracy (98.9 % on MNIST, Fig. 4a)."""
+
+
+def curves(runs: list[list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Return, per ``scheme@rho``, mean and std over seeds of each round's values."""
+    groups: dict[tuple[str, float], list[list[dict[str, Any]]]] = defaultdict(list)
+    for run in runs:
+        groups[(run[0]["scheme"], run[0]["rho"])].append(run)
+    result = {}
+    for (scheme, rho), group in sorted(groups.items()):
+        accuracy = np.array([[r["accuracy"] for r in run] for run in group])
+        result[f"{scheme}@{rho}"] = {
+            "scheme": scheme,
+            "rho": rho,
+            "seeds": sorted(run[0]["seed"] for run in group),
+            "accuracy_mean": accuracy.mean(0).tolist(),
+            "accuracy_std": accuracy.std(0).tolist(),
+            "test_accuracy_final": _mean_std(
+                [run[-1]["test_accuracy"] for run in group]
+            ),
+            "samples_total": _mean_std([run[-1]["samples_total"] for run in group]),
+            "bytes_total": _mean_std([run[-1]["bytes_total"] for run in group]),
+            "wrong_sent": _mean_std(
+                [sum(r["wrong_sent"] for r in run) for run in group]
+            ),
+            "noisy_sent": _mean_std(
+                [sum(r["noisy_sent"] for r in run) for run in group]
+            ),
+        }
+    return result
+
+
+def _mean_std(values: list[float]) -> list[float]:
+    return [float(np.mean(values)), float(np.std(values))]
+
+
+def rounds_to(accuracy_mean: list[float], target: float) -> int | None:
+    """Return the first round whose mean accuracy reaches ``target`` (None: never)."""
+    return next((r for r, a in enumerate(accuracy_mean) if a >= target), None)
+
+
+def bandwidth_equivalence(
+    lines: dict[str, dict[str, Any]], rho: float
+) -> dict[str, Any] | None:
+    """Return the smallest uniform rho whose final accuracy matches proxy@``rho``."""
+    proxy = lines.get(f"proxy@{rho}")
+    if proxy is None:
+        return None
+    goal = proxy["accuracy_mean"][-1]
+    uniform = sorted(
+        (v for v in lines.values() if v["scheme"] == "uniform"), key=lambda v: v["rho"]
+    )
+    match = next((v for v in uniform if v["accuracy_mean"][-1] >= goal), None)
+    if match is None:
+        return {"proxy_rho": rho, "proxy_final_accuracy": goal, "uniform_rho": None}
+    return {
+        "proxy_rho": rho,
+        "proxy_final_accuracy": goal,
+        "uniform_rho": match["rho"],
+        "uniform_final_accuracy": match["accuracy_mean"][-1],
+        "samples_ratio": match["samples_total"][0] / proxy["samples_total"][0],
+        "bytes_ratio": match["bytes_total"][0] / proxy["bytes_total"][0],
+    }
+
+
+def fedavg_bytes(dataset: str, rounds: int, sites: int = 1) -> int:
+    """Bytes FedAvg's sites would upload: the model's wire size x sites x rounds."""
+    model = build_model(DATASETS[dataset].model)
+    return wire_bytes(ArrayRecord(model.state_dict())) * sites * rounds
+
+
+def summary(runs: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """Return curves, rounds to target, bandwidth equivalence and FedAvg's bytes."""
+    lines = curves(runs)
+    dataset, rounds = runs[0][0]["dataset"], len(runs[0]) - 1
+    targets = {"paper": PAPER_TARGET.get(dataset)}
+    for line in lines.values():
+        uniform = lines.get(f"uniform@{line['rho']}")
+        if uniform is not None:
+            targets[f"uniform-final@{line['rho']}"] = uniform["accuracy_mean"][-1]
+    for line in lines.values():
+        line["rounds_to"] = {
+            name: rounds_to(line["accuracy_mean"], target)
+            for name, target in targets.items()
+            if target is not None
+            and (name == "paper" or name.endswith(f"@{line['rho']}"))
+        }
+    rhos = sorted({line["rho"] for line in lines.values()})
+    return {
+        "dataset": dataset,
+        "rounds": rounds,
+        "targets": targets,
+        "lines": lines,
+        "bandwidth_equivalence": bandwidth_equivalence(lines, rhos[0])
+        if len(rhos) > 1
+        else None,
+        "fedavg_bytes": fedavg_bytes(dataset, rounds),
+    }
