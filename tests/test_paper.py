@@ -131,3 +131,29 @@ def test_rounds_to_target_and_equivalence_arithmetic():
         15.1,
     )
     assert np.isclose(eq["proxy_final_accuracy"], 0.95)
+
+
+def test_n_dirichlet_sites_through_the_flower_simulation(mnist_dir, out):
+    from simulations.paper import Scheme
+    from simulations.sites import run_sites
+
+    # Execute: 3 virtual SuperNodes, Dirichlet(0.5) shares, short protocol, one scheme
+    summary = run_sites(
+        "mnist",
+        str(mnist_dir),
+        out,
+        partitioner="dirichlet",
+        alpha=0.5,
+        num_sites=3,
+        seeds=[0],
+        protocol=SHORT,
+        schemes=[Scheme("proxy", "proxy")],
+    )
+    # Assert: the records were converted whole and the figure drawn
+    (run,) = [r for name, r in runs_of(out).items() if "dirichlet" in name]
+    assert [r["round"] for r in run] == list(range(SHORT.rounds + 1))
+    assert run[-1]["samples_total"] == sum(r["samples_received"] for r in run) > 0
+    # each site sends floor(0.05 * its fold): at most 5 % of the pool in all
+    assert run[-1]["samples_total"] <= 0.05 * SHORT.fold * SHORT.rounds
+    assert summary["lines"]["proxy@0.05"]["accuracy_mean"][-1] > run[0]["accuracy"]
+    assert (out / "sites-dirichlet" / "sites-dirichlet-mnist.png").is_file()
