@@ -157,3 +157,16 @@ def test_n_dirichlet_sites_through_the_flower_simulation(mnist_dir, out):
     assert run[-1]["samples_total"] <= 0.05 * SHORT.fold * SHORT.rounds
     assert summary["lines"]["proxy@0.05"]["accuracy_mean"][-1] > run[0]["accuracy"]
     assert (out / "sites-dirichlet" / "sites-dirichlet-mnist.png").is_file()
+
+
+def test_the_report_prints_the_readme_tables(data, out, capsys):
+    from simulations.report import main
+
+    run_experiment("fig4a", data, SHORT, out, seeds=[0])
+    run_experiment("fig4b", data, SHORT, out, seeds=[0], rhos=SHORT_RHOS)
+    main([str(out)])
+    printed = capsys.readouterr().out
+    assert "**mnist, Fig. 4a: rho = 0.05**" in printed and "**mnist, Fig. 4b" in printed
+    for scheme in ("uniform", "oblivious", "proxy"):
+        assert f"| {scheme} | " in printed
+    assert "| 0.05 | " in printed and "| 0.3 | " in printed

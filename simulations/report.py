@@ -1,0 +1,138 @@
+"""Print the README's results tables from the experiments' summaries.
+
+    python -m simulations.report results
+
+Reads ``<out-dir>/<experiment>/summary-<dataset>.json`` as written by
+``python -m simulations.paper`` and ``python -m simulations.sites``; prints
+Markdown, with the paper's own numbers beside ours where the paper gives them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+PAPER_ROUNDS = {"uniform": 10, "oblivious": 4, "proxy": 2}
+"""Fig. 4a: rounds to 98.9 % on MNIST at rho = 0.05."""
+
+
+def _load(out: Path, experiment: str, dataset: str) -> dict[str, Any] | None:
+    path = out / experiment / f"summary-{dataset}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _pm(pair: list[float], scale: float = 100.0) -> str:
+    return f"{pair[0] * scale:.2f} ± {pair[1] * scale:.2f}"
+
+
+def _rounds(value: int | None) -> str:
+    return "not reached" if value is None else str(value)
+
+
+def fig4a_table(summary: dict[str, Any]) -> list[str]:
+    """Return rows: rounds to target, final accuracies and bytes per scheme."""
+    rows = [
+        "| scheme | rounds to 98.9 % (paper) | rounds to uniform's final | "
+        "final val. acc. % | final test acc. % | uploaded MB | "
+        "FedAvg would upload MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    fedavg = summary["fedavg_bytes"] / 1e6
+    for line in sorted(summary["lines"].values(), key=lambda v: v["scheme"]):
+        rounds = line["rounds_to"]
+        paper = (
+            PAPER_ROUNDS.get(line["scheme"]) if summary["dataset"] == "mnist" else None
+        )
+        own = _rounds(rounds.get("paper")) if "paper" in rounds else "-"
+        to_uniform = _rounds(rounds.get(f"uniform-final@{line['rho']}"))
+        final = [line["accuracy_mean"][-1], line["accuracy_std"][-1]]
+        rows.append(
+            f"| {line['scheme']} | {own} ({paper or '-'}) | {to_uniform} | "
+            f"{_pm(final)} | {_pm(line['test_accuracy_final'])} | "
+            f"{line['bytes_total'][0] / 1e6:.2f} | {fedavg:.2f} |"
+        )
+    return rows
+
+
+def fig4b_table(summary: dict[str, Any]) -> list[str]:
+    """Return rows: final accuracy per rho and scheme, and bandwidth equivalence."""
+    lines = summary["lines"]
+    rhos = sorted({v["rho"] for v in lines.values()})
+    schemes = sorted({v["scheme"] for v in lines.values()})
+    rows = ["| rho | " + " | ".join(schemes) + " |", "|---" * (len(schemes) + 1) + "|"]
+    for rho in rhos:
+        finals = {k: v["accuracy_mean"][-1] * 100 for k, v in lines.items()}
+        cells = [
+            f"{finals[f'{s}@{rho}']:.2f}" for s in schemes if f"{s}@{rho}" in finals
+        ]
+        rows.append(f"| {rho} | " + " | ".join(cells) + " |")
+    eq = summary.get("bandwidth_equivalence")
+    if eq:
+        proxy = (
+            f"the proxy at rho = {eq['proxy_rho']} ({eq['proxy_final_accuracy']:.2%})"
+        )
+        if eq["uniform_rho"] is None:
+            rows += ["", f"No uniform rho up to {rhos[-1]} matched {proxy}."]
+        else:
+            rows += [
+                "",
+                f"Bandwidth equivalence: {proxy} is matched by uniform at rho = "
+                f"{eq['uniform_rho']} ({eq['uniform_final_accuracy']:.2%}): "
+                f"{eq['samples_ratio']:.1f}x the samples, {eq['bytes_ratio']:.1f}x the "
+                "bytes (paper: 15x at rho = 0.01).",
+            ]
+    return rows
+
+
+def scheme_table(summary: dict[str, Any], extra: str | None = None) -> list[str]:
+    """Return rows: final accuracy per scheme, and optionally one more total."""
+    head = "| scheme | final val. acc. % | final test acc. % | samples sent |"
+    rule = "|---|---|---|---|"
+    rows = [head + (f" {extra} |" if extra else ""), rule + ("---|" if extra else "")]
+    for line in sorted(summary["lines"].values(), key=lambda v: v["scheme"]):
+        final = [line["accuracy_mean"][-1], line["accuracy_std"][-1]]
+        row = (
+            f"| {line['scheme']} | {_pm(final)} | {_pm(line['test_accuracy_final'])} | "
+            f"{line['samples_total'][0]:.0f} |"
+        )
+        rows.append(row + (f" {line[extra][0]:.1f} |" if extra else ""))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print every table whose summary exists under the given folder."""
+    out = Path((argv if argv is not None else sys.argv[1:] or ["results"])[0])
+    sections = [
+        ("fig4a", "Fig. 4a: rho = 0.05", fig4a_table, None),
+        ("fig4b", "Fig. 4b: final accuracy (%) against rho", fig4b_table, None),
+        ("fig2", "Fig. 2: confidence metrics (rho = 0.05)", scheme_table, None),
+        ("fig3", "Fig. 3: one group only", scheme_table, None),
+        (
+            "noise",
+            "5 % of the sites' labels flipped (rho = 0.05)",
+            scheme_table,
+            "noisy_sent",
+        ),
+        ("sites-iid", "5 IID sites through Flower (rho = 0.05)", scheme_table, None),
+        (
+            "sites-dirichlet",
+            "5 Dirichlet(0.5) sites through Flower",
+            scheme_table,
+            None,
+        ),
+    ]
+    for dataset in ("mnist", "fashion-mnist", "cifar10"):
+        for experiment, title, table, extra in sections:
+            summary = _load(out, experiment, dataset)
+            if summary is None:
+                continue
+            seeds = next(iter(summary["lines"].values()))["seeds"]
+            print(f"\n**{dataset}, {title}** (mean ± std over seeds {seeds})\n")
+            rows = table(summary, extra) if extra else table(summary)
+            print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
