@@ -28,12 +28,12 @@ import torch
 from flwr_select.buffer import TrainingBuffer
 from flwr_select.data import DATASETS, SiteData, load_dataset, resolve_data_dir
 from flwr_select.models import build_model
-from flwr_select.partition import PaperSplit, paper_split
+from flwr_select.partition import PaperSplit, paper_split, round_fold
 from flwr_select.policies import GROUPS, Budget, Policy, make_policy, select
 from flwr_select.scores import CONFIDENCE_METRICS
 from flwr_select.trainer import TrainConfig, train
 from flwr_select.trial import trial_test
-from flwr_select.wire import pack, wire_bytes
+from flwr_select.wire import decode, pack, wire_bytes
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ SHORT_RHOS = [0.05, 0.3]
 
 
 class Data:
-    """A data set's training and test tensors and the paper split for one seed."""
+    """A data set's training and test tensors, loaded once per command."""
 
     def __init__(self, dataset: str, data_dir: str | Path | None) -> None:
         folder = resolve_data_dir(dataset, data_dir)
@@ -185,7 +185,7 @@ def run_site(
             "noisy_sent": 0,
         }
         if server_round:
-            fold = np.array_split(split.pool, protocol.rounds)[server_round - 1]
+            fold = round_fold(split.pool, server_round, protocol.rounds)
             site = data.samples(fold, labels)
             trial = trial_test(model, site)
             chosen = select(
@@ -196,7 +196,7 @@ def run_site(
                 seed=(seed, server_round),
             )
             upload = pack(site, chosen)
-            buffer.add(1, site.subset(chosen))
+            buffer.add(1, decode(upload, data.num_classes)[0])  # what the server gets
             train(
                 model,
                 buffer.images,
