@@ -54,12 +54,16 @@ ModelBuilder = Callable[[ConfigRecord], nn.Module]
 
 
 @functools.lru_cache(maxsize=2)
-def _training_set(dataset: str, data_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
+def cached_training_set(
+    dataset: str, data_dir: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return a data set's training images and labels, loaded once per process."""
     return load_dataset(dataset, resolve_data_dir(dataset, data_dir), "train")
 
 
 @functools.lru_cache(maxsize=2)
-def _local_site(data_dir: str, num_classes: int) -> SiteData:
+def cached_local_site(data_dir: str, num_classes: int) -> SiteData:
+    """Return everything in an edge box's data folder, loaded once per process."""
     return load_local_site(data_dir, num_classes)
 
 
@@ -75,7 +79,7 @@ def _site_share(
     num_partitions: int,
     num_rounds: int,
 ) -> np.ndarray:
-    images, labels = _training_set(dataset, data_dir)
+    images, labels = cached_training_set(dataset, data_dir)
     validation, initial, pool = sizes
     split = paper_split(
         len(images), seed=seed, validation=validation, initial=initial, pool=pool
@@ -109,8 +113,8 @@ def load_site(context: Context, config: ConfigRecord) -> SiteData:
     """
     num_classes = int(config["num-classes"])
     if "data-dir" in context.node_config:
-        return _local_site(str(context.node_config["data-dir"]), num_classes)
-    images, labels = _training_set(
+        return cached_local_site(str(context.node_config["data-dir"]), num_classes)
+    images, labels = cached_training_set(
         str(config["dataset"]), str(config.get("data-dir", ""))
     )
     num_rounds = int(config["num-server-rounds"])

@@ -2,11 +2,16 @@
 
 The engine of the system of Jiang et al. (2017), *Training sample selection for
 deep learning of distributed data*: trial test, scores, selection under a budget,
-and the wire format of an upload. Pure torch/NumPy; only :mod:`flwr_select.wire`
-imports Flower (for its record types).
+and the wire format of an upload. Also the biased-sampling data-parallel
+baselines of Sharp (2020): batch distributions (:mod:`flwr_select.sampling`),
+gradient reductions (:mod:`flwr_select.reductions`), the monitors
+(:mod:`flwr_select.monitors`) and the worker and server steps
+(:mod:`flwr_select.data_parallel`). Pure torch/NumPy; only
+:mod:`flwr_select.wire` imports Flower (for its record types).
 """
 
 from flwr_select.data import SiteData, load_cifar10, load_mnist, read_idx
+from flwr_select.data_parallel import DataParallelConfig, worker_gradient
 from flwr_select.models import MODELS, CifarCNN, LeNet5, build_model
 from flwr_select.policies import (
     GROUPS,
@@ -17,20 +22,26 @@ from flwr_select.policies import (
     make_policy,
     select,
 )
+from flwr_select.reductions import REDUCTIONS, make_reduction
+from flwr_select.sampling import DISTRIBUTIONS, Sampling
 from flwr_select.scores import CONFIDENCE_METRICS, SCORES, score
 from flwr_select.trial import TrialResult, trial_test
 from flwr_select.wire import UploadError, decode, encode, pack, wire_bytes
 
 __all__ = [
     "CONFIDENCE_METRICS",
+    "DISTRIBUTIONS",
     "GROUPS",
     "MODELS",
     "POLICIES",
+    "REDUCTIONS",
     "SCORES",
     "Budget",
     "Candidates",
     "CifarCNN",
+    "DataParallelConfig",
     "LeNet5",
+    "Sampling",
     "SentLedger",
     "SiteData",
     "TrialResult",
@@ -41,10 +52,12 @@ __all__ = [
     "load_cifar10",
     "load_mnist",
     "make_policy",
+    "make_reduction",
     "pack",
     "read_idx",
     "score",
     "select",
     "trial_test",
     "wire_bytes",
+    "worker_gradient",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from typing import Self
 
 from flwr_select.policies import Budget, Policy, make_policy
 from flwr_select.scores import check_confidence
@@ -23,8 +24,30 @@ UPLOAD_KEY, METRICS_KEY = "upload", "metrics"
 """Keys of a site's reply: the upload's ArrayRecord and a MetricRecord."""
 
 
+class RunConfigFields:
+    """Mixin for frozen dataclasses whose fields are run-config keys.
+
+    A field ``max_count`` is the run-config key ``max-count``; both sides of a
+    protocol build the dataclass from the same config, so they cannot disagree.
+    """
+
+    def to_config(self) -> dict[str, float | int | str | bool]:
+        """Return the values under their run-config names (``max-count``...)."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, object]) -> Self:
+        """Build from run-config names; keys this class does not know are ignored."""
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        values: dict[str, object] = {}
+        for key, field in known.items():
+            if key in config:
+                values[field.name] = _as_type(str(field.type), config[key])
+        return cls(**values)  # type: ignore[arg-type]
+
+
 @dataclass(frozen=True)
-class SelectionConfig:
+class SelectionConfig(RunConfigFields):
     """How every site selects this round; validated when built.
 
     Parameters
@@ -80,20 +103,6 @@ class SelectionConfig:
         if self.selection_policy == "stochastic":
             options["temperature"] = self.temperature
         return make_policy(self.selection_policy, **options)
-
-    def to_config(self) -> dict[str, float | int | str | bool]:
-        """Return the values under their run-config names (``selection-policy``...)."""
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, object]) -> SelectionConfig:
-        """Build from run-config names; keys this class does not know are ignored."""
-        known = {f.name.replace("_", "-"): f for f in fields(cls)}
-        values: dict[str, object] = {}
-        for key, field in known.items():
-            if key in config:
-                values[field.name] = _as_type(str(field.type), config[key])
-        return cls(**values)  # type: ignore[arg-type]
 
 
 def _as_type(kind: str, value: object) -> object:

@@ -77,3 +77,48 @@ def plot_experiment(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_data_parallel(summary: dict[str, Any], path: Path) -> None:
+    """Draw the data-parallel comparison to ``path`` (PNG).
+
+    Accuracy, loss, gradient-norm gap and mean filter redundancy against
+    iterations (mean over seeds), and the final type I and type II error rate
+    of each class; one line per configuration.
+    """
+    lines = summary["lines"]
+    colors = dict(zip(lines, plt.get_cmap("tab20").colors, strict=False))
+    fig, axes = plt.subplots(2, 3, figsize=(17, 9))
+    panels = [
+        ("accuracy", "validation accuracy"),
+        ("loss", "validation loss"),
+        ("grad_norm_gap", "largest gap between workers' gradient norms"),
+        ("filter_redundancy", "mean |cos| between conv filters"),
+    ]
+    for ax, (key, label) in zip(axes.flat, panels, strict=False):
+        for name, line in lines.items():
+            style = "-" if name.startswith("uniform") else "--"
+            mean = [float("nan") if v is None else v for v in line[key][0]]
+            ax.plot(line["iterations"], mean, style, color=colors[name], label=name)
+        ax.set(xlabel="iterations", ylabel=label)
+    for ax, key in zip(axes.flat[4:], ("type1_error", "type2_error"), strict=True):
+        for name, line in lines.items():
+            ax.plot(line[key], marker="o", color=colors[name], label=name)
+        ax.set(
+            xlabel="class",
+            ylabel=f"final {key.replace('_', ' ')} rate",
+            xticks=range(len(next(iter(lines.values()))[key])),
+        )
+    axes[0][0].axhline(summary["target"], color="grey", linestyle=":")
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    seeds = next(iter(lines.values()))["seeds"]
+    fig.suptitle(
+        f"biased sampling and reductions on {summary['dataset']} "
+        f"({summary['mode']} mode, mean over seeds {seeds})"
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -3,7 +3,8 @@
     python -m simulations.report results
 
 Reads ``<out-dir>/<experiment>/summary-<dataset>.json`` as written by
-``python -m simulations.paper`` and ``python -m simulations.sites``; prints
+``python -m simulations.paper``, ``python -m simulations.sites`` and
+``python -m simulations.biased``; prints
 Markdown, with the paper's own numbers beside ours where the paper gives them.
 """
 
@@ -101,6 +102,26 @@ def scheme_table(summary: dict[str, Any], extra: str | None = None) -> list[str]
     return rows
 
 
+def biased_table(summary: dict[str, Any]) -> list[str]:
+    """Return rows: iterations to target and final accuracies per configuration."""
+    target = summary["target"]
+    rows = [
+        f"| configuration | iterations to {target:.0%} per seed | "
+        "iterations to target (mean curve) | final val. acc. % | final test acc. % | "
+        "final grad-norm gap |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, line in summary["lines"].items():
+        seeds = ", ".join(_rounds(v) for v in line["iterations_to_target"])
+        rows.append(
+            f"| {label} | {seeds} | "
+            f"{_rounds(line['iterations_to_target_mean_curve'])} | "
+            f"{_pm(line['final_accuracy'])} | {_pm(line['test_accuracy'])} | "
+            f"{line['grad_norm_gap'][0][-1]:.3f} |"
+        )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     """Print every table whose summary exists under the given folder."""
     out = Path((argv if argv is not None else sys.argv[1:] or ["results"])[0])
@@ -122,6 +143,7 @@ def main(argv: list[str] | None = None) -> None:
             scheme_table,
             None,
         ),
+        ("biased", "biased sampling and reductions", biased_table, None),
     ]
     for dataset in ("mnist", "fashion-mnist", "cifar10"):
         for experiment, title, table, extra in sections:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,17 @@ def defaults(dataset: str) -> dict[str, Any]:
     }
 
 
+PROGRESS_KEYS = (
+    "loss",
+    "samples_received",
+    "bytes_received",
+    "buffer_size",
+    "train_loss",
+    "grad_norm_gap",
+)
+"""Record values a progress line shows where a record has them."""
+
+
 class RoundLog:
     """Writes one JSON object per round to ``rounds.jsonl`` and a progress line."""
 
@@ -93,10 +104,13 @@ class RoundLog:
         self.last = now
         with self.path.open("a") as file:
             file.write(json.dumps(record) + "\n")
+        extras = ", ".join(
+            f"{key} {record[key]:.4g}"
+            for key in PROGRESS_KEYS
+            if isinstance(record.get(key), int | float)
+        )
         print(
-            f"round {record['round']:>3}: accuracy {record['accuracy']:.4f}, "
-            f"{record['samples_received']} samples / {record['bytes_received']} bytes "
-            f"uploaded, buffer {record['buffer_size']}",
+            f"round {record['round']:>3}: accuracy {record['accuracy']:.4f}, {extras}",
             flush=True,
         )
 
@@ -178,12 +192,19 @@ def run(grid: Grid, config: Mapping[str, Any]) -> None:
     )
 
 
-def make_server_app(dataset: str) -> ServerApp:
-    """Return the ServerApp that runs :func:`run` on ``dataset``'s defaults."""
+def make_server_app(
+    dataset: str,
+    run_fn: Callable[[Grid, Mapping[str, Any]], None] = run,
+    defaults_fn: Callable[[str], dict[str, Any]] = defaults,
+) -> ServerApp:
+    """Return a ServerApp that runs ``run_fn`` on ``dataset``'s ``defaults_fn``.
+
+    The run config overrides the defaults; the defaults are sample selection's.
+    """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run(grid, {**defaults(dataset), **context.run_config})
+        run_fn(grid, {**defaults_fn(dataset), **context.run_config})
 
     return app

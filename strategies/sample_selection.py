@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import random
 from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
 
@@ -12,7 +11,6 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
 from torch import nn
 
@@ -28,6 +26,7 @@ from flwr_select.protocol import (
 )
 from flwr_select.trainer import TrainConfig, TrainResult, train
 from flwr_select.wire import UploadError, decode, wire_bytes
+from strategies.nodes import sample_round_nodes
 
 Upload = tuple[int, Callable[[], tuple[ArrayRecord, object]]]
 """A site key and a function that returns its upload and ``num-candidates``."""
@@ -133,22 +132,12 @@ class SampleSelection(FedAvg):
         self.model.load_state_dict(arrays.to_torch_state_dict())
         if self.fraction_train == 0.0:
             return []
-        num_nodes = int(len(list(grid.get_node_ids())) * self.fraction_train)
-        sample_size = max(num_nodes, self.min_train_nodes)
-        _, all_nodes = sample_nodes(grid, self.min_available_nodes, sample_size)
-        rng = random.Random(self._seed(server_round))
-        nodes = rng.sample(sorted(all_nodes), sample_size)
-        log(
-            INFO,
-            "configure_train: sampled %s nodes (out of %s)",
-            len(nodes),
-            len(all_nodes),
-        )
+        nodes = sample_round_nodes(self, grid, self._seed(server_round))
         site_config = ConfigRecord({**dict(config), **self.round_config(server_round)})
         content = RecordDict({MODEL_KEY: arrays, CONFIG_KEY: site_config})
         return [
             Message(content=content, message_type=MESSAGE_TYPE, dst_node_id=node)
-            for node in sorted(nodes)
+            for node in nodes
         ]
 
     @staticmethod

@@ -1,0 +1,31 @@
+"""Seeded node sampling shared by this project's strategies."""
+
+from __future__ import annotations
+
+import random
+from logging import INFO
+
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+from flwr.supercore import log
+
+
+def sample_round_nodes(strategy: FedAvg, grid: Grid, seed: int) -> list[int]:
+    """Return the nodes for a training round, sorted, as ``FedAvg`` would pick them.
+
+    Waits for ``min_available_nodes`` like FedAvg, then samples
+    ``max(fraction_train * nodes, min_train_nodes)`` with ``random.Random(seed)``
+    instead of the global generator, so a seeded run samples the same nodes.
+    """
+    num_nodes = int(len(list(grid.get_node_ids())) * strategy.fraction_train)
+    sample_size = max(num_nodes, strategy.min_train_nodes)
+    _, all_nodes = sample_nodes(grid, strategy.min_available_nodes, sample_size)
+    nodes = random.Random(seed).sample(sorted(all_nodes), sample_size)
+    log(
+        INFO,
+        "configure_train: sampled %s nodes (out of %s)",
+        len(nodes),
+        len(all_nodes),
+    )
+    return sorted(nodes)

@@ -1,0 +1,103 @@
+"""Biased-sampling data parallelism end to end: the Flower app and the experiment."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from simulations.biased import CONFIGURATIONS, SHORT, run_experiment
+from simulations.paper import Data
+
+COMMAND = str(Path(sys.executable).with_name("flower-simulation"))
+ROUNDS = 30
+RUN = {
+    "num-server-rounds": ROUNDS,
+    "eval-every": 10,
+    "validation-size": 1000,
+    "pool-size": 4000,
+    "lr": 0.05,
+    "sampling": '"favoured"',
+    "reduction": '"median"',
+    "seed": 2,
+}
+
+
+def simulate(out: Path, mnist_dir: Path, **overrides) -> subprocess.CompletedProcess:
+    config = {**RUN, **overrides, "data-dir": f'"{mnist_dir}"', "out-dir": f'"{out}"'}
+    return subprocess.run(
+        [
+            COMMAND,
+            "--app",
+            "simulations.mnist_data_parallel",
+            "--num-supernodes",
+            "2",
+            "--run-config",
+            " ".join(f"{k}={v}" for k, v in config.items()),
+        ],
+        env={
+            **os.environ,
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+        },
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def records(mnist_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("data-parallel")
+    done = simulate(out, mnist_dir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [
+        json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()
+    ]
+
+
+def test_two_workers_on_flower_bring_the_loss_down(records):
+    assert [r["round"] for r in records] == [0, 10, 20, 30]
+    assert records[-1]["loss"] < records[0]["loss"] - 0.3
+    assert records[-1]["accuracy"] > records[0]["accuracy"] + 0.2
+    assert "test_accuracy" in records[-1] and "test_accuracy" not in records[0]
+
+
+def test_every_record_holds_the_monitors(records):
+    for r in records:
+        assert len(r["type1_error"]) == len(r["type2_error"]) == 10
+        assert all(0.0 <= e <= 1.0 for e in r["type1_error"] + r["type2_error"])
+        assert len(r["filter_redundancy"]) == 2  # LeNet-5's two conv layers
+        assert r["iterations"] == r["round"]
+    for r in records[1:]:
+        assert r["workers_accepted"] == 2 and r["workers_rejected"] == 0
+        assert len(r["grad_norms"]) == 2
+        gap = max(r["grad_norms"]) - min(r["grad_norms"])
+        assert r["grad_norm_gap"] == pytest.approx(gap)
+
+
+def test_an_unknown_reduction_stops_the_run_with_its_name(mnist_dir, tmp_path):
+    done = simulate(
+        tmp_path, mnist_dir, **{"reduction": '"avg"', "num-server-rounds": 1}
+    )
+    assert "unknown reduction 'avg'" in done.stdout + done.stderr
+    assert not (tmp_path / "rounds.jsonl").exists()
+
+
+def test_the_short_experiment_writes_every_configuration_and_a_figure(
+    mnist_dir, tmp_path
+):
+    summary = run_experiment(Data("mnist", mnist_dir), SHORT, tmp_path, seeds=[0])
+    assert set(summary["lines"]) == {c.label for c in CONFIGURATIONS}
+    assert (tmp_path / "biased" / "biased-mnist.png").stat().st_size > 20_000
+    expected = list(range(0, SHORT.iterations + 1, SHORT.eval_every))
+    for path in (tmp_path / "biased" / "runs-short").glob("*.jsonl"):
+        run = [json.loads(line) for line in path.read_text().splitlines()]
+        assert [r["iterations"] for r in run] == expected
+        reached = [r["iterations"] for r in run if r["accuracy"] >= SHORT.target]
+        assert run[-1]["iterations_to_target"] == (reached[0] if reached else None)
+        assert all(r["workers_accepted"] == SHORT.workers for r in run[1:])
+    baseline = summary["lines"]["uniform+mean"]
+    assert baseline["accuracy"][0][-1] > baseline["accuracy"][0][0] + 0.2
