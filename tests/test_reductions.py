@@ -216,13 +216,17 @@ def test_reduce_refuses_weights_or_losses_of_the_wrong_length(weights, losses):
 def test_reduce_refuses_non_finite_gradients(bad):
     grads = t(GRADS)
     grads[1, 0] = bad
-    with pytest.raises(ValueError, match="gradients, weights and losses must be finite"):
+    with pytest.raises(
+        ValueError, match="gradients, weights and losses must be finite"
+    ):
         reduce(REDUCTIONS["mean"], grads, t(WEIGHTS), t(LOSSES))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_reduce_refuses_non_finite_losses(bad):
-    with pytest.raises(ValueError, match="gradients, weights and losses must be finite"):
+    with pytest.raises(
+        ValueError, match="gradients, weights and losses must be finite"
+    ):
         reduce(REDUCTIONS["mean"], t(GRADS), t(WEIGHTS), t([0.0, bad, 1.0]))
 
 
