@@ -144,6 +144,16 @@ def model_from_config(config: ConfigRecord) -> nn.Module:
     return build_model(str(config["model"]), num_classes=int(config["num-classes"]))
 
 
+def received_model(
+    msg: Message, model_fn: ModelBuilder
+) -> tuple[ConfigRecord, nn.Module]:
+    """Return the server's config and its model, built by ``model_fn`` and loaded."""
+    config = msg.content.config_records[CONFIG_KEY]
+    model = model_fn(config)
+    model.load_state_dict(msg.content.array_records[MODEL_KEY].to_torch_state_dict())
+    return config, model
+
+
 def load_ledger(context: Context) -> SentLedger:
     """Return the ids this node has sent, from its context state."""
     if LEDGER_KEY in context.state.array_records:
@@ -208,11 +218,7 @@ def make_select_handler(
     """
 
     def select_and_upload(msg: Message, context: Context) -> Message:
-        config = msg.content.config_records[CONFIG_KEY]
-        model = model_fn(config)
-        model.load_state_dict(
-            msg.content.array_records[MODEL_KEY].to_torch_state_dict()
-        )
+        config, model = received_model(msg, model_fn)
         sent = load_ledger(context)
         upload, metrics = site_round(
             model,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
-import numpy as np
 import torch
 from flwr.app import (
     Array,
@@ -30,6 +29,7 @@ from clients.site import (
     cached_local_site,
     cached_training_set,
     model_from_config,
+    received_model,
 )
 from flwr_select.data import SiteData
 from flwr_select.data_parallel import (
@@ -39,12 +39,12 @@ from flwr_select.data_parallel import (
     worker_gradient,
 )
 from flwr_select.partition import paper_split, site_partition
-from flwr_select.protocol import CONFIG_KEY, METRICS_KEY, MODEL_KEY
+from flwr_select.protocol import METRICS_KEY
 from flwr_select.sampling import Sampling
 
 
 @functools.lru_cache(maxsize=4)
-def _worker_share(
+def cached_worker_share(
     dataset: str,
     data_dir: str,
     seed: int,
@@ -52,14 +52,15 @@ def _worker_share(
     pool: int | None,
     partition_id: int,
     num_partitions: int,
-) -> np.ndarray:
-    images, _ = cached_training_set(dataset, data_dir)
+    num_classes: int,
+) -> SiteData:
+    """Return a simulated worker's share, built once per process (it never changes)."""
+    images, labels = cached_training_set(dataset, data_dir)
     split = paper_split(
         len(images), seed=seed, validation=validation, initial=0, pool=pool
     )
-    share = site_partition(split.pool, partition_id, num_partitions)
-    share.setflags(write=False)
-    return share
+    share = torch.from_numpy(site_partition(split.pool, partition_id, num_partitions))
+    return SiteData(images[share], labels[share], num_classes, ids=share)
 
 
 def load_worker_data(context: Context, config: ConfigRecord) -> SiteData:
@@ -74,19 +75,16 @@ def load_worker_data(context: Context, config: ConfigRecord) -> SiteData:
     num_classes = int(config["num-classes"])
     if "data-dir" in context.node_config:
         return cached_local_site(str(context.node_config["data-dir"]), num_classes)
-    dataset, data_dir = str(config["dataset"]), str(config.get("data-dir", ""))
-    images, labels = cached_training_set(dataset, data_dir)
-    share = _worker_share(
-        dataset,
-        data_dir,
+    return cached_worker_share(
+        str(config["dataset"]),
+        str(config.get("data-dir", "")),
         int(config["seed"]),
         int(config["validation-size"]),
         int(config.get("pool-size", 0)) or None,
         int(context.node_config["partition-id"]),
         int(context.node_config["num-partitions"]),
+        num_classes,
     )
-    positions = torch.from_numpy(share.copy())
-    return SiteData(images[positions], labels[positions], num_classes, ids=positions)
 
 
 def make_gradient_handler(
@@ -104,11 +102,7 @@ def make_gradient_handler(
     """
 
     def compute_gradient(msg: Message, context: Context) -> Message:
-        config = msg.content.config_records[CONFIG_KEY]
-        model = model_fn(config)
-        model.load_state_dict(
-            msg.content.array_records[MODEL_KEY].to_torch_state_dict()
-        )
+        config, model = received_model(msg, model_fn)
         data = load_data(context, config)
         result = worker_gradient(
             model,

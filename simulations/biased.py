@@ -18,7 +18,6 @@ import argparse
 import copy
 import functools
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from flwr_select.reductions import REDUCTIONS
 from flwr_select.sampling import Sampling
 from flwr_select.trainer import TrainConfig
 from simulations.data_parallel import IterationsToTarget, round_record
-from simulations.paper import Data
+from simulations.paper import Data, read_run, write_run
 from strategies.data_parallel import BiasedDataParallel
 
 
@@ -231,9 +230,7 @@ def run_experiment(
                 "seed": seed,
                 "setup": asdict(setup),
             }
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps({**meta, **r}) + "\n" for r in records))
-            os.replace(tmp, path)
+            write_run(path, meta, records)
             print(
                 f"[biased {count}/{len(jobs)}] {configuration.label} seed={seed}: "
                 f"accuracy {records[-1]['accuracy']:.4f}, to {setup.target}: "
@@ -241,7 +238,7 @@ def run_experiment(
                 f"({time.perf_counter() - started:.0f} s)",
                 flush=True,
             )
-        runs.append([json.loads(line) for line in path.read_text().splitlines()])
+        runs.append(read_run(path))
     summary = {"dataset": data.dataset, "mode": mode, **summarise(runs, setup.target)}
     out = out_dir / "biased"
     (out / f"summary-{data.dataset}.json").write_text(json.dumps(summary, indent=1))

@@ -266,6 +266,22 @@ def run_path(
     return runs_dir / f"{dataset}-{scheme.label}-rho{rho}-seed{seed}{noise}.jsonl"
 
 
+def write_run(path: Path, meta: dict[str, Any], records: list[dict[str, Any]]) -> None:
+    """Write one run's records, each with ``meta``, as JSON lines, atomically.
+
+    A run whose file exists is complete: an interrupted write leaves only the
+    temporary file, so a resumed experiment runs it again.
+    """
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps({**meta, **r}) + "\n" for r in records))
+    os.replace(tmp, path)
+
+
+def read_run(path: Path) -> list[dict[str, Any]]:
+    """Return the records :func:`write_run` wrote to ``path``."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def run_experiment(
     name: str,
     data: Data,
@@ -309,9 +325,7 @@ def run_experiment(
             "label_noise": noise,
             "protocol": asdict(protocol),
         }
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps({**meta, **r}) + "\n" for r in records))
-        os.replace(tmp, path)
+        write_run(path, meta, records)
         print(
             f"[{name} {count}/{len(jobs)}] {data.dataset} {scheme.label} rho={rho} "
             f"seed={seed}: "
@@ -327,7 +341,7 @@ def summarise(name: str, dataset: str, paths: list[Path], out: Path) -> dict[str
     from simulations.figures import plot_experiment
     from simulations.measures import summary
 
-    runs = [[json.loads(line) for line in p.read_text().splitlines()] for p in paths]
+    runs = [read_run(p) for p in paths]
     result = summary(runs)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"summary-{dataset}.json").write_text(json.dumps(result, indent=1))

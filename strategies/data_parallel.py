@@ -26,7 +26,7 @@ from flwr_select.monitors import grad_norm_gap
 from flwr_select.protocol import CONFIG_KEY, METRICS_KEY, MODEL_KEY
 from flwr_select.sampling import Sampling
 from flwr_select.trainer import TrainConfig
-from strategies.nodes import sample_round_nodes
+from strategies.nodes import replies_without_failures, sample_round_nodes
 
 
 class GradientError(ValueError):
@@ -172,20 +172,11 @@ class BiasedDataParallel(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate the gradients, reduce the valid ones and step the model."""
+        replies, failed = replies_without_failures(server_round, replies)
         updates: list[WorkerGradient] = []
-        rejected = failed = 0
+        rejected = 0
         for reply in replies:
             node = reply.metadata.src_node_id
-            if reply.has_error():
-                failed += 1
-                log(
-                    WARNING,
-                    "round %s: node %s failed: %s",
-                    server_round,
-                    node,
-                    reply.error.reason,
-                )
-                continue
             try:
                 updates.append(self.unpack_reply(reply))
             except GradientError as err:

@@ -1,10 +1,12 @@
-"""Seeded node sampling shared by this project's strategies."""
+"""Node sampling and reply triage shared by this project's strategies."""
 
 from __future__ import annotations
 
 import random
-from logging import INFO
+from collections.abc import Iterable
+from logging import INFO, WARNING
 
+from flwr.app import Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
@@ -29,3 +31,22 @@ def sample_round_nodes(strategy: FedAvg, grid: Grid, seed: int) -> list[int]:
         len(all_nodes),
     )
     return sorted(nodes)
+
+
+def replies_without_failures(
+    server_round: int, replies: Iterable[Message]
+) -> tuple[list[Message], int]:
+    """Return the replies that carry content, and how many nodes failed instead.
+
+    Each failure is logged with its node and Flower's reason.
+    """
+    good = []
+    failed = 0
+    for reply in replies:
+        if reply.has_error():
+            failed += 1
+            node, reason = reply.metadata.src_node_id, reply.error.reason
+            log(WARNING, "round %s: node %s failed: %s", server_round, node, reason)
+        else:
+            good.append(reply)
+    return good, failed

@@ -26,7 +26,7 @@ from flwr_select.protocol import (
 )
 from flwr_select.trainer import TrainConfig, TrainResult, train
 from flwr_select.wire import UploadError, decode, wire_bytes
-from strategies.nodes import sample_round_nodes
+from strategies.nodes import replies_without_failures, sample_round_nodes
 
 Upload = tuple[int, Callable[[], tuple[ArrayRecord, object]]]
 """A site key and a function that returns its upload and ``num-candidates``."""
@@ -197,17 +197,11 @@ class SampleSelection(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate and buffer every upload, then train the central model."""
-        replies = list(replies)
-        for reply in replies:
-            if reply.has_error():
-                node, reason = reply.metadata.src_node_id, reply.error.reason
-                log(WARNING, "round %s: node %s failed: %s", server_round, node, reason)
+        replies, failures = replies_without_failures(server_round, replies)
         uploads = [
             (reply.metadata.src_node_id, functools.partial(self.unpack_reply, reply))
             for reply in replies
-            if not reply.has_error()
         ]
-        failures = len(replies) - len(uploads)
         metrics = self.aggregate_uploads(server_round, uploads, failures=failures)
         trained = "train-loss" in metrics
         return (

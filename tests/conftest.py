@@ -1,6 +1,8 @@
 """Shared test settings and the real MNIST folder (skipped when absent)."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,3 +39,29 @@ def task_identity():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     yield
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+@pytest.fixture(scope="session")
+def flower_simulation():
+    """Run this project's ``flower-simulation`` command on an app; return the process.
+
+    ``flower_simulation(app, *args)``: the real command of the test's environment,
+    quiet about updates and Ray's accelerator variable, output captured.
+    """
+    command = str(Path(sys.executable).with_name("flower-simulation"))
+    env = {
+        **os.environ,
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    }
+
+    def run(app: str, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [command, "--app", app, *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    return run

@@ -1,9 +1,6 @@
 """Biased-sampling data parallelism end to end: the Flower app and the experiment."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +8,6 @@ import pytest
 from simulations.biased import CONFIGURATIONS, SHORT, run_experiment
 from simulations.paper import Data
 
-COMMAND = str(Path(sys.executable).with_name("flower-simulation"))
 ROUNDS = 30
 RUN = {
     "num-server-rounds": ROUNDS,
@@ -25,33 +21,21 @@ RUN = {
 }
 
 
-def simulate(out: Path, mnist_dir: Path, **overrides) -> subprocess.CompletedProcess:
+def simulate(flower_simulation, out: Path, mnist_dir: Path, **overrides):
     config = {**RUN, **overrides, "data-dir": f'"{mnist_dir}"', "out-dir": f'"{out}"'}
-    return subprocess.run(
-        [
-            COMMAND,
-            "--app",
-            "simulations.mnist_data_parallel",
-            "--num-supernodes",
-            "2",
-            "--run-config",
-            " ".join(f"{k}={v}" for k, v in config.items()),
-        ],
-        env={
-            **os.environ,
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-        },
-        capture_output=True,
-        text=True,
-        timeout=600,
+    return flower_simulation(
+        "simulations.mnist_data_parallel",
+        "--num-supernodes",
+        "2",
+        "--run-config",
+        " ".join(f"{k}={v}" for k, v in config.items()),
     )
 
 
 @pytest.fixture(scope="module")
-def records(mnist_dir, tmp_path_factory):
+def records(mnist_dir, tmp_path_factory, flower_simulation):
     out = tmp_path_factory.mktemp("data-parallel")
-    done = simulate(out, mnist_dir)
+    done = simulate(flower_simulation, out, mnist_dir)
     assert done.returncode == 0, done.stderr[-3000:]
     return [
         json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()
@@ -78,9 +62,14 @@ def test_every_record_holds_the_monitors(records):
         assert r["grad_norm_gap"] == pytest.approx(gap)
 
 
-def test_an_unknown_reduction_stops_the_run_with_its_name(mnist_dir, tmp_path):
+def test_an_unknown_reduction_stops_the_run_with_its_name(
+    mnist_dir, tmp_path, flower_simulation
+):
     done = simulate(
-        tmp_path, mnist_dir, **{"reduction": '"avg"', "num-server-rounds": 1}
+        flower_simulation,
+        tmp_path,
+        mnist_dir,
+        **{"reduction": '"avg"', "num-server-rounds": 1},
     )
     assert "unknown reduction 'avg'" in done.stdout + done.stderr
     assert not (tmp_path / "rounds.jsonl").exists()

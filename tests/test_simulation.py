@@ -1,9 +1,6 @@
 """The sample-selection app on Flower's real simulation engine, through `flower-simulation`."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +15,6 @@ from flwr_select.wire import encode, wire_bytes
 from simulations.mnist import DEFAULTS
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMAND = str(Path(sys.executable).with_name("flower-simulation"))
 ROUNDS, SITES, FOLD = 2, 2, 2000  # pool 8,000 -> 4,000 per site -> 2,000 per round
 # A weak initial model (one epoch on 1,000 samples) and a quarter of each fold
 # uploaded, so that two rounds must raise the accuracy.
@@ -35,30 +31,16 @@ RUN = {
 SENT = int(RUN["rho"] * FOLD)  # floor(0.25 * 2000) = 500 per site and round
 
 
-def flower_simulation(*args, **kwargs):
-    env = {
-        **os.environ,
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-    }
-    return subprocess.run(
-        [COMMAND, "--app", "simulations.mnist", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        **kwargs,
-    )
-
-
 @pytest.fixture(scope="module")
-def run(mnist_dir, tmp_path_factory):
+def run(mnist_dir, tmp_path_factory, flower_simulation):
     out = tmp_path_factory.mktemp("run")
     config = (
         " ".join(f"{k}={v}" for k, v in RUN.items())
         + f' data-dir="{mnist_dir}" out-dir="{out}"'
     )
-    done = flower_simulation("--num-supernodes", str(SITES), "--run-config", config)
+    done = flower_simulation(
+        "simulations.mnist", "--num-supernodes", str(SITES), "--run-config", config
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     records = [
         json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()
@@ -150,8 +132,10 @@ def test_bytes_received_match_the_wire_format(run):
         assert records[r]["bytes_received"] == expected
 
 
-def test_unknown_run_config_keys_are_refused_before_anything_starts():
-    done = flower_simulation("--run-config", "rhoo=0.1")
+def test_unknown_run_config_keys_are_refused_before_anything_starts(
+    flower_simulation,
+):
+    done = flower_simulation("simulations.mnist", "--run-config", "rhoo=0.1")
     assert done.returncode != 0
     assert (
         "Key 'rhoo' is not present" in done.stderr
