@@ -41,7 +41,7 @@ and printed beside the ``train-seconds`` the run measured (not subtracted).
 The estimates would be measurements if the library recorded them: in
 ``rounds.jsonl``, ``train_seconds`` (the strategy's ``train-seconds``),
 ``evaluate_seconds`` (the held-out trial tests), ``save_seconds``
-(``buffer.save``) and ``site_seconds`` (the slowest site's handler time); in
+(the checkpoint) and ``site_seconds`` (the slowest site's handler time); in
 the site's reply metrics, ``trial-seconds`` (``trial_test``) and
 ``site-seconds`` (the whole handler).
 
@@ -76,6 +76,7 @@ import numpy as np
 import torch
 
 from flwr_select.buffer import TrainingBuffer, default_device
+from flwr_select.checkpoint import Checkpoint
 from flwr_select.data import SiteData, add_data_dir_option, load_mnist
 from flwr_select.models import build_model
 from flwr_select.partition import paper_split, round_fold, site_partition
@@ -229,7 +230,6 @@ def main() -> None:
         return train(fresh, images, labels, config, seed=SEED).seconds
 
     with tempfile.TemporaryDirectory() as tmp:
-        npz = Path(tmp) / "buffer.npz"
         held_out = (validation, test)
         estimates: dict[str, Callable[[], float]] = {
             f"site trial test ({len(site)} images, 1 thread)": one_thread(
@@ -239,7 +239,16 @@ def main() -> None:
             f"evaluation trial tests ({len(validation)} + {len(test)} images)": (
                 clocked(lambda: [trial_test(model, held) for held in held_out])
             ),
-            f"buffer.save ({largest} samples)": clocked(lambda: buffer.save(npz)),
+            f"checkpoint save ({largest} samples)": clocked(
+                lambda: Checkpoint(
+                    round=1,
+                    model_state=model.state_dict(),
+                    buffer=buffer,
+                    train_metrics={},
+                    records={},
+                    config={},
+                ).save(tmp)
+            ),
             f"upload handling ({SITES} x {sent} samples)": handle_uploads,
         }
         calibration = f"server train ({typical} samples; not subtracted)"

@@ -61,15 +61,15 @@ class SelectNumPyClient(NumPyClient):
         model = self.model_fn()
         tensors = (torch.from_numpy(a) for a in parameters)
         model.load_state_dict(dict(zip(model.state_dict(), tensors, strict=True)))
-        sent = load_ledger(self.context)
+        ledger = load_ledger(self.context)
         upload, metrics = site_round(
             model,
             self.site,
             SelectionConfig.from_config(config),
             server_round=int(config["server-round"]),
             site_key=self.site_key,
-            sent=sent,
+            ledger=ledger,
         )
-        save_ledger(self.context, sent)
+        save_ledger(self.context, ledger)
         arrays = [upload[name].numpy() for name in (IMAGES, LABELS, IDS)]
         return arrays, len(arrays[2]), metrics

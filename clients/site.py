@@ -2,14 +2,16 @@
 
 The handler answers ``train.select`` messages, so it can sit beside a user's own
 ``@app.train()``: build this module's ``app``, or add the handler to an existing
-ClientApp with :func:`add_select_handler`. What the site has sent is kept in the
-node's context state, so no sample is sent twice.
+ClientApp with :func:`add_select_handler`. What the site has sent is kept in its
+ledger (:class:`SiteLedger`): in the node's context state in a simulation, in a
+file beside its data on an edge box, so that a restarted site sends nothing twice.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,6 +34,7 @@ from flwr_select.data import (
     load_local_site,
     resolve_data_dir,
 )
+from flwr_select.files import write_atomically
 from flwr_select.models import build_model
 from flwr_select.partition import paper_split, partition_pool, round_fold
 from flwr_select.policies import SentLedger, select
@@ -47,7 +50,9 @@ from flwr_select.trial import trial_test
 from flwr_select.wire import pack, wire_bytes
 
 LEDGER_KEY = "flwr_select.sent-ids"
-"""Key of the ArrayRecord in the node's context state that holds the sent ids."""
+"""Key of the ArrayRecord in the node's context state that holds the ledger."""
+LEDGER_FILE = "sent-ids.npz"
+"""The ledger's file in an edge box's ``state-dir`` (default: its ``data-dir``)."""
 
 SiteLoader = Callable[[Context, ConfigRecord], SiteData]
 ModelBuilder = Callable[[ConfigRecord], nn.Module]
@@ -154,16 +159,82 @@ def received_model(
     return config, model
 
 
-def load_ledger(context: Context) -> SentLedger:
-    """Return the ids this node has sent, from its context state."""
+class SiteLedger:
+    """The ids a site has sent, each with the round it was sent in.
+
+    A sample sent in round r counts as delivered once the server asks for a
+    later round, because the server moves on only after it has checkpointed
+    round r. A request for round k therefore releases what was sent in round k
+    or later: a server that crashed and resumed from an earlier checkpoint never
+    kept it, so it is offered again. Together with the server's refusal of ids
+    it has accepted before, every sample lands in the buffer exactly once.
+
+    Parameters
+    ----------
+    ids, rounds : array-like of int (default: empty)
+        A stored ledger (:meth:`to_arrays`).
+    """
+
+    def __init__(
+        self, ids: np.ndarray | tuple = (), rounds: np.ndarray | tuple = ()
+    ) -> None:
+        self.ids = np.asarray(ids, dtype=np.int64)
+        self.rounds = np.asarray(rounds, dtype=np.int64)
+        if self.ids.shape != self.rounds.shape or self.ids.ndim != 1:
+            raise ValueError("a ledger needs one round per id")
+
+    def delivered_before(self, server_round: int) -> SentLedger:
+        """Release what was sent in ``server_round`` or later; return the rest."""
+        kept = self.rounds < server_round
+        self.ids, self.rounds = self.ids[kept], self.rounds[kept]
+        return SentLedger(self.ids)
+
+    def record(self, ids: np.ndarray, server_round: int) -> None:
+        """Note ``ids`` as sent in ``server_round``."""
+        self.ids = np.concatenate([self.ids, np.asarray(ids, dtype=np.int64)])
+        self.rounds = np.concatenate(
+            [self.rounds, np.full(len(ids), server_round, np.int64)]
+        )
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Return the ledger as ``ids`` and ``rounds`` arrays (to store it)."""
+        return {"ids": self.ids, "rounds": self.rounds}
+
+
+def ledger_file(context: Context) -> Path | None:
+    """Where an edge box keeps its ledger, so that it survives a restart.
+
+    ``state-dir`` (else ``data-dir``) of the node config; None in a simulation,
+    whose nodes keep it in their context state.
+    """
+    folder = context.node_config.get("state-dir", context.node_config.get("data-dir"))
+    return None if folder is None else Path(str(folder)) / LEDGER_FILE
+
+
+def load_ledger(context: Context) -> SiteLedger:
+    """Return the site's ledger, from disk on an edge box, else the node's state."""
+    path = ledger_file(context)
+    if path is not None:
+        if not path.is_file():
+            return SiteLedger()
+        with np.load(path, allow_pickle=False) as stored:
+            return SiteLedger(stored["ids"], stored["rounds"])
     if LEDGER_KEY in context.state.array_records:
-        return SentLedger(context.state.array_records[LEDGER_KEY]["ids"].numpy())
-    return SentLedger()
+        stored = context.state.array_records[LEDGER_KEY]
+        return SiteLedger(stored["ids"].numpy(), stored["rounds"].numpy())
+    return SiteLedger()
 
 
-def save_ledger(context: Context, sent: SentLedger) -> None:
-    """Store the ids this node has sent in its context state."""
-    context.state[LEDGER_KEY] = ArrayRecord({"ids": Array(sent.to_array())})
+def save_ledger(context: Context, ledger: SiteLedger) -> None:
+    """Store the ledger where :func:`load_ledger` finds it (on disk: atomically)."""
+    arrays = ledger.to_arrays()
+    path = ledger_file(context)
+    if path is None:
+        context.state[LEDGER_KEY] = ArrayRecord(
+            {name: Array(values) for name, values in arrays.items()}
+        )
+    else:
+        write_atomically(path, lambda file: np.savez(file, **arrays))
 
 
 def site_round(
@@ -173,9 +244,9 @@ def site_round(
     *,
     server_round: int,
     site_key: int,
-    sent: SentLedger,
+    ledger: SiteLedger,
 ) -> tuple[ArrayRecord, dict[str, int | float]]:
-    """One site's round: trial test, selection, upload; ``sent`` records the ids.
+    """One site's round: trial test, selection, upload; ``ledger`` records the ids.
 
     Returns the upload and the site's metrics: candidates, wrong predictions,
     samples and wrong samples sent, trial accuracy and upload bytes. Shared by the
@@ -189,11 +260,11 @@ def site_round(
         selection.policy(),
         confidence=selection.confidence,
         seed=(selection.seed, server_round, site_key),
-        sent=sent,
+        sent=ledger.delivered_before(server_round),
     )
     upload = pack(site, chosen, max_bytes=budget.max_bytes, compress=selection.compress)
     sent_ids = upload["ids"].numpy().astype(np.int64)
-    sent.add(sent_ids)
+    ledger.record(sent_ids, server_round)
     return upload, {
         "num-candidates": len(site),
         "num-wrong": int(trial.wrong.sum()),
@@ -219,16 +290,16 @@ def make_select_handler(
 
     def select_and_upload(msg: Message, context: Context) -> Message:
         config, model = received_model(msg, model_fn)
-        sent = load_ledger(context)
+        ledger = load_ledger(context)
         upload, metrics = site_round(
             model,
             load_site(context, config),
             SelectionConfig.from_config(config),
             server_round=int(config["server-round"]),
             site_key=int(context.node_config.get("partition-id", context.node_id)),
-            sent=sent,
+            ledger=ledger,
         )
-        save_ledger(context, sent)
+        save_ledger(context, ledger)
         content = RecordDict({UPLOAD_KEY: upload, METRICS_KEY: MetricRecord(metrics)})
         return Message(content, reply_to=msg)
 

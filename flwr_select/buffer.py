@@ -9,7 +9,7 @@ dropped that sample to respect its cap.
 
 from __future__ import annotations
 
-import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from flwr_select.data import SiteData
+from flwr_select.files import write_atomically
 from flwr_select.policies import SentLedger
 
 
@@ -58,14 +59,27 @@ class TrainingBuffer:
         self.num_classes = num_classes
         self.device = torch.device(device) if device is not None else default_device()
         self.max_samples = max_samples
-        self.images: Tensor | None = None
-        self.labels = torch.zeros(0, dtype=torch.long, device=self.device)
+        # Storage grows by doubling, so that adding n samples one upload at a time
+        # copies O(n) bytes in all, not O(n^2); the first len(self) rows are used.
+        self._images: Tensor | None = None
+        self._labels = torch.zeros(0, dtype=torch.long, device=self.device)
+        self._size = 0
         self.sites = np.zeros(0, dtype=np.uint64)
         self.ids = np.zeros(0, dtype=np.int64)
         self._accepted: dict[int, SentLedger] = {}
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return self._size
+
+    @property
+    def images(self) -> Tensor | None:
+        """The accepted images, uint8 (n, ...) on :attr:`device`; None before any."""
+        return None if self._images is None else self._images[: self._size]
+
+    @property
+    def labels(self) -> Tensor:
+        """The accepted labels, int64 (n,) on :attr:`device`."""
+        return self._labels[: self._size]
 
     @property
     def nbytes(self) -> int:
@@ -76,7 +90,7 @@ class TrainingBuffer:
     @property
     def image_shape(self) -> tuple[int, ...] | None:
         """Shape of one image, fixed by the first accepted upload."""
-        return None if self.images is None else tuple(self.images.shape[1:])
+        return None if self._images is None else tuple(self._images.shape[1:])
 
     def seen(self, site: int, ids: np.ndarray) -> np.ndarray:
         """Return a bool mask, True where ``site`` already delivered that id."""
@@ -105,11 +119,7 @@ class TrainingBuffer:
         if len(new) == 0:
             return 0
         fresh = samples.subset(new)
-        images = fresh.images.to(self.device)
-        self.images = (
-            images if self.images is None else torch.cat([self.images, images])
-        )
-        self.labels = torch.cat([self.labels, fresh.labels.to(self.device)])
+        self._append(fresh.images, fresh.labels)
         self.sites = np.concatenate([self.sites, np.full(len(new), site, np.uint64)])
         self.ids = np.concatenate([self.ids, fresh.ids.numpy()])
         self._accepted.setdefault(site, SentLedger()).add(fresh.ids.numpy())
@@ -117,18 +127,38 @@ class TrainingBuffer:
             self._keep_newest(self.max_samples)
         return len(new)
 
+    def _append(self, images: Tensor, labels: Tensor) -> None:
+        size, count = self._size, len(labels)
+        capacity = 0 if self._images is None else len(self._images)
+        if size + count > capacity:
+            capacity = max(size + count, 2 * capacity)
+            if self.max_samples is not None:
+                capacity = min(capacity, max(size + count, self.max_samples))
+            grown = torch.empty(
+                (capacity, *images.shape[1:]), dtype=torch.uint8, device=self.device
+            )
+            grown_labels = torch.empty(capacity, dtype=torch.long, device=self.device)
+            if self._images is not None:
+                grown[:size] = self._images[:size]
+                grown_labels[:size] = self._labels[:size]
+            self._images, self._labels = grown, grown_labels
+        assert self._images is not None
+        self._images[size : size + count] = images.to(self.device)
+        self._labels[size : size + count] = labels.to(self.device)
+        self._size = size + count
+
     def _keep_newest(self, count: int) -> None:
         assert self.images is not None
         # clone: a view would keep the dropped samples' memory alive
-        self.images, self.labels = (
+        self._images, self._labels = (
             self.images[-count:].clone(),
             self.labels[-count:].clone(),
         )
+        self._size = count
         self.sites, self.ids = self.sites[-count:], self.ids[-count:]
 
-    def save(self, path: str | Path) -> None:
-        """Write the buffer to ``path`` (``.npz``) atomically: temp file, rename."""
-        path = Path(path)
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Return everything the buffer holds as named NumPy arrays (to store it)."""
         sites = sorted(self._accepted)
         arrays = {
             "num_classes": np.array(self.num_classes),
@@ -146,12 +176,35 @@ class TrainingBuffer:
         }
         if self.images is not None:
             arrays["images"] = self.images.cpu().numpy()
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("wb") as file:
-            np.savez(file, **arrays)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
+        return arrays
+
+    @classmethod
+    def from_arrays(
+        cls,
+        arrays: Mapping[str, np.ndarray],
+        *,
+        device: torch.device | str | None = None,
+    ) -> TrainingBuffer:
+        """Rebuild a buffer from :meth:`to_arrays` output onto ``device``."""
+        max_samples = int(arrays["max_samples"])
+        buffer = cls(
+            int(arrays["num_classes"]),
+            device=device,
+            max_samples=None if max_samples < 0 else max_samples,
+        )
+        if "images" in arrays:
+            buffer._images = torch.from_numpy(arrays["images"]).to(buffer.device)
+        buffer._labels = torch.from_numpy(arrays["labels"]).to(buffer.device)
+        buffer._size = len(buffer._labels)
+        buffer.sites, buffer.ids = arrays["sites"], arrays["ids"]
+        for i, site in enumerate(arrays["accepted_sites"].tolist()):
+            buffer._accepted[int(site)] = SentLedger(arrays[f"accepted_{i}"])
+        return buffer
+
+    def save(self, path: str | Path) -> None:
+        """Write the buffer to ``path`` (``.npz``) atomically: temp file, rename."""
+        arrays = self.to_arrays()
+        write_atomically(path, lambda file: np.savez(file, **arrays))
 
     @classmethod
     def load(
@@ -159,16 +212,4 @@ class TrainingBuffer:
     ) -> TrainingBuffer:
         """Read a buffer written by :meth:`save` onto ``device``."""
         with np.load(path, allow_pickle=False) as data:
-            max_samples = int(data["max_samples"])
-            buffer = cls(
-                int(data["num_classes"]),
-                device=device,
-                max_samples=None if max_samples < 0 else max_samples,
-            )
-            if "images" in data:
-                buffer.images = torch.from_numpy(data["images"]).to(buffer.device)
-            buffer.labels = torch.from_numpy(data["labels"]).to(buffer.device)
-            buffer.sites, buffer.ids = data["sites"], data["ids"]
-            for i, site in enumerate(data["accepted_sites"].tolist()):
-                buffer._accepted[int(site)] = SentLedger(data[f"accepted_{i}"])
-        return buffer
+            return cls.from_arrays(data, device=device)

@@ -84,13 +84,16 @@ def _compressed(images: np.ndarray) -> Array:
     )
 
 
-def decode(record: ArrayRecord, num_classes: int) -> tuple[SiteData, np.ndarray | None]:
+def decode(
+    record: ArrayRecord, num_classes: int, *, max_samples: int | None = None
+) -> tuple[SiteData, np.ndarray | None]:
     """Return the samples of an upload and its scores (``None`` if not sent).
 
     Every array is checked before anything is built from it: the names present,
-    dtypes, shapes, one entry per image, labels in ``[0, num_classes)``, unique
-    ids and finite scores. A compressed block may not expand beyond the size its
-    shape declares.
+    the number of images declared (at most ``max_samples``, checked before any
+    decompression), dtypes, shapes, one entry per image, labels in
+    ``[0, num_classes)``, unique ids and finite scores. A compressed block may
+    not expand beyond the size its shape declares.
 
     Raises
     ------
@@ -103,6 +106,9 @@ def decode(record: ArrayRecord, num_classes: int) -> tuple[SiteData, np.ndarray 
             f"an upload holds arrays {sorted({IMAGES, LABELS, IDS})} and optionally "
             f"{SCORES!r}; got {sorted(keys)}"
         )
+    declared = record[IMAGES].shape
+    if max_samples is not None and declared and int(declared[0]) > max_samples:
+        raise UploadError(f"{declared[0]} samples exceed the budget of {max_samples}")
     images = _images(record[IMAGES])
     labels, ids = _unsigned(record, LABELS), _unsigned(record, IDS)
     scores = None

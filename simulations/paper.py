@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 
 from flwr_select.buffer import TrainingBuffer
 from flwr_select.data import DATASETS, SiteData, load_dataset, resolve_data_dir
+from flwr_select.files import write_atomically
 from flwr_select.models import build_model
 from flwr_select.partition import PaperSplit, paper_split, round_fold
 from flwr_select.policies import GROUPS, Budget, Policy, make_policy, select
@@ -272,9 +272,8 @@ def write_run(path: Path, meta: dict[str, Any], records: list[dict[str, Any]]) -
     A run whose file exists is complete: an interrupted write leaves only the
     temporary file, so a resumed experiment runs it again.
     """
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps({**meta, **r}) + "\n" for r in records))
-    os.replace(tmp, path)
+    text = "".join(json.dumps({**meta, **r}) + "\n" for r in records)
+    write_atomically(path, lambda file: file.write(text.encode()))
 
 
 def read_run(path: Path) -> list[dict[str, Any]]:

@@ -4,16 +4,19 @@ Section 4 of Jiang et al.: the server trains the initial model on 5k samples it
 holds, holds out 5k to validate, and each round every site receives the model,
 trial-tests a fresh fold of its data and uploads its rho share; the server
 trains on everything accepted so far and evaluates. Every round is one JSON line
-in ``out-dir/rounds.jsonl`` (round 0 is the initial model), and the training
-buffer is saved beside it (``buffer.npz``) after every round.
+in ``out-dir/rounds.jsonl`` (round 0 is the initial model). After every round the
+model, the training buffer and the records are checkpointed to
+``out-dir/checkpoint.npz`` (:mod:`flwr_select.checkpoint`); a run started again
+on the same ``out-dir`` resumes after the last complete round.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import resource
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,7 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from flwr_select.data import DATASETS, SiteData, load_dataset, resolve_data_dir
+from flwr_select.files import write_atomically
 from flwr_select.models import build_model
 from flwr_select.partition import check_partitioner, paper_split
 from flwr_select.protocol import SelectionConfig
@@ -72,6 +76,7 @@ def defaults(dataset: str) -> dict[str, Any]:
         "optimizer": "sgd",
         "lr": 0.01,
         "from-scratch": False,
+        "max-upload-bytes": 256 * 2**20,
         "fraction-train": 1.0,
         "min-nodes": 2,
     }
@@ -89,12 +94,19 @@ PROGRESS_KEYS = (
 
 
 class RoundLog:
-    """Writes one JSON object per round to ``rounds.jsonl`` and a progress line."""
+    """Writes one JSON object per round to ``rounds.jsonl`` and a progress line.
 
-    def __init__(self, out_dir: str | Path) -> None:
+    ``previous`` are the records of a resumed run's complete rounds: the file
+    starts with them (and loses any line of a round that was not completed).
+    """
+
+    def __init__(
+        self, out_dir: str | Path, previous: Iterable[Mapping[str, Any]] = ()
+    ) -> None:
         self.path = Path(out_dir) / "rounds.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("")
+        text = "".join(json.dumps(dict(record)) + "\n" for record in previous)
+        write_atomically(self.path, lambda file: file.write(text.encode()))
         self.last = time.perf_counter()
 
     def write(self, record: dict[str, Any]) -> None:
@@ -152,16 +164,23 @@ def run(grid: Grid, config: Mapping[str, Any]) -> None:
         train_config=train_config("server-epochs"),
         from_scratch=bool(config["from-scratch"]),
         site_config={key: config[key] for key in SITE_KEYS},
+        run_dir=str(config["out-dir"]),
+        max_upload_bytes=int(config["max-upload-bytes"]),
         fraction_train=float(config["fraction-train"]),
         min_train_nodes=int(config["min-nodes"]),
         min_available_nodes=int(config["min-nodes"]),
     )
-    initial = torch.from_numpy(split.initial)
-    initial_arrays = strategy.pretrain(
-        SiteData(images[initial], labels[initial], num_classes, ids=initial),
-        train_config("initial-epochs"),
+    if strategy.resume() is None:
+        initial = torch.from_numpy(split.initial)
+        initial_arrays = strategy.pretrain(
+            SiteData(images[initial], labels[initial], num_classes, ids=initial),
+            train_config("initial-epochs"),
+        )
+    else:
+        initial_arrays = ArrayRecord(strategy.model.state_dict())
+    log = RoundLog(
+        str(config["out-dir"]), (strategy.records[r] for r in sorted(strategy.records))
     )
-    log = RoundLog(str(config["out-dir"]))
     evaluation_model = strategy.model_fn().to(strategy.buffer.device)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -174,11 +193,12 @@ def run(grid: Grid, config: Mapping[str, Any]) -> None:
         metrics = strategy.rounds.get(server_round, {})
         record["samples_received"] = int(metrics.get("samples-received", 0))
         record["bytes_received"] = int(metrics.get("bytes-received", 0))
-        record["sites_accepted"] = int(metrics.get("sites-accepted", 0))
-        record["sites_rejected"] = int(metrics.get("sites-rejected", 0))
+        for key in ("sites-accepted", "sites-rejected", "sites-failed"):
+            record[key.replace("-", "_")] = int(metrics.get(key, 0))
+        record["model_updated"] = int("train-loss" in metrics)
         record["train_loss"] = metrics.get("train-loss")
         record["buffer_size"] = len(strategy.buffer)
-        strategy.buffer.save(log.path.with_name("buffer.npz"))
+        record["server_peak_rss_bytes"] = peak_rss_bytes()
         log.write(record)
         return MetricRecord(
             {k: v for k, v in record.items() if isinstance(v, int | float)}
@@ -190,6 +210,11 @@ def run(grid: Grid, config: Mapping[str, Any]) -> None:
         num_rounds=int(config["num-server-rounds"]),
         evaluate_fn=evaluate,
     )
+
+
+def peak_rss_bytes() -> int:
+    """Return the most resident memory this process has held so far, in bytes."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def make_server_app(

@@ -5,16 +5,18 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
+from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
 from flwr.supercore import log
 from torch import nn
 
 from flwr_select.buffer import TrainingBuffer
+from flwr_select.checkpoint import Checkpoint, latest
 from flwr_select.data import SiteData
 from flwr_select.protocol import (
     CONFIG_KEY,
@@ -64,6 +66,12 @@ class SampleSelection(FedAvg):
         Where accepted samples go (default: a new one on CUDA if available).
     site_config : mapping, optional
         Extra config values forwarded to every site (e.g. which data set fold).
+    run_dir : str or Path, optional
+        Checkpoint the model, the buffer and the records here after every round,
+        and resume from the last complete round (see :meth:`start`).
+    max_upload_bytes : int (default: 256 MiB)
+        Reject a reply whose upload is larger on the wire than this, whatever
+        the site claims, before anything in it is decoded or decompressed.
     fraction_train, min_train_nodes, min_available_nodes
         As for ``FedAvg``; nodes are sampled with a generator seeded by
         ``(selection.seed, round)``.
@@ -79,6 +87,8 @@ class SampleSelection(FedAvg):
         from_scratch: bool = False,
         buffer: TrainingBuffer | None = None,
         site_config: Mapping[str, bool | int | float | str] | None = None,
+        run_dir: str | Path | None = None,
+        max_upload_bytes: int = 256 * 2**20,
         fraction_train: float = 1.0,
         min_train_nodes: int = 2,
         min_available_nodes: int = 2,
@@ -97,9 +107,15 @@ class SampleSelection(FedAvg):
         self.from_scratch = from_scratch
         self.buffer = buffer or TrainingBuffer(num_classes)
         self.site_config = dict(site_config or {})
+        self.run_dir = None if run_dir is None else Path(run_dir)
+        self.max_upload_bytes = max_upload_bytes
         self.model = model_fn().to(self.buffer.device)
         self.rounds: dict[int, dict[str, float | int]] = {}
         """Metrics of every aggregated round (what ``aggregate_train`` returned)."""
+        self.records: dict[int, dict[str, float | int]] = {}
+        """What ``evaluate_fn`` returned for every round, round 0 included."""
+        self.completed_round: int | None = None
+        """The last round whose records are in; None before the initial evaluation."""
 
     def summary(self) -> None:
         """Log the selection config beside FedAvg's sampling summary."""
@@ -124,6 +140,128 @@ class SampleSelection(FedAvg):
             "server-round": server_round,
             "num-classes": self.num_classes,
         }
+
+    def run_settings(self) -> dict[str, bool | int | float | str]:
+        """Return the settings a checkpoint must share with the run resuming it."""
+        settings = self.round_config(0)
+        del settings["server-round"]
+        return settings
+
+    def resume(self) -> int | None:
+        """Load the checkpoint in :attr:`run_dir`, if any; return its round.
+
+        The model, the buffer (with its ledger of accepted ids), the metrics and
+        the records come back as they were after that round, so :meth:`start`
+        continues with the next one. Returns None when there is nothing to resume.
+
+        Raises
+        ------
+        ValueError
+            If the checkpoint was written by a run with other settings (it names
+            them): resuming it would mix two experiments.
+        """
+        checkpoint = None
+        if self.run_dir is not None:
+            checkpoint = latest(self.run_dir, device=self.buffer.device)
+        if checkpoint is None:
+            return None
+        settings = self.run_settings()
+        differing = sorted(
+            key
+            for key in settings.keys() | checkpoint.config.keys()
+            if settings.get(key) != checkpoint.config.get(key)
+        )
+        if differing:
+            raise ValueError(
+                f"{self.run_dir} holds a run with other settings "
+                f"({', '.join(differing)}): resume it with the same settings or "
+                "start the new run in another folder"
+            )
+        self.model.load_state_dict(checkpoint.model_state)
+        self.buffer = checkpoint.buffer
+        self.rounds, self.records = checkpoint.train_metrics, checkpoint.records
+        self.completed_round = checkpoint.round
+        log(
+            INFO,
+            "Resuming %s after round %s, %s samples in the buffer",
+            self.run_dir,
+            checkpoint.round,
+            len(self.buffer),
+        )
+        return checkpoint.round
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """Run rounds up to ``num_rounds``, checkpointing after each; return results.
+
+        As ``FedAvg.start``, but durable: after the server-side evaluation of
+        each round (round 0 is the initial model) the model, the buffer and the
+        records are checkpointed to :attr:`run_dir`, and a run that finds a
+        checkpoint there continues after its round, from its model (not
+        ``initial_arrays``) and buffer. Sites do not evaluate the model, so
+        ``evaluate_config`` is not used.
+        """
+        if self.completed_round is None:
+            self.resume()
+        train_config = ConfigRecord() if train_config is None else train_config
+        result = Result()
+        if self.completed_round is None:
+            arrays = initial_arrays
+            self.model.load_state_dict(arrays.to_torch_state_dict())
+            self._finish_round(0, arrays, evaluate_fn)
+        else:
+            arrays = ArrayRecord(self.model.state_dict())
+        assert self.completed_round is not None
+        for server_round in range(self.completed_round + 1, num_rounds + 1):
+            log(INFO, "")
+            log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
+            replies = grid.send_and_receive(
+                self.configure_train(server_round, arrays, train_config, grid),
+                timeout=timeout,
+            )
+            trained, metrics = self.aggregate_train(server_round, replies)
+            log(INFO, "\t└──> Aggregated MetricRecord: %s", metrics)
+            if trained is not None:
+                arrays = trained
+            self._finish_round(server_round, arrays, evaluate_fn)
+        result.arrays = arrays
+        result.train_metrics_clientapp = {
+            r: MetricRecord(m) for r, m in self.rounds.items()
+        }
+        result.evaluate_metrics_serverapp = {
+            r: MetricRecord(m) for r, m in self.records.items()
+        }
+        return result
+
+    def _finish_round(
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None,
+    ) -> None:
+        """Evaluate the round's model, keep the record and checkpoint everything."""
+        record = None if evaluate_fn is None else evaluate_fn(server_round, arrays)
+        if record is not None:
+            log(INFO, "\t└──> Server-side evaluation: %s", record)
+            self.records[server_round] = dict(record)
+        self.completed_round = server_round
+        if self.run_dir is not None:
+            Checkpoint(
+                round=server_round,
+                model_state=self.model.state_dict(),
+                buffer=self.buffer,
+                train_metrics=self.rounds,
+                records=self.records,
+                config=self.run_settings(),
+            ).save(self.run_dir)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -159,39 +297,36 @@ class SampleSelection(FedAvg):
 
     def check_upload(
         self, site: int, record: ArrayRecord, candidates: object
-    ) -> SiteData:
-        """Return the samples of ``site``'s upload, or raise ``UploadError``.
+    ) -> tuple[SiteData, int]:
+        """Return the samples of site's upload and its wire bytes, or ``UploadError``.
 
-        Checks the format (:func:`~flwr_select.wire.decode`), the image shape
-        against the buffer's, the size against the budget for the site's
-        ``candidates`` (its number of samples this round), and that no id was
-        accepted from this site before.
+        Cheap checks come first, so that nothing large is decoded or decompressed
+        before it is known to be within bounds: the bytes on the wire against
+        :attr:`max_upload_bytes` and the budget's ``max-bytes``, the number of
+        images the upload declares against the budget for the site's
+        ``candidates`` (its number of samples this round). Then the format
+        (:func:`~flwr_select.wire.decode`: dtypes, shapes, label range, unique
+        ids, finite scores), the image shape against the buffer's, and that no
+        id was accepted from this site before.
         """
-        samples, _ = decode(record, self.num_classes)
+        size = wire_bytes(record)
+        budget = self.selection.budget()
+        cap = min(self.max_upload_bytes, budget.max_bytes or self.max_upload_bytes)
+        if size > cap:
+            raise UploadError(f"{size} bytes exceed the cap of {cap} bytes")
+        if isinstance(candidates, bool) or not isinstance(candidates, int):
+            raise UploadError(f"num-candidates must be an int, got {candidates!r}")
+        limit = budget.sample_limit(max(candidates, 0))
+        samples, _ = decode(record, self.num_classes, max_samples=limit)
         shape, got = self.buffer.image_shape, tuple(samples.images.shape[1:])
         if shape is not None and got != shape:
             raise UploadError(f"images of shape {got}, expected {shape}")
-        if not isinstance(candidates, int) or candidates < len(samples):
-            raise UploadError(
-                f"num-candidates must be an int >= the {len(samples)} samples sent, "
-                f"got {candidates}"
-            )
-        budget = self.selection.budget()
-        limit = budget.sample_limit(candidates)
-        if len(samples) > limit:
-            raise UploadError(
-                f"{len(samples)} samples exceed the budget of {limit} "
-                f"(of {candidates} candidates)"
-            )
-        size = wire_bytes(record)
-        if budget.max_bytes is not None and size > budget.max_bytes:
-            raise UploadError(f"{size} bytes exceed max-bytes={budget.max_bytes}")
         repeated = self.buffer.seen(site, samples.ids.numpy())
         if repeated.any():
             raise UploadError(
                 f"{int(repeated.sum())} ids were already accepted from this site"
             )
-        return samples
+        return samples, size
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -238,7 +373,7 @@ class SampleSelection(FedAvg):
         for site, unpack in uploads:
             try:
                 record, candidates = unpack()
-                samples = self.check_upload(site, record, candidates)
+                samples, size = self.check_upload(site, record, candidates)
             except UploadError as err:
                 log(
                     WARNING,
@@ -249,7 +384,6 @@ class SampleSelection(FedAvg):
                 )
                 metrics["sites-rejected"] += 1
                 continue
-            size = wire_bytes(record)
             self.buffer.add(site, samples)
             metrics["sites-accepted"] += 1
             metrics["samples-received"] += len(samples)

@@ -42,23 +42,39 @@ def task_identity():
 
 
 @pytest.fixture(scope="session")
-def flower_simulation():
-    """Run this project's ``flower-simulation`` command on an app; return the process.
+def flower_simulation_command() -> tuple[list[str], dict[str, str]]:
+    """The real ``flower-simulation`` of the test's environment and its environment.
 
-    ``flower_simulation(app, *args)``: the real command of the test's environment,
-    quiet about updates and Ray's accelerator variable, output captured.
+    Quiet about updates and Ray's accelerator variable; the repository root is on
+    the path, so test apps (``tests.crashing_site``) can be named with ``--app``.
     """
-    command = str(Path(sys.executable).with_name("flower-simulation"))
+    root = Path(__file__).resolve().parents[1]
     env = {
         **os.environ,
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(root), os.environ.get("PYTHONPATH")])
+        ),
     }
+    return [str(Path(sys.executable).with_name("flower-simulation"))], env
 
-    def run(app: str, *args: str) -> subprocess.CompletedProcess:
+
+@pytest.fixture(scope="session")
+def flower_simulation(flower_simulation_command):
+    """Run this project's ``flower-simulation`` command on an app; return the process.
+
+    ``flower_simulation(app, *args, env={...})``: output captured; ``env`` adds
+    environment variables.
+    """
+    command, base_env = flower_simulation_command
+
+    def run(
+        app: str, *args: str, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [command, "--app", app, *args],
-            env=env,
+            [*command, "--app", app, *args],
+            env={**base_env, **(env or {})},
             capture_output=True,
             text=True,
             timeout=600,

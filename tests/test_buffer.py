@@ -282,3 +282,25 @@ def test_a_site_outside_uint64_is_refused_without_changing_the_buffer(site):
         buffer.add(site, upload([3, 4]))
     # Assert
     assert_same(snapshot(buffer), before)
+
+
+@given(
+    st.lists(st.integers(1, 40), min_size=1, max_size=12),
+    st.none() | st.integers(1, 100),
+)
+def test_uploads_added_one_by_one_hold_what_one_concatenation_would(sizes, cap):
+    # Prepare: consecutive id ranges, one upload each
+    bounds = np.cumsum([0, *sizes])
+    buffer = TrainingBuffer(NUM_CLASSES, device="cpu", max_samples=cap)
+    # Execute
+    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+        buffer.add(1, upload(range(start, stop)))
+    # Assert: exactly the newest min(total, cap) samples, in order
+    total = int(bounds[-1])
+    kept = total if cap is None else min(total, cap)
+    expected = upload(range(total - kept, total))
+    assert len(buffer) == kept == len(buffer.images) == len(buffer.labels)
+    assert torch.equal(buffer.images, expected.images)
+    assert torch.equal(buffer.labels, expected.labels)
+    assert buffer.ids.tolist() == list(range(total - kept, total))
+    assert buffer.nbytes == kept * (16 + 8)  # 4x4 uint8 pixels and an int64 label

@@ -8,7 +8,7 @@ import pytest
 import tomllib
 import torch
 
-from flwr_select.buffer import TrainingBuffer
+from flwr_select.checkpoint import latest
 from flwr_select.data import SiteData, load_mnist
 from flwr_select.partition import paper_split, partition_pool, round_fold
 from flwr_select.wire import encode, wire_bytes
@@ -45,7 +45,7 @@ def run(mnist_dir, tmp_path_factory, flower_simulation):
     records = [
         json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()
     ]
-    return records, TrainingBuffer.load(out / "buffer.npz", device="cpu"), done.stdout
+    return records, latest(out, device="cpu").buffer, done.stdout
 
 
 def test_rounds_are_recorded_in_order_and_accuracy_improves(run):

@@ -3,6 +3,7 @@ import functools
 import numpy as np
 import pytest
 import torch
+import zstandard
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -13,6 +14,8 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
+from hypothesis import given
+from hypothesis import strategies as st
 
 from clients.site import make_select_handler
 from flwr_select.buffer import TrainingBuffer
@@ -27,7 +30,7 @@ from flwr_select.protocol import (
     SelectionConfig,
 )
 from flwr_select.trainer import TrainConfig
-from flwr_select.wire import encode, wire_bytes
+from flwr_select.wire import ZSTD, encode, wire_bytes
 from strategies.sample_selection import SampleSelection
 
 N, RHO = 100, 0.1  # each site offers 100 samples and may send floor(0.1 * 100) = 10
@@ -69,14 +72,17 @@ def request(strategy: SampleSelection, node: int, server_round: int = 1) -> Mess
 
 
 def site_reply(
-    strategy: SampleSelection, node: int, context: Context | None = None
+    strategy: SampleSelection,
+    node: int,
+    context: Context | None = None,
+    server_round: int = 1,
 ) -> Message:
     """A real reply: the site's own handler answers a real request."""
     handler = make_select_handler(load_site=lambda ctx, cfg: site_data(node))
     context = context or Context(
         run_id=1, node_id=node, node_config={}, state=RecordDict(), run_config={}
     )
-    return handler(request(strategy, node), context)
+    return handler(request(strategy, node, server_round), context)
 
 
 def forged_reply(
@@ -120,19 +126,61 @@ def test_uploads_are_buffered_and_the_model_is_trained(task_identity):
     assert all(np.array_equal(arrays[k].numpy(), new[k].numpy()) for k in new)
 
 
+def sent_ids(reply: Message) -> set[int]:
+    return set(reply.content.array_records[UPLOAD_KEY]["ids"].numpy().tolist())
+
+
+def node_context(node: int, node_config=None) -> Context:
+    return Context(
+        run_id=1,
+        node_id=node,
+        node_config=node_config or {},
+        state=RecordDict(),
+        run_config={},
+    )
+
+
 def test_a_site_never_sends_the_same_sample_twice(task_identity):
     strategy = make_strategy()
-    context = Context(
-        run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}
-    )
-    first = site_reply(strategy, 1, context)
-    second = site_reply(strategy, 1, context)  # same data offered again
-    ids = [
-        set(r.content.array_records[UPLOAD_KEY]["ids"].numpy().tolist())
-        for r in (first, second)
-    ]
+    context = node_context(1)
+    first = site_reply(strategy, 1, context, server_round=1)
+    second = site_reply(strategy, 1, context, server_round=2)  # same data again
+    ids = [sent_ids(r) for r in (first, second)]
     assert len(ids[0]) == len(ids[1]) == 10 and not ids[0] & ids[1]
     assert first.content.metric_records[METRICS_KEY]["num-selected"] == 10
+
+
+def test_an_edge_box_keeps_its_ledger_on_disk_across_a_restart(task_identity, tmp_path):
+    # Prepare: a site with a data folder (an edge box); its process restarts
+    # between rounds: a fresh Context, nothing in memory
+    strategy = make_strategy()
+    config = {"data-dir": str(tmp_path)}
+    # Execute
+    first = site_reply(strategy, 1, node_context(1, config), server_round=1)
+    second = site_reply(strategy, 1, node_context(1, config), server_round=2)
+    # Assert
+    assert (tmp_path / "sent-ids.npz").is_file()
+    assert len(sent_ids(first)) == 10 and not sent_ids(first) & sent_ids(second)
+    assert [p.name for p in tmp_path.iterdir() if "tmp" in p.name] == []
+
+
+def test_a_round_the_server_never_checkpointed_is_offered_again(
+    task_identity, tmp_path
+):
+    # Prepare: the site answered round 2, but the server crashed before it
+    # checkpointed round 2 and resumed after round 1: it asks for round 2 again
+    strategy = make_strategy()
+    config = {"data-dir": str(tmp_path)}
+    round1 = site_reply(strategy, 1, node_context(1, config), server_round=1)
+    lost = site_reply(strategy, 1, node_context(1, config), server_round=2)
+    # Execute
+    again = site_reply(strategy, 1, node_context(1, config), server_round=2)
+    after = site_reply(strategy, 1, node_context(1, config), server_round=3)
+    # Assert: round 2's samples come again, round 1's never; the same seed and
+    # ledger give the same choice, so the resumed round repeats the lost one
+    assert sent_ids(again) == sent_ids(lost)
+    assert not sent_ids(again) & sent_ids(round1)
+    assert not sent_ids(after) & (sent_ids(round1) | sent_ids(again))
 
 
 def good_upload(node: int, count: int = 10) -> ArrayRecord:
@@ -147,6 +195,19 @@ def malformed_uploads():
     images_32 = ArrayRecord({**ok, "images": Array(np.zeros((10, 32, 32), np.uint8))})
     labels_out = ArrayRecord({**ok, "labels": Array(np.full(10, 10, np.uint8))})
     duplicates = ArrayRecord({**ok, "ids": Array(np.full(10, 7, np.uint16))})
+    nan_scores = ArrayRecord(
+        {**ok, "scores": Array(np.array([np.nan] * 10, np.float32))}
+    )
+    # 760 MB if decompressed: refused on its declared count, before decompression
+    tiny = zstandard.ZstdCompressor().compress(bytes(1000))
+    bomb = ArrayRecord(
+        {
+            **ok,
+            "images": Array(
+                dtype="uint8", shape=(1_000_000, 28, 28), stype=ZSTD, data=tiny
+            ),
+        }
+    )
     return {
         "wrong dtype": (images_float, N, "images must be uint8"),
         "wrong shape": (
@@ -158,8 +219,19 @@ def malformed_uploads():
         "over budget": (good_upload(3, 11), N, "11 samples exceed the budget of 10"),
         "lying about candidates": (
             good_upload(3, 11),
-            5,
-            "num-candidates must be an int >= the 11",
+            5,  # would allow floor(0.1 * 5) = 0
+            "11 samples exceed the budget of 0$",
+        ),
+        "candidates not an int": (
+            good_upload(3),
+            100.0,
+            "num-candidates must be an int",
+        ),
+        "scores not finite": (nan_scores, N, "scores must be finite"),
+        "a compressed block declaring a million images": (
+            bomb,
+            N,
+            "1000000 samples exceed the budget of 10$",
         ),
         "duplicate ids": (duplicates, N, "ids must be unique"),
     }
@@ -223,3 +295,130 @@ def test_the_same_ids_from_another_site_are_accepted(task_identity):
         1, [forged_reply(strategy, 3, upload), forged_reply(strategy, 4, upload)]
     )
     assert metrics["sites-accepted"] == 2 and len(strategy.buffer) == 20
+
+
+def test_an_upload_over_the_servers_byte_cap_is_rejected_whatever_the_budget(
+    task_identity, caplog
+):
+    strategy = make_strategy()
+    strategy.max_upload_bytes = wire_bytes(good_upload(3)) - 1
+    _, metrics = strategy.aggregate_train(
+        1, [forged_reply(strategy, 3, good_upload(3))]
+    )
+    assert metrics["sites-rejected"] == 1 and len(strategy.buffer) == 0
+    assert "exceed the cap of" in caplog.text and "node 3" in caplog.text
+
+
+def corrupted(upload: dict, data) -> tuple[dict, object]:
+    """One corruption, drawn by hypothesis, that no server may accept."""
+    arrays, candidates = dict(upload), N
+    count = len(arrays["labels"].numpy())
+    kind = data.draw(
+        st.sampled_from(
+            [
+                "missing",
+                "unknown",
+                "images dtype",
+                "images rank",
+                "image size",
+                "label range",
+                "label dtype",
+                "duplicate id",
+                "length",
+                "scores",
+                "bytes",
+                "candidates",
+            ]
+        )
+    )
+    if kind == "missing":
+        del arrays[data.draw(st.sampled_from(["images", "labels", "ids"]))]
+    elif kind == "unknown":
+        arrays[
+            data.draw(st.text(min_size=1, max_size=8).filter(lambda k: k not in arrays))
+        ] = Array(np.zeros(count, np.uint8))
+    elif kind == "images dtype":
+        dtype = data.draw(
+            st.sampled_from(
+                [np.float32, np.int8, np.int64, np.float16, np.bool_, np.uint16]
+            )
+        )
+        arrays["images"] = Array(np.zeros((count, 28, 28), dtype))
+    elif kind == "images rank":
+        shape = data.draw(
+            st.sampled_from([(count,), (count, 784), (count, 1, 1, 28, 28)])
+        )
+        arrays["images"] = Array(np.zeros(shape, np.uint8))
+    elif kind == "image size":
+        side = data.draw(st.integers(1, 40).filter(lambda s: s != 28))
+        arrays["images"] = Array(np.zeros((count, side, 28), np.uint8))
+    elif kind == "label range":
+        labels = arrays["labels"].numpy().copy()
+        labels[data.draw(st.integers(0, count - 1))] = data.draw(st.integers(10, 255))
+        arrays["labels"] = Array(labels)
+    elif kind == "label dtype":
+        dtype = data.draw(st.sampled_from([np.int8, np.int64, np.float32]))
+        arrays["labels"] = Array(arrays["labels"].numpy().astype(dtype))
+    elif kind == "duplicate id":
+        ids = arrays["ids"].numpy().copy()
+        i, j = data.draw(
+            st.lists(st.integers(0, count - 1), min_size=2, max_size=2, unique=True)
+        )
+        ids[j] = ids[i]
+        arrays["ids"] = Array(ids)
+    elif kind == "length":
+        name = data.draw(st.sampled_from(["labels", "ids"]))
+        arrays[name] = Array(
+            arrays[name].numpy()[: data.draw(st.integers(0, count - 1))]
+        )
+    elif kind == "scores":
+        scores = data.draw(
+            st.lists(
+                st.floats(allow_nan=True, allow_infinity=True, width=32),
+                min_size=count,
+                max_size=count,
+            ).filter(lambda v: not np.isfinite(v).all())
+        )
+        arrays["scores"] = Array(np.array(scores, np.float32))
+    elif kind == "bytes":
+        name = data.draw(st.sampled_from(["images", "labels", "ids"]))
+        array = arrays[name]
+        raw = data.draw(st.binary(max_size=64))
+        arrays[name] = Array(
+            dtype=array.dtype, shape=array.shape, stype=array.stype, data=raw
+        )
+    else:  # a site that claims too few candidates for its count, or not a number
+        candidates = data.draw(
+            st.one_of(
+                st.integers(-(2**40), 10 * count - 1), st.floats(), st.text(max_size=4)
+            )
+        )
+    return arrays, candidates
+
+
+@given(data=st.data())
+def test_no_corrupted_upload_touches_the_buffer_or_the_model(data, accepted_strategy):
+    # Prepare: a strategy that already holds one site's accepted upload
+    strategy = accepted_strategy
+    held = (strategy.buffer.to_arrays(), weights(strategy))
+    arrays, candidates = corrupted(dict(good_upload(3).items()), data)
+    record = ArrayRecord(arrays)
+    # Execute
+    metrics = strategy.aggregate_uploads(2, [(3, lambda: (record, candidates))])
+    # Assert
+    assert metrics["sites-rejected"] == 1 and metrics["sites-accepted"] == 0
+    assert "train-loss" not in metrics
+    after = strategy.buffer.to_arrays()
+    assert after.keys() == held[0].keys()
+    assert all(np.array_equal(after[k], held[0][k]) for k in after)
+    assert all(
+        torch.equal(a, b) for a, b in zip(held[1], weights(strategy), strict=True)
+    )
+
+
+@pytest.fixture(scope="module")
+def accepted_strategy():
+    strategy = make_strategy()
+    strategy.aggregate_uploads(1, [(3, lambda: (good_upload(3, 5), N))])
+    assert len(strategy.buffer) == 5
+    return strategy

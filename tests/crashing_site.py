@@ -1,0 +1,32 @@
+"""The sample-selection app on MNIST with sites that crash on demand (failure tests).
+
+The environment variable ``CRASH_SITES`` lists ``round:partition`` pairs, e.g.
+``"1:0 2:0 2:1"``: the site with that ``partition-id`` raises in its handler in that
+round instead of answering, as a site whose code or data breaks would. (Simulated
+sites see the environment of ``flower-simulation``, not its run config.)
+"""
+
+import os
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from clients.site import make_select_handler
+from flwr_select.protocol import ACTION, CONFIG_KEY
+from simulations.mnist import DEFAULTS, server_app
+
+select_and_upload = make_select_handler()
+client_app = ClientApp()
+
+
+@client_app.train(ACTION)
+def select_or_crash(msg: Message, context: Context) -> Message:
+    """Raise where ``CRASH_SITES`` says so, else answer as a real site."""
+    server_round = msg.content.config_records[CONFIG_KEY]["server-round"]
+    here = f"{server_round}:{context.node_config['partition-id']}"
+    if here in os.environ.get("CRASH_SITES", "").split():
+        raise RuntimeError(f"site {here} crashed on purpose")
+    return select_and_upload(msg, context)
+
+
+__all__ = ["DEFAULTS", "client_app", "server_app"]

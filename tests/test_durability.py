@@ -1,0 +1,125 @@
+"""A run survives its server being killed, and sites that crash, on Flower's real engine."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import torch
+
+from flwr_select.checkpoint import latest
+
+SITES, FOLD, RHO = 2, 1000, 0.1
+SENT = int(RHO * FOLD)  # 100 per site and round
+
+
+def run_config(mnist_dir, out, rounds: int, **extra) -> str:
+    values = {
+        "num-server-rounds": rounds,
+        "rho": RHO,
+        "seed": 5,
+        "validation-size": 1000,
+        "initial-size": 1000,
+        "pool-size": SITES * rounds * FOLD,
+        "initial-epochs": 1,
+        "server-epochs": 2,
+        **extra,
+    }
+    text = " ".join(
+        f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in values.items()
+    )
+    return f'{text} data-dir="{mnist_dir}" out-dir="{out}"'
+
+
+def records(out) -> list[dict]:
+    return [
+        json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()
+    ]
+
+
+def test_a_killed_server_resumes_with_every_accepted_sample(
+    mnist_dir, tmp_path, flower_simulation_command
+):
+    # Prepare
+    rounds = 5
+    command, env = flower_simulation_command
+    argv = [
+        *command,
+        "--app",
+        "simulations.mnist",
+        "--num-supernodes",
+        str(SITES),
+        "--run-config",
+        run_config(mnist_dir, tmp_path, rounds),
+    ]
+    server = subprocess.Popen(
+        argv,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: Ray's processes too
+    )
+    # Execute: SIGKILL the whole simulation once round 2 is checkpointed
+    try:
+        deadline = time.monotonic() + 300
+        while (checkpoint := latest(tmp_path)) is None or checkpoint.round < 2:
+            assert server.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "round 2 never completed"
+            time.sleep(0.05)
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+    before = latest(tmp_path, device="cpu")
+    assert 2 <= before.round < rounds
+    resumed = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    # Assert: it resumed after the checkpointed round and finished the run
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"after round {before.round}" in resumed.stderr + resumed.stdout
+    after = latest(tmp_path, device="cpu")
+    assert after.round == rounds
+    assert [r["round"] for r in records(tmp_path)] == list(range(rounds + 1))
+    # every sample accepted before the kill is still there, first, as it was
+    kept = len(before.buffer)
+    assert kept == 1000 + before.round * SITES * SENT
+    assert torch.equal(after.buffer.images[:kept], before.buffer.images)
+    assert torch.equal(after.buffer.labels[:kept], before.buffer.labels)
+    np.testing.assert_array_equal(after.buffer.ids[:kept], before.buffer.ids)
+    np.testing.assert_array_equal(after.buffer.sites[:kept], before.buffer.sites)
+    # the same number of rounds, each with every site's budget, no sample twice
+    assert len(after.buffer) == 1000 + rounds * SITES * SENT
+    assert len(np.unique(after.buffer.ids)) == len(after.buffer)  # MNIST positions
+    assert all(
+        after.records[r]["samples_received"] == SITES * SENT
+        for r in range(1, rounds + 1)
+    )
+
+
+def test_crashing_sites_are_recorded_and_leave_the_model_unchanged_when_all_fail(
+    mnist_dir, tmp_path, flower_simulation
+):
+    # Prepare: three sites; in round 1 site 0 crashes, in round 2 all of them
+    sites = 3
+    config = run_config(mnist_dir, tmp_path, 2, **{"pool-size": sites * 2 * FOLD})
+    # Execute
+    done = flower_simulation(
+        "tests.crashing_site",
+        "--num-supernodes",
+        str(sites),
+        "--run-config",
+        config,
+        env={"CRASH_SITES": "1:0 2:0 2:1 2:2"},
+    )
+    # Assert
+    assert done.returncode == 0, done.stderr[-3000:]
+    _, one, two = records(tmp_path)
+    assert (one["sites_failed"], one["sites_accepted"]) == (1, 2)
+    assert one["samples_received"] == 2 * SENT and one["model_updated"] == 1
+    assert (two["sites_failed"], two["sites_accepted"]) == (3, 0)
+    assert two["samples_received"] == 0 and two["model_updated"] == 0
+    assert two["buffer_size"] == one["buffer_size"]
+    assert (two["accuracy"], two["loss"]) == (one["accuracy"], one["loss"])
+    assert "no upload accepted; the model is unchanged" in done.stderr + done.stdout
+    checkpoint = latest(tmp_path, device="cpu")
+    assert checkpoint.round == 2 and len(checkpoint.buffer) == one["buffer_size"]
