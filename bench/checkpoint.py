@@ -44,6 +44,7 @@ def main() -> None:
             buffer=buffer,
             train_metrics={1: {"samples-received": size}},
             records={1: {"accuracy": 0.9}},
+            undelivered={},
             config={"rho": 0.05},
         )
         with tempfile.TemporaryDirectory() as tmp:

@@ -246,6 +246,7 @@ def main() -> None:
                     buffer=buffer,
                     train_metrics={},
                     records={},
+                    undelivered={},
                     config={},
                 ).save(tmp)
             ),

@@ -10,7 +10,7 @@ file beside its data on an edge box, so that a restarted site sends nothing twic
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,7 @@ from flwr_select.protocol import (
     CONFIG_KEY,
     METRICS_KEY,
     MODEL_KEY,
+    UNDELIVERED_KEY,
     UPLOAD_KEY,
     SelectionConfig,
 )
@@ -162,12 +163,14 @@ def received_model(
 class SiteLedger:
     """The ids a site has sent, each with the round it was sent in.
 
-    A sample sent in round r counts as delivered once the server asks for a
-    later round, because the server moves on only after it has checkpointed
-    round r. A request for round k therefore releases what was sent in round k
-    or later: a server that crashed and resumed from an earlier checkpoint never
-    kept it, so it is offered again. Together with the server's refusal of ids
-    it has accepted before, every sample lands in the buffer exactly once.
+    A sample sent in round r counts as kept once the server asks for a later
+    round, unless the server lists r among this node's undelivered rounds (the
+    upload failed on the way, was rejected or never came). The server moves on
+    only after it has checkpointed round r, so a request for round k also
+    releases what was sent in round k or later: a server that crashed and
+    resumed from an earlier checkpoint never kept it. Released samples are
+    offered again; with the server's refusal of ids it holds from a node, every
+    sample lands in the buffer exactly once.
 
     Parameters
     ----------
@@ -183,9 +186,15 @@ class SiteLedger:
         if self.ids.shape != self.rounds.shape or self.ids.ndim != 1:
             raise ValueError("a ledger needs one round per id")
 
-    def delivered_before(self, server_round: int) -> SentLedger:
-        """Release what was sent in ``server_round`` or later; return the rest."""
-        kept = self.rounds < server_round
+    def kept_by_server(
+        self, server_round: int, undelivered: Sequence[int] = ()
+    ) -> SentLedger:
+        """Release what the server did not keep; return the ids it did.
+
+        Released: what was sent in ``server_round`` or later, or in one of the
+        ``undelivered`` rounds the server lists for this node.
+        """
+        kept = (self.rounds < server_round) & ~np.isin(self.rounds, undelivered)
         self.ids, self.rounds = self.ids[kept], self.rounds[kept]
         return SentLedger(self.ids)
 
@@ -245,8 +254,12 @@ def site_round(
     server_round: int,
     site_key: int,
     ledger: SiteLedger,
+    undelivered: Sequence[int] = (),
 ) -> tuple[ArrayRecord, dict[str, int | float]]:
     """One site's round: trial test, selection, upload; ``ledger`` records the ids.
+
+    ``undelivered`` are the rounds whose upload the server says it did not keep
+    (see :class:`SiteLedger`).
 
     Returns the upload and the site's metrics: candidates, wrong predictions,
     samples and wrong samples sent, trial accuracy and upload bytes. Shared by the
@@ -260,7 +273,7 @@ def site_round(
         selection.policy(),
         confidence=selection.confidence,
         seed=(selection.seed, server_round, site_key),
-        sent=ledger.delivered_before(server_round),
+        sent=ledger.kept_by_server(server_round, undelivered),
     )
     upload = pack(site, chosen, max_bytes=budget.max_bytes, compress=selection.compress)
     sent_ids = upload["ids"].numpy().astype(np.int64)
@@ -298,6 +311,7 @@ def make_select_handler(
             server_round=int(config["server-round"]),
             site_key=int(context.node_config.get("partition-id", context.node_id)),
             ledger=ledger,
+            undelivered=list(config.get(UNDELIVERED_KEY, [])),
         )
         save_ledger(context, ledger)
         content = RecordDict({UPLOAD_KEY: upload, METRICS_KEY: MetricRecord(metrics)})

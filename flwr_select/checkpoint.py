@@ -45,6 +45,8 @@ class Checkpoint:
         Each round's aggregation metrics (what the strategy returned).
     records : dict
         Each round's evaluation record.
+    undelivered : dict
+        Per site, the rounds whose upload the server did not keep.
     config : dict
         The settings the run was started with; a resumed run must match them.
     """
@@ -54,6 +56,7 @@ class Checkpoint:
     buffer: TrainingBuffer
     train_metrics: Metrics
     records: Metrics
+    undelivered: dict[int, list[int]]
     config: dict[str, Any]
 
     def save(self, run_dir: str | Path) -> Path:
@@ -65,6 +68,7 @@ class Checkpoint:
             "config": self.config,
             "train_metrics": self.train_metrics,
             "records": self.records,
+            "undelivered": self.undelivered,
         }
         arrays = {
             "state": np.frombuffer(json.dumps(state).encode(), np.uint8),
@@ -98,10 +102,11 @@ def latest(
         buffer=TrainingBuffer.from_arrays(parts["buffer"], device=device),
         train_metrics=_by_round(state["train_metrics"]),
         records=_by_round(state["records"]),
+        undelivered=_by_round(state["undelivered"]),
         config=state["config"],
     )
 
 
-def _by_round(values: dict[str, dict[str, Any]]) -> Metrics:
-    """JSON keys are strings: give the round numbers back as ints."""
+def _by_round(values: dict[str, Any]) -> dict[int, Any]:
+    """JSON keys are strings: give the round (or site) numbers back as ints."""
     return {int(r): v for r, v in values.items()}

@@ -22,6 +22,8 @@ MODEL_KEY, CONFIG_KEY = "arrays", "config"
 """Keys of the server's message: the model's ArrayRecord and the ConfigRecord."""
 UPLOAD_KEY, METRICS_KEY = "upload", "metrics"
 """Keys of a site's reply: the upload's ArrayRecord and a MetricRecord."""
+UNDELIVERED_KEY = "undelivered-rounds"
+"""Config key of the rounds whose upload from this node the server did not keep."""
 
 
 class RunConfigFields:

@@ -77,6 +77,7 @@ def defaults(dataset: str) -> dict[str, Any]:
         "lr": 0.01,
         "from-scratch": False,
         "max-upload-bytes": 256 * 2**20,
+        "round-timeout": 3600.0,
         "fraction-train": 1.0,
         "min-nodes": 2,
     }
@@ -208,6 +209,7 @@ def run(grid: Grid, config: Mapping[str, Any]) -> None:
         grid,
         initial_arrays,
         num_rounds=int(config["num-server-rounds"]),
+        timeout=float(config["round-timeout"]),
         evaluate_fn=evaluate,
     )
 

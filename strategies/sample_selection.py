@@ -23,6 +23,7 @@ from flwr_select.protocol import (
     MESSAGE_TYPE,
     METRICS_KEY,
     MODEL_KEY,
+    UNDELIVERED_KEY,
     UPLOAD_KEY,
     SelectionConfig,
 )
@@ -116,6 +117,11 @@ class SampleSelection(FedAvg):
         """What ``evaluate_fn`` returned for every round, round 0 included."""
         self.completed_round: int | None = None
         """The last round whose records are in; None before the initial evaluation."""
+        self.undelivered: dict[int, list[int]] = {}
+        """Per node, the rounds whose upload was not kept (failed, rejected or never
+        came). Each message tells the node, which offers those samples again."""
+        self.round_nodes: list[int] = []
+        """The nodes asked in the latest round."""
 
     def summary(self) -> None:
         """Log the selection config beside FedAvg's sampling summary."""
@@ -180,6 +186,7 @@ class SampleSelection(FedAvg):
         self.model.load_state_dict(checkpoint.model_state)
         self.buffer = checkpoint.buffer
         self.rounds, self.records = checkpoint.train_metrics, checkpoint.records
+        self.undelivered = checkpoint.undelivered
         self.completed_round = checkpoint.round
         log(
             INFO,
@@ -260,6 +267,7 @@ class SampleSelection(FedAvg):
                 buffer=self.buffer,
                 train_metrics=self.rounds,
                 records=self.records,
+                undelivered=self.undelivered,
                 config=self.run_settings(),
             ).save(self.run_dir)
 
@@ -271,10 +279,24 @@ class SampleSelection(FedAvg):
         if self.fraction_train == 0.0:
             return []
         nodes = sample_round_nodes(self, grid, self._seed(server_round))
-        site_config = ConfigRecord({**dict(config), **self.round_config(server_round)})
-        content = RecordDict({MODEL_KEY: arrays, CONFIG_KEY: site_config})
+        self.round_nodes = nodes
+        site_config = {**dict(config), **self.round_config(server_round)}
         return [
-            Message(content=content, message_type=MESSAGE_TYPE, dst_node_id=node)
+            Message(
+                content=RecordDict(
+                    {
+                        MODEL_KEY: arrays,
+                        CONFIG_KEY: ConfigRecord(
+                            {
+                                **site_config,
+                                UNDELIVERED_KEY: self.undelivered.get(node, []),
+                            }
+                        ),
+                    }
+                ),
+                message_type=MESSAGE_TYPE,
+                dst_node_id=node,
+            )
             for node in nodes
         ]
 
@@ -338,6 +360,9 @@ class SampleSelection(FedAvg):
             for reply in replies
         ]
         metrics = self.aggregate_uploads(server_round, uploads, failures=failures)
+        for node in self.round_nodes:
+            if f"samples-received.{node}" not in metrics:
+                self.undelivered.setdefault(node, []).append(server_round)
         trained = "train-loss" in metrics
         return (
             ArrayRecord(self.model.state_dict()) if trained else None

@@ -43,6 +43,7 @@ def test_a_checkpoint_comes_back_exactly(tmp_path):
         buffer=buffer,
         train_metrics={1: {"samples-received": 4}, 3: {"train-loss": 0.5}},
         records={0: {"accuracy": 0.1}, 3: {"accuracy": 0.9}},
+        undelivered={2**63 + 5: [2, 3]},
         config={"rho": 0.05, "dataset": "mnist", "compress": False},
     )
     # Execute
@@ -53,6 +54,7 @@ def test_a_checkpoint_comes_back_exactly(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT]  # no temp file left
     assert back.round == 3 and back.config == saved.config
     assert back.train_metrics == saved.train_metrics and back.records == saved.records
+    assert back.undelivered == saved.undelivered
     assert back.model_state.keys() == saved.model_state.keys()
     assert all(
         torch.equal(back.model_state[k], v) for k, v in saved.model_state.items()

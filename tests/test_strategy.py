@@ -1,4 +1,5 @@
 import functools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from flwr.app import (
 from hypothesis import given
 from hypothesis import strategies as st
 
-from clients.site import make_select_handler
+from clients.site import load_ledger, make_select_handler
 from flwr_select.buffer import TrainingBuffer
 from flwr_select.data import SiteData
 from flwr_select.models import build_model
@@ -26,6 +27,7 @@ from flwr_select.protocol import (
     MESSAGE_TYPE,
     METRICS_KEY,
     MODEL_KEY,
+    UNDELIVERED_KEY,
     UPLOAD_KEY,
     SelectionConfig,
 )
@@ -61,6 +63,7 @@ def request(strategy: SampleSelection, node: int, server_round: int = 1) -> Mess
             "server-round": server_round,
             "num-classes": 10,
             "model": "lenet5",
+            UNDELIVERED_KEY: strategy.undelivered.get(node, []),
         }
     )
     arrays = ArrayRecord(strategy.model.state_dict())
@@ -162,6 +165,41 @@ def test_an_edge_box_keeps_its_ledger_on_disk_across_a_restart(task_identity, tm
     assert (tmp_path / "sent-ids.npz").is_file()
     assert len(sent_ids(first)) == 10 and not sent_ids(first) & sent_ids(second)
     assert [p.name for p in tmp_path.iterdir() if "tmp" in p.name] == []
+
+
+def test_an_upload_lost_on_the_way_is_offered_again_and_kept_once(
+    task_identity, tmp_path
+):
+    # Prepare: nodes 1 and 2 were asked in round 1; node 1 answered, but its
+    # reply failed on the way (the server got an error instead)
+    strategy = make_strategy()
+    contexts = {
+        n: node_context(n, {"data-dir": str(tmp_path / str(n))}) for n in (1, 2)
+    }
+    for folder in contexts.values():
+        Path(folder.node_config["data-dir"]).mkdir()
+    strategy.round_nodes = [1, 2]
+    site_reply(strategy, 1, contexts[1], server_round=1)  # lost on the way
+    failed = Message(
+        Error(code=0, reason="upload failed"), reply_to=request(strategy, 1)
+    )
+    strategy.aggregate_train(1, [failed, site_reply(strategy, 2, contexts[2], 1)])
+    assert strategy.undelivered == {1: [1]}
+    # Execute: round 2 tells node 1 that round 1 was not kept
+    strategy.round_nodes = [1, 2]
+    again = site_reply(strategy, 1, contexts[1], server_round=2)
+    newer = site_reply(strategy, 2, contexts[2], server_round=2)
+    _, metrics = strategy.aggregate_train(2, [again, newer])
+    # Assert: node 1's ledger released round 1 (its ids are candidates again)
+    # and holds only what round 2 sent; both uploads kept, no (node, id) twice
+    ledger = load_ledger(contexts[1])
+    assert set(ledger.ids.tolist()) == sent_ids(again) and set(ledger.rounds) == {2}
+    assert metrics["sites-accepted"] == 2 and strategy.undelivered == {1: [1]}
+    assert set(strategy.buffer.ids[strategy.buffer.sites == 1]) == sent_ids(again)
+    pairs = zip(
+        strategy.buffer.sites.tolist(), strategy.buffer.ids.tolist(), strict=True
+    )
+    assert len(set(pairs)) == len(strategy.buffer) == 30
 
 
 def test_a_round_the_server_never_checkpointed_is_offered_again(

@@ -1,0 +1,263 @@
+"""Deployment load: many large uploads through a real SuperLink on loopback.
+
+Starts one ``flower-superlink`` and ``--sites`` ``flower-supernode`` processes
+(:class:`simulations.deployment.LocalDeployment`, insecure loopback) and submits
+``simulations.mnist`` with ``flwr run``. Each site's data folder holds
+``--site-size`` MNIST training images (a seeded random draw per site, so sites
+overlap; ids are MNIST indices, unique within a site), and every round every
+site sends ``--per-round`` of its unsent samples: ``selection-policy="uniform"``,
+``rho=1.0``, ``max-count=--per-round``, ``min-nodes=--sites``. The server's own
+training is kept small (1,000 initial samples, one initial epoch, one epoch over
+the buffer per round), so the uploads and Flower's handling of them dominate.
+Defaults: 10 sites x 5,000 samples per round x 3 rounds = 150,000 samples,
+about 118 MB of raw pixels.
+
+Reported, per round and over the run (from ``out-dir/rounds.jsonl``):
+
+* samples/s and MB/s received into the buffer: ``samples_received`` and
+  ``bytes_received`` (wire bytes) over the round's ``seconds`` (its whole wall
+  time: sites' trial tests and uploads, the server's checks, training,
+  evaluation and checkpoint), and over the round's time less the server's
+  training (``train-seconds`` of the strategy's metrics, from the checkpoint);
+* wire bytes per sample beside the raw 785 (784 pixels and a label byte);
+* peak memory of the ServerApp process (``server_peak_rss_bytes``, its
+  ``getrusage`` maximum) and of the SuperLink process (``VmHWM`` in
+  ``/proc/<pid>/status``, read before it is stopped), beside the raw size of
+  the final buffer;
+* sites whose upload failed in a round (``sites_failed``: Flower delivered an
+  error instead of the reply), and
+* whether every sample arrived exactly once: every (site, id) pair in the
+  final buffer unique, and each site's ids in the buffer exactly the ids its
+  ledger (``sent-ids.npz`` in its folder) counts as delivered: those sent in a
+  round the server did not list as undelivered for that node.
+
+By default the SuperLink keeps its state and the uploads in SQLite
+(``--database``); ``--in-memory-state`` runs it without. On a busy host SQLite
+can refuse an upload chunk ("database is locked" after its 5 s busy timeout):
+the SuperNode does not retry an HTTP 500, and the reply may never arrive, so
+the round waits out ``--round-timeout`` (default 300 s; the app's default is an
+hour). The site then counts as undelivered for that round: the server tells it
+so, and it offers those samples again in its next round (so the run ends with
+fewer than per-round x rounds from it, each once).
+
+Run from the repository root (5-6 minutes on this project's 2-core machine at
+the default size; ``--sites 3 --site-size 3000 --per-round 1000 --rounds 2``
+for a quick look)::
+
+    python bench/deployment_load.py --data-dir ../shared/data/mnist
+    python bench/deployment_load.py --data-dir ../shared/data/mnist --in-memory-state
+
+``--data-dir`` defaults to the environment variable FLWR_SELECT_DATA_DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from flwr_select.checkpoint import latest
+from flwr_select.data import add_data_dir_option, load_mnist
+from simulations.deployment import LocalDeployment
+
+RAW_PER_SAMPLE = 28 * 28 + 1  # pixels + one label byte
+INITIAL_SIZE, VALIDATION_SIZE = 1000, 1000
+MB = 1e6
+
+
+def write_site_folders(
+    data_dir: Path, root: Path, sites: int, site_size: int
+) -> list[Path]:
+    """Write one ``data.npz`` of ``site_size`` MNIST training samples per site."""
+    images, labels = load_mnist(data_dir, "train")
+    images, labels = images.numpy(), labels.numpy()
+    if site_size > len(labels):
+        sys.exit(f"--site-size {site_size} exceeds MNIST's {len(labels)} images")
+    folders = []
+    for site in range(sites):
+        rng = np.random.default_rng(site)
+        ids = np.sort(rng.choice(len(labels), size=site_size, replace=False))
+        folder = root / f"site-{site}"
+        folder.mkdir(parents=True, exist_ok=True)
+        np.savez(folder / "data.npz", images=images[ids], labels=labels[ids], ids=ids)
+        folders.append(folder)
+    return folders
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """Return a live process's peak resident memory (``VmHWM``), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_data_dir_option(parser)
+    parser.add_argument("--sites", type=int, default=10, help="SuperNodes")
+    parser.add_argument(
+        "--site-size", type=int, default=15_000, help="samples in each site's folder"
+    )
+    parser.add_argument(
+        "--per-round", type=int, default=5_000, help="samples each site sends a round"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="server rounds")
+    parser.add_argument(
+        "--in-memory-state",
+        action="store_true",
+        help="run the SuperLink without --database (state and uploads in memory)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=1800.0, help="limit for the run, s"
+    )
+    parser.add_argument(
+        "--round-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a round waits for the sites' replies (run config)",
+    )
+    parser.add_argument(
+        "--work-dir",
+        default=None,
+        help="keep data, logs and the run's files here (default: a temp folder)",
+    )
+    args = parser.parse_args()
+    if args.per_round * args.rounds > args.site_size:
+        sys.exit("--per-round x --rounds exceeds --site-size: sites would run dry")
+    data_dir = Path(args.data_dir).resolve()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work_dir or tmp).resolve()
+        folders = write_site_folders(
+            data_dir, work / "data", args.sites, args.site_size
+        )
+        out_dir = work / "out"
+        run_config = {
+            "num-server-rounds": args.rounds,
+            "selection-policy": "uniform",
+            "rho": 1.0,
+            "max-count": args.per_round,
+            "min-nodes": args.sites,
+            "validation-size": VALIDATION_SIZE,
+            "initial-size": INITIAL_SIZE,
+            "initial-epochs": 1,
+            "server-epochs": 1,
+            "round-timeout": args.round_timeout,
+            "data-dir": str(data_dir),
+            "out-dir": str(out_dir),
+        }
+        sites = [{"data-dir": str(folder)} for folder in folders]
+        started = time.perf_counter()
+        with LocalDeployment(
+            work / "flower", sites, database=not args.in_memory_state
+        ) as deployment:
+            ready = time.perf_counter()
+            done = deployment.run(run_config, timeout=args.timeout)
+            finished = time.perf_counter()
+            superlink_peak = peak_rss_bytes(deployment.superlink.pid)
+            site_folders = {
+                node.node_id: Path(str(node.node_config["data-dir"]))
+                for node in deployment.supernodes
+            }
+            if done.returncode != 0:
+                print(deployment.log_tails(40))
+                sys.exit(f"flwr run failed (exit {done.returncode})")
+        records = [
+            json.loads(line)
+            for line in (out_dir / "rounds.jsonl").read_text().splitlines()
+        ]
+        checkpoint = latest(out_dir, device="cpu")
+        if checkpoint is None:
+            sys.exit(f"no checkpoint in {out_dir}")
+        ledgers = {}  # what each site counts as sent: (ids, rounds)
+        for node_id, folder in site_folders.items():
+            with np.load(folder / "sent-ids.npz") as ledger:
+                ledgers[node_id] = ledger["ids"], ledger["rounds"]
+
+    print(
+        f"{args.sites} SuperNodes x {args.per_round:,} samples per round x "
+        f"{args.rounds} rounds on loopback (insecure, SuperLink state "
+        f"{'in memory' if args.in_memory_state else 'in SQLite'}); deployment up in "
+        f"{ready - started:.1f} s, run {finished - ready:.1f} s"
+    )
+    header = (
+        f"{'round':>5} {'sites ok/failed':>15} {'samples':>9} {'MB':>7} "
+        f"{'B/sample':>9} {'s':>7} {'train s':>8} {'samples/s':>10} {'MB/s':>7} "
+        f"{'MB/s excl. train':>17}"
+    )
+    print(header)
+    totals = {"samples": 0, "bytes": 0, "seconds": 0.0, "train": 0.0}
+    for record in records[1:]:
+        samples, wire = record["samples_received"], record["bytes_received"]
+        seconds = record["seconds"]
+        train = float(
+            checkpoint.train_metrics.get(record["round"], {}).get("train-seconds", 0.0)
+        )
+        totals["samples"] += samples
+        totals["bytes"] += wire
+        totals["seconds"] += seconds
+        totals["train"] += train
+        print(
+            f"{record['round']:>5} "
+            f"{record['sites_accepted']:>9}/{record.get('sites_failed', 0):<5} "
+            f"{samples:>9,} {wire / MB:>7.1f} "
+            f"{wire / max(samples, 1):>9.1f} {seconds:>7.1f} {train:>8.1f} "
+            f"{samples / seconds:>10,.0f} {wire / MB / seconds:>7.2f} "
+            f"{wire / MB / (seconds - train):>17.2f}"
+        )
+    samples, wire = totals["samples"], totals["bytes"]
+    print(
+        f"{'all':>5} {'':>15} {samples:>9,} {wire / MB:>7.1f} "
+        f"{wire / max(samples, 1):>9.1f} "
+        f"{totals['seconds']:>7.1f} {totals['train']:>8.1f} "
+        f"{samples / totals['seconds']:>10,.0f} "
+        f"{wire / MB / totals['seconds']:>7.2f} "
+        f"{wire / MB / (totals['seconds'] - totals['train']):>17.2f}"
+    )
+    print(
+        f"wire bytes per sample {wire / max(samples, 1):.1f} against raw "
+        f"{RAW_PER_SAMPLE}: {wire / max(samples, 1) / RAW_PER_SAMPLE:.3f}x"
+    )
+
+    buffer = checkpoint.buffer
+    buffer_raw = len(buffer) * RAW_PER_SAMPLE
+    server_peak = max(record.get("server_peak_rss_bytes", 0) for record in records)
+    print(
+        f"peak memory: ServerApp {server_peak / MB:,.0f} MB, SuperLink "
+        f"{superlink_peak / MB:,.0f} MB; final buffer {len(buffer):,} samples = "
+        f"{buffer_raw / MB:,.0f} MB raw (ServerApp peak / buffer: "
+        f"{server_peak / buffer_raw:.1f}x)"
+    )
+
+    pairs = np.stack([buffer.sites, buffer.ids.astype(np.uint64)])
+    unique_pairs = np.unique(pairs, axis=1).shape[1]
+    per_site, mismatched = [], []
+    for node_id, (ids, rounds) in ledgers.items():
+        lost = checkpoint.undelivered.get(node_id, [])
+        delivered = ids[~np.isin(rounds, lost)]
+        received = buffer.ids[buffer.sites == np.uint64(node_id)]
+        per_site.append(len(received))
+        if len(received) != len(delivered) or set(received) != set(delivered):
+            mismatched.append(node_id)
+    servers_own = len(buffer) - sum(per_site)
+    exactly_once = unique_pairs == len(buffer) and not mismatched
+    print(
+        f"exactly once: {'yes' if exactly_once else 'NO'} ({len(buffer):,} samples, "
+        f"{unique_pairs:,} unique (site, id) pairs; per site {min(per_site):,}-"
+        f"{max(per_site):,} of {args.per_round * args.rounds:,} asked; sites whose "
+        f"buffer rows differ from their ledger: {len(mismatched)}; undelivered "
+        f"(node: rounds): {checkpoint.undelivered or 'none'}; the server's own "
+        f"{servers_own:,})"
+    )
+    if not exactly_once:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

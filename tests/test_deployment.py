@@ -1,0 +1,209 @@
+"""The app on real Flower processes: one SuperLink, two SuperNodes, TLS and auth.
+
+Everything runs on loopback through :class:`simulations.deployment.LocalDeployment`:
+certificates and SuperNode keys are made here (``deployment_keys``), each site
+reads its own ``data.npz`` of real MNIST samples (node config ``data-dir``), and
+the app is submitted with ``flwr run``. One deployment serves the whole module
+(starting it costs about 10 s); its teardown checks that no process it started,
+or that those spawned, is left running. A failing test prints every process's
+log tail.
+"""
+
+import contextlib
+import http.client
+import json
+import math
+import socket
+import ssl
+import time
+
+import numpy as np
+import pytest
+from deployment_keys import make_supernode_key, make_tls_files
+
+from flwr_select.checkpoint import latest
+from flwr_select.data import load_mnist
+from simulations.deployment import AuthKeys, LocalDeployment, still_running
+
+SITES, SITE_SIZE, ROUNDS, RHO = 2, 1500, 2, 0.1
+INITIAL_SIZE = 1000
+PER_SITE_ROUND = math.floor(RHO * SITE_SIZE)  # each site offers all it has not sent
+
+
+@pytest.fixture(scope="module")
+def site_folders(mnist_dir, tmp_path_factory):
+    """Two data folders of different MNIST training samples; ids are MNIST indices."""
+    images, labels = load_mnist(mnist_dir, "train")
+    chosen = np.random.default_rng(7).permutation(len(labels))[: SITES * SITE_SIZE]
+    folders = []
+    for site, ids in enumerate(np.split(np.sort(chosen), SITES)):
+        folder = tmp_path_factory.mktemp(f"site-{site}")
+        np.savez(
+            folder / "data.npz",
+            images=images.numpy()[ids],
+            labels=labels.numpy()[ids],
+            ids=ids,
+        )
+        folders.append(folder)
+    return folders
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory):
+    return make_tls_files(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="module")
+def deployment(site_folders, tls_files, tmp_path_factory):
+    """A SuperLink with TLS and SuperNode auth, and one SuperNode per site folder."""
+    keys_dir = tmp_path_factory.mktemp("keys")
+    keys = [make_supernode_key(keys_dir, f"site-{i}") for i in range(SITES)]
+    deployment = LocalDeployment(
+        tmp_path_factory.mktemp("flower"),
+        [{"data-dir": str(folder)} for folder in site_folders],
+        tls=tls_files,
+        auth=AuthKeys(keys),
+    )
+    with deployment:
+        yield deployment
+        processes = deployment.process_tree()
+    left = [pid for pid, started in processes if still_running(pid, started)]
+    assert not left, f"processes left running after the deployment stopped: {left}"
+
+
+@contextlib.contextmanager
+def logs_on_failure(deployment):
+    """Print every process's log tail (pytest shows it) if the body fails."""
+    try:
+        yield
+    except BaseException:
+        print(deployment.log_tails())
+        raise
+
+
+def test_two_sites_upload_their_real_samples_over_tls_with_auth(
+    deployment, site_folders, mnist_dir, tmp_path
+):
+    # Prepare
+    out_dir = tmp_path / "out"
+    run_config = {
+        "num-server-rounds": ROUNDS,
+        "rho": RHO,
+        "validation-size": 1000,
+        "initial-size": INITIAL_SIZE,
+        "initial-epochs": 1,
+        "server-epochs": 1,
+        "data-dir": str(mnist_dir),
+        "out-dir": str(out_dir),
+    }
+    node_ids = {node.node_id: node for node in deployment.supernodes if node.running}
+
+    with logs_on_failure(deployment):
+        # Execute: submit, and watch for the ServerApp process while it runs
+        run = deployment.start_run(run_config)
+        serverapps, deadline = set(), time.monotonic() + 300
+        while run.running and time.monotonic() < deadline:
+            serverapps.update(deployment.serverapp_pids())
+            time.sleep(0.5)
+        assert not run.running, "the run did not finish in 300 s"
+
+        # Assert: the run, then each round's record
+        assert run.popen.returncode == 0, run.tail(60)
+        assert serverapps, "no flwr-serverapp process was seen during the run"
+        records = [
+            json.loads(line)
+            for line in (out_dir / "rounds.jsonl").read_text().splitlines()
+        ]
+        assert [record["round"] for record in records] == list(range(ROUNDS + 1))
+        assert records[0]["buffer_size"] == INITIAL_SIZE
+        for record in records[1:]:
+            assert record["sites_accepted"] == SITES, record
+            assert record["sites_rejected"] == 0, record
+            assert record["samples_received"] == SITES * PER_SITE_ROUND, record
+            # 784 pixels and a label byte per sample at least, uncompressed
+            assert record["bytes_received"] > record["samples_received"] * 785
+        assert records[-1]["buffer_size"] == INITIAL_SIZE + ROUNDS * SITES * (
+            PER_SITE_ROUND
+        )
+
+        # Assert: the server's buffer holds each site's own pixels, once each
+        checkpoint = latest(out_dir, device="cpu")
+        assert checkpoint is not None and checkpoint.round == ROUNDS
+        buffer = checkpoint.buffer
+        images, labels = buffer.images.numpy(), buffer.labels.numpy()
+        uploaded = np.isin(buffer.sites, np.array(list(node_ids), dtype=np.uint64))
+        assert (~uploaded).sum() == INITIAL_SIZE  # the server's own samples
+        for node_id, node in node_ids.items():
+            rows = np.flatnonzero(buffer.sites == np.uint64(node_id))
+            assert len(rows) == ROUNDS * PER_SITE_ROUND
+            ids = buffer.ids[rows]
+            assert len(np.unique(ids)) == len(ids)
+            with np.load(f"{node.node_config['data-dir']}/data.npz") as site:
+                position = {int(i): p for p, i in enumerate(site["ids"])}
+                assert set(ids.tolist()) <= set(position)
+                at = [position[int(i)] for i in ids]
+                np.testing.assert_array_equal(images[rows], site["images"][at])
+                np.testing.assert_array_equal(labels[rows], site["labels"][at])
+
+
+def test_supernodes_without_a_registered_key_are_refused(
+    deployment, site_folders, tmp_path
+):
+    # Prepare: a key the SuperLink was never given, and no key at all
+    unregistered_key = make_supernode_key(tmp_path, "stray")
+    members = {node.node_id for node in deployment.supernodes if node.running}
+
+    with logs_on_failure(deployment):
+        # Execute: both try to join at once
+        strays = [
+            deployment.start_supernode(
+                {"data-dir": str(site_folders[0])}, private_key=key, register=False
+            )
+            for key in (unregistered_key, None)
+        ]
+        returncodes = [stray.popen.wait(60) for stray in strays]
+
+        # Assert
+        for stray, returncode in zip(strays, returncodes, strict=True):
+            assert returncode != 0, stray.tail()
+            assert "Failed to initialize the connection to the SuperLink" in stray.log()
+            assert "SuperNode ID:" not in stray.log()
+        online = {
+            int(node["node-id"])
+            for node in deployment.nodes()
+            if node["status"] == "online"
+        }
+        assert online == members
+
+
+def test_the_superlink_speaks_only_tls_with_a_certificate_for_loopback(
+    deployment, tls_files
+):
+    # Prepare
+    host, port = deployment.address.rsplit(":", 1)
+    context = ssl.create_default_context(cafile=str(tls_files.ca_certificate))
+
+    # Execute, Assert: a verified TLS handshake for 127.0.0.1 succeeds...
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname=host) as tls:
+            assert tls.version() in ("TLSv1.2", "TLSv1.3")
+    # ...and plain HTTP gets no HTTP answer
+    plain = http.client.HTTPConnection(host, int(port), timeout=10)
+    with pytest.raises((http.client.HTTPException, ConnectionError)):
+        plain.request("GET", "/")
+        plain.getresponse()
+    plain.close()
+
+
+def test_an_authenticated_node_keeps_its_id_when_it_restarts(deployment):
+    # Prepare
+    node = deployment.supernodes[0]
+    assert node.running and node.node_id is not None
+
+    with logs_on_failure(deployment):
+        # Execute: a clean stop (the SuperLink marks it offline), then a restart
+        node.stop(deployment.stop_timeout)
+        restarted = deployment.restart_supernode(node)
+
+        # Assert
+        assert restarted.wait_connected(60) == node.node_id
