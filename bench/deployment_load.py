@@ -53,7 +53,6 @@ for a quick look)::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -63,6 +62,7 @@ import numpy as np
 
 from flwr_select.checkpoint import latest
 from flwr_select.data import add_data_dir_option, load_mnist
+from flwr_select.files import read_json_lines
 from simulations.deployment import LocalDeployment
 
 RAW_PER_SAMPLE = 28 * 28 + 1  # pixels + one label byte
@@ -89,7 +89,7 @@ def write_site_folders(
     return folders
 
 
-def peak_rss_bytes(pid: int) -> int:
+def process_peak_rss_bytes(pid: int) -> int:
     """Return a live process's peak resident memory (``VmHWM``), in bytes."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -160,7 +160,7 @@ def main() -> None:
             ready = time.perf_counter()
             done = deployment.run(run_config, timeout=args.timeout)
             finished = time.perf_counter()
-            superlink_peak = peak_rss_bytes(deployment.superlink.pid)
+            superlink_peak = process_peak_rss_bytes(deployment.superlink.pid)
             site_folders = {
                 node.node_id: Path(str(node.node_config["data-dir"]))
                 for node in deployment.supernodes
@@ -168,10 +168,7 @@ def main() -> None:
             if done.returncode != 0:
                 print(deployment.log_tails(40))
                 sys.exit(f"flwr run failed (exit {done.returncode})")
-        records = [
-            json.loads(line)
-            for line in (out_dir / "rounds.jsonl").read_text().splitlines()
-        ]
+        records = read_json_lines(out_dir / "rounds.jsonl")
         checkpoint = latest(out_dir, device="cpu")
         if checkpoint is None:
             sys.exit(f"no checkpoint in {out_dir}")

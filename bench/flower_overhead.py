@@ -78,6 +78,7 @@ import torch
 from flwr_select.buffer import TrainingBuffer, default_device
 from flwr_select.checkpoint import Checkpoint
 from flwr_select.data import SiteData, add_data_dir_option, load_mnist
+from flwr_select.files import read_json_lines
 from flwr_select.models import build_model
 from flwr_select.partition import paper_split, round_fold, site_partition
 from flwr_select.policies import Budget, select
@@ -268,10 +269,7 @@ def main() -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         total = run_simulation(data_dir, out_dir, args.timeout)
         measure(args.reps - args.reps // 2)
-        rounds = [
-            json.loads(line)
-            for line in (out_dir / "rounds.jsonl").read_text().splitlines()
-        ]
+        rounds = read_json_lines(out_dir / "rounds.jsonl")
         trained = logged_train_seconds(out_dir / "simulation.log")
 
     fastest = {name: min(ts) for name, ts in times.items()}

@@ -28,13 +28,14 @@ import torch
 
 from flwr_select.data import DATASETS, SiteData
 from flwr_select.data_parallel import DataParallelConfig, worker_gradient
+from flwr_select.files import read_json_lines
 from flwr_select.models import build_model
 from flwr_select.partition import paper_split, site_partition
 from flwr_select.reductions import REDUCTIONS
 from flwr_select.sampling import Sampling
 from flwr_select.trainer import TrainConfig
 from simulations.data_parallel import IterationsToTarget, round_record
-from simulations.paper import Data, read_run, write_run
+from simulations.paper import Data, write_run
 from strategies.data_parallel import BiasedDataParallel
 
 
@@ -238,7 +239,7 @@ def run_experiment(
                 f"({time.perf_counter() - started:.0f} s)",
                 flush=True,
             )
-        runs.append(read_run(path))
+        runs.append(read_json_lines(path))
     summary = {"dataset": data.dataset, "mode": mode, **summarise(runs, setup.target)}
     out = out_dir / "biased"
     (out / f"summary-{data.dataset}.json").write_text(json.dumps(summary, indent=1))

@@ -26,7 +26,7 @@ import torch
 
 from flwr_select.buffer import TrainingBuffer
 from flwr_select.data import DATASETS, SiteData, load_dataset, resolve_data_dir
-from flwr_select.files import write_atomically
+from flwr_select.files import read_json_lines, write_json_lines
 from flwr_select.models import build_model
 from flwr_select.partition import PaperSplit, paper_split, round_fold
 from flwr_select.policies import GROUPS, Budget, Policy, make_policy, select
@@ -272,13 +272,7 @@ def write_run(path: Path, meta: dict[str, Any], records: list[dict[str, Any]]) -
     A run whose file exists is complete: an interrupted write leaves only the
     temporary file, so a resumed experiment runs it again.
     """
-    text = "".join(json.dumps({**meta, **r}) + "\n" for r in records)
-    write_atomically(path, lambda file: file.write(text.encode()))
-
-
-def read_run(path: Path) -> list[dict[str, Any]]:
-    """Return the records :func:`write_run` wrote to ``path``."""
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    write_json_lines(path, ({**meta, **r} for r in records))
 
 
 def run_experiment(
@@ -340,7 +334,7 @@ def summarise(name: str, dataset: str, paths: list[Path], out: Path) -> dict[str
     from simulations.figures import plot_experiment
     from simulations.measures import summary
 
-    runs = [read_run(p) for p in paths]
+    runs = [read_json_lines(p) for p in paths]
     result = summary(runs)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"summary-{dataset}.json").write_text(json.dumps(result, indent=1))

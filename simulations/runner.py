@@ -25,7 +25,7 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from flwr_select.data import DATASETS, SiteData, load_dataset, resolve_data_dir
-from flwr_select.files import write_atomically
+from flwr_select.files import write_json_lines
 from flwr_select.models import build_model
 from flwr_select.partition import check_partitioner, paper_split
 from flwr_select.protocol import SelectionConfig
@@ -106,8 +106,7 @@ class RoundLog:
     ) -> None:
         self.path = Path(out_dir) / "rounds.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        text = "".join(json.dumps(dict(record)) + "\n" for record in previous)
-        write_atomically(self.path, lambda file: file.write(text.encode()))
+        write_json_lines(self.path, previous)
         self.last = time.perf_counter()
 
     def write(self, record: dict[str, Any]) -> None:

@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from flwr_select.files import read_json_lines
 from simulations.paper import (
     PAPER_SCHEMES,
     PROTOCOLS,
@@ -75,8 +76,7 @@ def simulate(dataset: str, num_sites: int, config: str) -> list[dict[str, Any]]:
         done = subprocess.run(command, env=env, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"flower-simulation failed:\n{done.stderr[-3000:]}")
-        lines = (Path(out) / "rounds.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
+        return read_json_lines(Path(out) / "rounds.jsonl")
 
 
 def run_sites(

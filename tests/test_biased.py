@@ -1,10 +1,10 @@
 """Biased-sampling data parallelism end to end: the Flower app and the experiment."""
 
-import json
 from pathlib import Path
 
 import pytest
 
+from flwr_select.files import read_json_lines
 from simulations.biased import CONFIGURATIONS, SHORT, run_experiment
 from simulations.paper import Data
 
@@ -37,9 +37,7 @@ def records(mnist_dir, tmp_path_factory, flower_simulation):
     out = tmp_path_factory.mktemp("data-parallel")
     done = simulate(flower_simulation, out, mnist_dir)
     assert done.returncode == 0, done.stderr[-3000:]
-    return [
-        json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()
-    ]
+    return read_json_lines(out / "rounds.jsonl")
 
 
 def test_two_workers_on_flower_bring_the_loss_down(records):
@@ -83,7 +81,7 @@ def test_the_short_experiment_writes_every_configuration_and_a_figure(
     assert (tmp_path / "biased" / "biased-mnist.png").stat().st_size > 20_000
     expected = list(range(0, SHORT.iterations + 1, SHORT.eval_every))
     for path in (tmp_path / "biased" / "runs-short").glob("*.jsonl"):
-        run = [json.loads(line) for line in path.read_text().splitlines()]
+        run = read_json_lines(path)
         assert [r["iterations"] for r in run] == expected
         reached = [r["iterations"] for r in run if r["accuracy"] >= SHORT.target]
         assert run[-1]["iterations_to_target"] == (reached[0] if reached else None)

@@ -11,7 +11,6 @@ log tail.
 
 import contextlib
 import http.client
-import json
 import math
 import socket
 import ssl
@@ -23,6 +22,7 @@ from deployment_keys import make_supernode_key, make_tls_files
 
 from flwr_select.checkpoint import latest
 from flwr_select.data import load_mnist
+from flwr_select.files import read_json_lines
 from simulations.deployment import AuthKeys, LocalDeployment, still_running
 
 SITES, SITE_SIZE, ROUNDS, RHO = 2, 1500, 2, 0.1
@@ -110,10 +110,7 @@ def test_two_sites_upload_their_real_samples_over_tls_with_auth(
         # Assert: the run, then each round's record
         assert run.popen.returncode == 0, run.tail(60)
         assert serverapps, "no flwr-serverapp process was seen during the run"
-        records = [
-            json.loads(line)
-            for line in (out_dir / "rounds.jsonl").read_text().splitlines()
-        ]
+        records = read_json_lines(out_dir / "rounds.jsonl")
         assert [record["round"] for record in records] == list(range(ROUNDS + 1))
         assert records[0]["buffer_size"] == INITIAL_SIZE
         for record in records[1:]:

@@ -1,6 +1,5 @@
 """A run survives its server being killed, and sites that crash, on Flower's real engine."""
 
-import json
 import os
 import signal
 import subprocess
@@ -10,6 +9,7 @@ import numpy as np
 import torch
 
 from flwr_select.checkpoint import latest
+from flwr_select.files import read_json_lines
 
 SITES, FOLD, RHO = 2, 1000, 0.1
 SENT = int(RHO * FOLD)  # 100 per site and round
@@ -34,9 +34,7 @@ def run_config(mnist_dir, out, rounds: int, **extra) -> str:
 
 
 def records(out) -> list[dict]:
-    return [
-        json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()
-    ]
+    return read_json_lines(out / "rounds.jsonl")
 
 
 def test_a_killed_server_resumes_with_every_accepted_sample(

@@ -1,10 +1,9 @@
 """The paper's experiments in short mode on a slice of real MNIST."""
 
-import json
-
 import numpy as np
 import pytest
 
+from flwr_select.files import read_json_lines
 from simulations.measures import bandwidth_equivalence, rounds_to
 from simulations.paper import EXPERIMENTS, SHORT, SHORT_RHOS, Data, run_experiment
 
@@ -23,7 +22,7 @@ def out(tmp_path_factory):
 
 def runs_of(out, dataset="mnist"):
     return {
-        p.name: [json.loads(line) for line in p.read_text().splitlines()]
+        p.name: read_json_lines(p)
         for p in (out / "runs-short").glob(f"{dataset}-*.jsonl")
     }
 

@@ -1,6 +1,5 @@
 """The sample-selection app on Flower's real simulation engine, through `flower-simulation`."""
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +9,7 @@ import torch
 
 from flwr_select.checkpoint import latest
 from flwr_select.data import SiteData, load_mnist
+from flwr_select.files import read_json_lines
 from flwr_select.partition import paper_split, partition_pool, round_fold
 from flwr_select.wire import encode, wire_bytes
 from simulations.mnist import DEFAULTS
@@ -42,9 +42,7 @@ def run(mnist_dir, tmp_path_factory, flower_simulation):
         "simulations.mnist", "--num-supernodes", str(SITES), "--run-config", config
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    records = [
-        json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()
-    ]
+    records = read_json_lines(out / "rounds.jsonl")
     return records, latest(out, device="cpu").buffer, done.stdout
 
 
