@@ -219,7 +219,7 @@ def main() -> None:
         server.add(0, SiteData(images[:typical], labels[:typical], 10))
         start = time.perf_counter()
         for node in range(1, SITES + 1):
-            samples, _ = decode(upload, 10)
+            samples, _ = decode(upload, 10, sample_shape=(28, 28))
             wire_bytes(upload)
             server.add(node, samples)
         return time.perf_counter() - start

@@ -14,6 +14,8 @@ This is the only module of the core that imports Flower.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import zstandard
@@ -21,6 +23,7 @@ from flwr.app import Array, ArrayRecord
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from flwr_select.data import SiteData
+from flwr_select.npy import NpyError, array_from_bytes
 
 IMAGES, LABELS, IDS, SCORES = "images", "labels", "ids", "scores"
 ZSTD = "zstd"
@@ -85,15 +88,40 @@ def _compressed(images: np.ndarray) -> Array:
 
 
 def decode(
-    record: ArrayRecord, num_classes: int, *, max_samples: int | None = None
+    record: ArrayRecord,
+    num_classes: int,
+    *,
+    sample_shape: tuple[int, ...],
+    max_samples: int | None = None,
+    max_bytes: int | None = None,
 ) -> tuple[SiteData, np.ndarray | None]:
     """Return the samples of an upload and its scores (``None`` if not sent).
 
-    Every array is checked before anything is built from it: the names present,
-    the number of images declared (at most ``max_samples``, checked before any
-    decompression), dtypes, shapes, one entry per image, labels in
-    ``[0, num_classes)``, unique ids and finite scores. A compressed block may
-    not expand beyond the size its shape declares.
+    Everything an upload declares is checked before anything is built from it,
+    cheapest first: the array names (exactly ``images``, ``labels``, ``ids`` and
+    optionally ``scores``), each array's declared serialization, dtype and shape
+    (``(n, *sample_shape)`` uint8 images, one label, id and score per image), the
+    count ``n`` against ``max_samples`` and the decoded size against
+    ``max_bytes``; only then the bytes: each ``.npy`` must be exactly its
+    declared array (:func:`flwr_select.npy.array_from_bytes`) and a compressed
+    image block exactly one Zstandard frame that declares the content size the
+    shape needs (see :func:`_decompressed`). Last the values: labels in
+    ``[0, num_classes)``, unique ids, finite scores. Memory is bounded by the
+    declared, checked sizes.
+
+    Parameters
+    ----------
+    record : ArrayRecord
+        The upload, as it arrived.
+    num_classes : int
+        Labels must lie in ``[0, num_classes)``.
+    sample_shape : tuple of int
+        The shape of one image, known before any upload arrives (never taken
+        from one).
+    max_samples : int, optional
+        At most this many images.
+    max_bytes : int, optional
+        At most this many bytes of decoded images.
 
     Raises
     ------
@@ -106,25 +134,24 @@ def decode(
             f"an upload holds arrays {sorted({IMAGES, LABELS, IDS})} and optionally "
             f"{SCORES!r}; got {sorted(keys)}"
         )
-    declared = record[IMAGES].shape
-    if max_samples is not None and declared and int(declared[0]) > max_samples:
-        raise UploadError(f"{declared[0]} samples exceed the budget of {max_samples}")
-    images = _images(record[IMAGES])
-    labels, ids = _unsigned(record, LABELS), _unsigned(record, IDS)
-    scores = None
-    if SCORES in keys:
-        scores = _numpy(record[SCORES], SCORES)
-        if scores.dtype != np.float32 or not np.isfinite(scores).all():
-            raise UploadError("scores must be finite float32 values")
-    for name, values in ((LABELS, labels), (IDS, ids), (SCORES, scores)):
-        if values is not None and values.shape != (len(images),):
+    arrays = {name: record[name] for name in keys}
+    for name, array in arrays.items():
+        _check_metadata(name, array)
+    count = _declared_count(arrays[IMAGES], sample_shape, max_samples, max_bytes)
+    for name in keys - {IMAGES}:
+        if tuple(arrays[name].shape) != (count,):
             raise UploadError(
-                f"{name} has shape {values.shape}, expected one per image "
-                f"({len(images)},)"
+                f"{name} has shape {tuple(arrays[name].shape)}, expected one per "
+                f"image ({count},)"
             )
+    images = _images(arrays[IMAGES])
+    labels, ids = _numpy(arrays[LABELS], LABELS), _numpy(arrays[IDS], IDS)
+    scores = None if SCORES not in keys else _numpy(arrays[SCORES], SCORES)
+    if scores is not None and not np.isfinite(scores).all():
+        raise UploadError("scores must be finite float32 values")
     try:
         samples = SiteData(
-            torch.from_numpy(images),
+            torch.from_numpy(images.copy()),
             torch.from_numpy(labels.astype(np.int64)),
             num_classes,
             torch.from_numpy(ids.astype(np.int64)),
@@ -134,59 +161,122 @@ def decode(
     return samples, scores
 
 
-def _numpy(array: Array, name: str) -> np.ndarray:
-    if array.stype != "numpy.ndarray":
+UNSIGNED = tuple(np.dtype(t) for t in (np.uint8, np.uint16, np.uint32, np.uint64))
+ALLOWED_DTYPES = {
+    IMAGES: (np.dtype(np.uint8),),
+    LABELS: UNSIGNED,
+    IDS: UNSIGNED,
+    SCORES: (np.dtype(np.float32),),
+}
+"""The dtypes each array of an upload may have (native byte order)."""
+
+
+def _check_metadata(name: str, array: object) -> None:
+    """Refuse an array whose declared dtype, shape or serialization is not allowed."""
+    if not isinstance(array, Array) or not isinstance(array.data, bytes):
+        raise UploadError(f"{name} is not a Flower Array of bytes")
+    stypes = ("numpy.ndarray", ZSTD) if name == IMAGES else ("numpy.ndarray",)
+    if array.stype not in stypes:
         raise UploadError(
-            f"{name} has serialization {array.stype!r}, expected numpy.ndarray"
+            f"{name} has serialization {array.stype!r}, expected one of {stypes}"
         )
+    allowed = [str(d) for d in ALLOWED_DTYPES[name]]
+    if array.dtype not in allowed:
+        raise UploadError(
+            f"{name} has dtype {array.dtype!r}, expected one of {allowed}"
+        )
+    shape = array.shape
+    if not isinstance(shape, tuple | list) or not all(
+        type(d) is int and d >= 0 for d in shape
+    ):
+        raise UploadError(f"{name} declares shape {shape!r}, not a tuple of ints >= 0")
+
+
+def _declared_count(
+    images: Array,
+    sample_shape: tuple[int, ...],
+    max_samples: int | None,
+    max_bytes: int | None,
+) -> int:
+    """Return the number of images declared, once it is known to be in bounds."""
+    shape = tuple(images.shape)
+    if len(shape) != 1 + len(sample_shape) or shape[1:] != tuple(sample_shape):
+        raise UploadError(
+            f"images of shape {shape[1:]}, expected {tuple(sample_shape)}"
+            f" (declared {shape})"
+        )
+    count = shape[0]
+    if max_samples is not None and count > max_samples:
+        raise UploadError(f"{count} samples exceed the budget of {max_samples}")
+    size = count * math.prod(sample_shape)
+    if max_bytes is not None and size > max_bytes:
+        raise UploadError(
+            f"{count} images of {tuple(sample_shape)} are {size} bytes decoded, over "
+            f"the cap of {max_bytes}"
+        )
+    return count
+
+
+def _numpy(array: Array, name: str) -> np.ndarray:
+    """Return a ``.npy`` array exactly as declared (dtype and shape)."""
     try:
-        values = array.numpy()
-    except (ValueError, TypeError, EOFError) as err:
+        values = array_from_bytes(array.data, ALLOWED_DTYPES[name])
+    except NpyError as err:
         raise UploadError(f"{name} is not a readable array: {err}") from None
     if values.shape != tuple(array.shape) or str(values.dtype) != array.dtype:
         raise UploadError(
-            f"{name}: its data does not match its declared dtype and shape"
-        )
-    return values
-
-
-def _unsigned(record: ArrayRecord, name: str) -> np.ndarray:
-    values = _numpy(record[name], name)
-    if values.dtype.kind != "u":
-        raise UploadError(
-            f"{name} must be an unsigned integer type, got {values.dtype}"
+            f"{name}: its data is {values.dtype} {values.shape}, declared "
+            f"{array.dtype} {tuple(array.shape)}"
         )
     return values
 
 
 def _images(array: Array) -> np.ndarray:
     if array.stype != ZSTD:
-        images = _numpy(array, IMAGES)
-    else:
-        if array.dtype != "uint8" or not all(int(d) >= 0 for d in array.shape):
-            raise UploadError(
-                f"compressed images must declare uint8 and a shape, got {array.dtype}"
-            )
-        size = int(np.prod(array.shape, dtype=np.int64))
-        try:
-            raw = zstandard.ZstdDecompressor().decompress(
-                array.data, max_output_size=size
-            )
-        except zstandard.ZstdError as err:
-            raise UploadError(f"compressed images do not decompress: {err}") from None
-        if len(raw) != size:
-            raise UploadError(
-                f"compressed images hold {len(raw)} bytes; shape {array.shape} "
-                f"needs {size}"
-            )
-        # bytearray: a writable buffer, as torch.from_numpy expects
-        images = np.frombuffer(bytearray(raw), np.uint8).reshape(array.shape)
-    if images.dtype != np.uint8 or images.ndim not in (3, 4):
-        raise UploadError(
-            "images must be uint8 (n, H, W) or (n, C, H, W), got "
-            f"{images.dtype} {images.shape}"
+        return _numpy(array, IMAGES)
+    shape = tuple(array.shape)
+    raw = _decompressed(array.data, math.prod(shape))
+    return np.frombuffer(raw, np.uint8).reshape(shape)
+
+
+def _decompressed(frame: bytes, size: int) -> bytes:
+    """Return the ``size`` bytes one Zstandard frame holds, or raise ``UploadError``.
+
+    The frame header must declare exactly ``size`` bytes of content: the
+    decoder then refuses to produce more (python-zstandard's one-shot
+    ``decompress`` would instead allocate whatever the header says and ignore
+    ``max_output_size``), and its window is bounded by that size too. The frame
+    must be complete, and nothing may follow it.
+    """
+    try:
+        params = zstandard.get_frame_parameters(frame)
+    except zstandard.ZstdError as err:
+        raise UploadError(f"compressed images: not a zstd frame: {err}") from None
+    if params.content_size != size:
+        declared = (
+            "no content size"
+            if params.content_size == zstandard.CONTENTSIZE_UNKNOWN
+            else f"{params.content_size} bytes"
         )
-    return images
+        raise UploadError(
+            f"compressed images: the frame declares {declared}, the shape needs {size}"
+        )
+    if params.dict_id:
+        raise UploadError("compressed images: the frame needs a dictionary")
+    stream = zstandard.ZstdDecompressor().decompressobj()
+    try:
+        raw = stream.decompress(frame)
+    except zstandard.ZstdError as err:
+        raise UploadError(f"compressed images do not decompress: {err}") from None
+    if not stream.eof or len(raw) != size:
+        raise UploadError(
+            f"compressed images: the frame is incomplete ({len(raw)} of {size} bytes)"
+        )
+    if stream.unused_data:
+        raise UploadError(
+            f"compressed images: {len(stream.unused_data)} bytes follow the frame"
+        )
+    return raw
 
 
 def wire_bytes(record: ArrayRecord) -> int:

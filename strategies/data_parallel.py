@@ -23,6 +23,7 @@ from flwr_select.data_parallel import (
     num_parameters,
 )
 from flwr_select.monitors import grad_norm_gap
+from flwr_select.npy import NpyError, array_from_bytes
 from flwr_select.protocol import CONFIG_KEY, METRICS_KEY, MODEL_KEY
 from flwr_select.sampling import Sampling
 from flwr_select.trainer import TrainConfig
@@ -139,32 +140,55 @@ class BiasedDataParallel(FedAvg):
         ]
 
     def unpack_reply(self, reply: Message) -> WorkerGradient:
-        """Return a reply's gradient, or raise ``GradientError`` saying why."""
+        """Return a reply's gradient, or raise ``GradientError`` saying why.
+
+        A reply holds exactly an ArrayRecord with the one flat float32 gradient
+        of the model's size (a ``.npy`` of exactly that, read without trusting
+        its header: :func:`~flwr_select.npy.array_from_bytes`) and a
+        MetricRecord of ``loss`` and ``num-examples``.
+        """
         content = reply.content
-        records = (set(content.array_records), set(content.metric_records))
-        if records != ({GRADIENT_KEY}, {METRICS_KEY}):
+        kinds = {key: type(record) for key, record in content.items()}
+        if kinds != {GRADIENT_KEY: ArrayRecord, METRICS_KEY: MetricRecord}:
             raise GradientError(
                 f"a reply holds ArrayRecord {GRADIENT_KEY!r} and MetricRecord "
-                f"{METRICS_KEY!r}; got {sorted(content.keys())}"
+                f"{METRICS_KEY!r} only; got "
+                + ", ".join(f"{k!r} ({t.__name__})" for k, t in sorted(kinds.items()))
             )
-        record = content.array_records[GRADIENT_KEY]
+        record = content[GRADIENT_KEY]
         if list(record) != [GRADIENT_KEY]:
             raise GradientError(f"the gradient record holds {list(record)}")
         array = record[GRADIENT_KEY]
-        expected = num_parameters(self.model)
-        if array.dtype != "float32" or tuple(array.shape) != (expected,):
+        expected = (num_parameters(self.model),)
+        if (array.stype, array.dtype, tuple(array.shape)) != (
+            "numpy.ndarray",
+            "float32",
+            expected,
+        ):
             raise GradientError(
-                f"gradient of dtype {array.dtype} and shape {tuple(array.shape)}, "
-                f"expected float32 of shape ({expected},)"
+                f"gradient of dtype {array.dtype} and shape {array.shape} "
+                f"({array.stype!r}), expected float32 of shape {expected}"
             )
-        gradient = torch.from_numpy(array.numpy().copy())
+        try:
+            values = array_from_bytes(array.data, [np.dtype(np.float32)])
+        except NpyError as err:
+            raise GradientError(
+                f"the gradient is not a readable array: {err}"
+            ) from None
+        if values.shape != expected:
+            raise GradientError(f"the gradient's data has shape {values.shape}")
+        gradient = torch.from_numpy(values.copy())
         if not gradient.isfinite().all():
             raise GradientError("the gradient holds NaN or inf")
-        metrics = content.metric_records[METRICS_KEY]
-        loss, examples = metrics.get("loss"), metrics.get("num-examples")
-        if not isinstance(loss, float) or not np.isfinite(loss) or loss < 0:
+        metrics = content[METRICS_KEY]
+        if set(metrics) != {"loss", "num-examples"}:
+            raise GradientError(
+                f"the metrics hold loss and num-examples; got {sorted(metrics)}"
+            )
+        loss, examples = metrics["loss"], metrics["num-examples"]
+        if type(loss) is not float or not np.isfinite(loss) or loss < 0:
             raise GradientError(f"loss must be a finite float >= 0, got {loss!r}")
-        if not isinstance(examples, int) or examples < 1:
+        if type(examples) is not int or examples < 1:
             raise GradientError(f"num-examples must be an int >= 1, got {examples!r}")
         return WorkerGradient(gradient, loss, examples)
 
@@ -179,14 +203,14 @@ class BiasedDataParallel(FedAvg):
             node = reply.metadata.src_node_id
             try:
                 updates.append(self.unpack_reply(reply))
-            except GradientError as err:
+            except Exception as err:  # whatever one reply does, it rejects only itself
                 rejected += 1
                 log(
                     WARNING,
                     "round %s: rejected the gradient of node %s: %s",
                     server_round,
                     node,
-                    err,
+                    str(err) if isinstance(err, GradientError) else repr(err),
                 )
         metrics = self.step(server_round, updates)
         metrics.update({"workers-rejected": rejected, "workers-failed": failed})

@@ -22,8 +22,9 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
+from flwr_select.npy import NpyError, header_of
 from flwr_select.wire import IDS, IMAGES, LABELS, UploadError
-from strategies.sample_selection import SampleSelection
+from strategies.sample_selection import SampleSelection, candidates_in
 
 EvaluateFn = Callable[
     [int, NDArrays, dict[str, Scalar]], tuple[float, dict[str, Scalar]] | None
@@ -50,27 +51,32 @@ def site_key(cid: str) -> int:
 def unpack_fit_res(res: FitRes) -> tuple[ArrayRecord, object]:
     """Return the upload in a ``FitRes`` as wire arrays, and its ``num-candidates``.
 
-    The parameters are ``[images, labels, ids]``; everything about them beyond
-    being three readable ndarrays is checked by
-    :meth:`~strategies.sample_selection.SampleSelection.check_upload`.
+    The parameters are three ``.npy`` byte strings ``[images, labels, ids]``;
+    only their headers are read here (to name each array's dtype and shape),
+    everything else is checked by
+    :meth:`~strategies.sample_selection.SampleSelection.check_upload` as for
+    any upload.
 
     Raises
     ------
     UploadError
-        If the parameters are not three readable ndarrays.
+        If the parameters are not three ``.npy`` headers, or the metrics are
+        not a site's.
     """
-    try:
-        arrays = parameters_to_ndarrays(res.parameters)
-    except (ValueError, EOFError) as err:
-        raise UploadError(f"the parameters are not readable ndarrays: {err}") from None
-    if len(arrays) != 3:
+    tensors = res.parameters.tensors
+    if res.parameters.tensor_type != "numpy.ndarray" or len(tensors) != 3:
         raise UploadError(
-            f"an upload is 3 ndarrays [images, labels, ids], got {len(arrays)}"
+            "an upload is 3 numpy.ndarray tensors [images, labels, ids], got "
+            f"{len(tensors)} of type {res.parameters.tensor_type!r}"
         )
-    named = zip((IMAGES, LABELS, IDS), arrays, strict=True)
-    return ArrayRecord({name: Array(a) for name, a in named}), res.metrics.get(
-        "num-candidates"
-    )
+    arrays = {}
+    for name, data in zip((IMAGES, LABELS, IDS), tensors, strict=True):
+        try:
+            dtype, shape, _, _ = header_of(data)
+        except (NpyError, TypeError) as err:
+            raise UploadError(f"{name} is not a readable array: {err}") from None
+        arrays[name] = Array(str(dtype), shape, "numpy.ndarray", bytes(data))
+    return ArrayRecord(arrays), candidates_in(res.metrics)
 
 
 class LegacySampleSelection(Strategy):
@@ -116,7 +122,12 @@ class LegacySampleSelection(Strategy):
         return ndarrays_to_parameters([v.cpu().numpy() for v in state.values()])
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters:
-        """Return the wrapped model's weights (state_dict values in order)."""
+        """Return the wrapped model's weights (state_dict values in order).
+
+        Called once before round 1: a strategy that does not know the shape of
+        a sample is refused here (see ``SampleSelection.expected_sample_shape``).
+        """
+        self.strategy.expected_sample_shape()
         return self._parameters()
 
     def configure_fit(

@@ -37,6 +37,35 @@ Upload = tuple[int, Callable[[], tuple[ArrayRecord, object]]]
 SERVER_SITE = 0
 """The buffer's site key for samples the server holds itself (the initial set)."""
 
+SITE_METRICS = frozenset(
+    {
+        "num-candidates",
+        "num-wrong",
+        "num-selected",
+        "num-selected-wrong",
+        "trial-accuracy",
+        "upload-bytes",
+    }
+)
+"""The metrics a site's reply may carry (see :func:`clients.site.site_round`)."""
+
+
+def candidates_in(metrics: Mapping[str, object]) -> object:
+    """Return a site's ``num-candidates``; refuse metrics beyond :data:`SITE_METRICS`.
+
+    Raises
+    ------
+    UploadError
+        If a key is unknown or ``num-candidates`` is missing (its value is
+        checked with the upload, by :meth:`SampleSelection.check_upload`).
+    """
+    if not set(metrics) <= SITE_METRICS or "num-candidates" not in metrics:
+        raise UploadError(
+            f"the metrics hold num-candidates and some of {sorted(SITE_METRICS)}; "
+            f"got {sorted(metrics)}"
+        )
+    return metrics["num-candidates"]
+
 
 class SampleSelection(FedAvg):
     """Sites upload their most informative raw samples; the server trains on them.
@@ -70,9 +99,16 @@ class SampleSelection(FedAvg):
     run_dir : str or Path, optional
         Checkpoint the model, the buffer and the records here after every round,
         and resume from the last complete round (see :meth:`start`).
+    sample_shape : tuple of int, optional
+        The shape of one image (``(28, 28)`` for MNIST, ``(3, 32, 32)`` for
+        CIFAR-10); uploads of any other shape are rejected. Default: the shape
+        of the server's own samples (:meth:`pretrain`) or of a resumed buffer;
+        :meth:`start` refuses to run without one, since a site must never be
+        the one to decide it.
     max_upload_bytes : int (default: 256 MiB)
-        Reject a reply whose upload is larger on the wire than this, whatever
-        the site claims, before anything in it is decoded or decompressed.
+        Reject a reply whose upload is larger than this on the wire, or whose
+        images would be larger decoded, whatever the site claims, before
+        anything in it is decoded or decompressed.
     fraction_train, min_train_nodes, min_available_nodes
         As for ``FedAvg``; nodes are sampled with a generator seeded by
         ``(selection.seed, round)``.
@@ -89,6 +125,7 @@ class SampleSelection(FedAvg):
         buffer: TrainingBuffer | None = None,
         site_config: Mapping[str, bool | int | float | str] | None = None,
         run_dir: str | Path | None = None,
+        sample_shape: tuple[int, ...] | None = None,
         max_upload_bytes: int = 256 * 2**20,
         fraction_train: float = 1.0,
         min_train_nodes: int = 2,
@@ -109,6 +146,7 @@ class SampleSelection(FedAvg):
         self.buffer = buffer or TrainingBuffer(num_classes)
         self.site_config = dict(site_config or {})
         self.run_dir = None if run_dir is None else Path(run_dir)
+        self.sample_shape = None if sample_shape is None else tuple(sample_shape)
         self.max_upload_bytes = max_upload_bytes
         self.model = model_fn().to(self.buffer.device)
         self.rounds: dict[int, dict[str, float | int]] = {}
@@ -218,6 +256,7 @@ class SampleSelection(FedAvg):
         """
         if self.completed_round is None:
             self.resume()
+        self.expected_sample_shape()  # refuse to start without it, not in round 1
         train_config = ConfigRecord() if train_config is None else train_config
         result = Result()
         if self.completed_round is None:
@@ -304,18 +343,40 @@ class SampleSelection(FedAvg):
     def unpack_reply(reply: Message) -> tuple[ArrayRecord, object]:
         """Return a reply's upload and its ``num-candidates``, or raise ``UploadError``.
 
-        The reply must hold exactly the upload and the site's metrics; the upload
-        itself is checked by :meth:`check_upload`.
+        A reply holds exactly the upload (an ArrayRecord) and the site's metrics
+        (a MetricRecord of :data:`SITE_METRICS` keys, ``num-candidates`` among
+        them); anything more or less is refused. The upload itself is checked by
+        :meth:`check_upload`.
         """
         content = reply.content
-        records = (set(content.array_records), set(content.metric_records))
-        if records != ({UPLOAD_KEY}, {METRICS_KEY}):
+        kinds = {key: type(record) for key, record in content.items()}
+        if kinds != {UPLOAD_KEY: ArrayRecord, METRICS_KEY: MetricRecord}:
             raise UploadError(
                 f"a reply holds ArrayRecord {UPLOAD_KEY!r} and MetricRecord "
-                f"{METRICS_KEY!r}; got {sorted(content.keys())}"
+                f"{METRICS_KEY!r} only; got "
+                + ", ".join(f"{k!r} ({t.__name__})" for k, t in sorted(kinds.items()))
             )
-        metrics = content.metric_records[METRICS_KEY]
-        return content.array_records[UPLOAD_KEY], metrics.get("num-candidates")
+        return content[UPLOAD_KEY], candidates_in(content[METRICS_KEY])
+
+    def expected_sample_shape(self) -> tuple[int, ...]:
+        """Return the shape every uploaded image must have; never a site's word.
+
+        :attr:`sample_shape` if given, else the shape of the server's own
+        samples in the buffer (its initial set, or a resumed buffer).
+
+        Raises
+        ------
+        ValueError
+            If neither is known: the operator must say it.
+        """
+        shape = self.sample_shape or self.buffer.image_shape
+        if shape is None:
+            raise ValueError(
+                "SampleSelection does not know the shape of one sample: pass "
+                "sample_shape=(28, 28) (or your images' shape), or pretrain() on "
+                "the server's own samples first; it is never taken from an upload"
+            )
+        return shape
 
     def check_upload(
         self, site: int, record: ArrayRecord, candidates: object
@@ -324,25 +385,28 @@ class SampleSelection(FedAvg):
 
         Cheap checks come first, so that nothing large is decoded or decompressed
         before it is known to be within bounds: the bytes on the wire against
-        :attr:`max_upload_bytes` and the budget's ``max-bytes``, the number of
-        images the upload declares against the budget for the site's
-        ``candidates`` (its number of samples this round). Then the format
-        (:func:`~flwr_select.wire.decode`: dtypes, shapes, label range, unique
-        ids, finite scores), the image shape against the buffer's, and that no
-        id was accepted from this site before.
+        :attr:`max_upload_bytes` and the budget's ``max-bytes``, then
+        ``num-candidates`` (an int >= 0: the site's number of samples this
+        round, from which its ``rho`` budget follows), then the upload's
+        declarations (:func:`~flwr_select.wire.decode`: the image shape against
+        :meth:`expected_sample_shape`, the count against the budget, the decoded
+        size against :attr:`max_upload_bytes`), its bytes and values, and last
+        that no id was accepted from this site before.
         """
         size = wire_bytes(record)
         budget = self.selection.budget()
         cap = min(self.max_upload_bytes, budget.max_bytes or self.max_upload_bytes)
         if size > cap:
             raise UploadError(f"{size} bytes exceed the cap of {cap} bytes")
-        if isinstance(candidates, bool) or not isinstance(candidates, int):
-            raise UploadError(f"num-candidates must be an int, got {candidates!r}")
-        limit = budget.sample_limit(max(candidates, 0))
-        samples, _ = decode(record, self.num_classes, max_samples=limit)
-        shape, got = self.buffer.image_shape, tuple(samples.images.shape[1:])
-        if shape is not None and got != shape:
-            raise UploadError(f"images of shape {got}, expected {shape}")
+        if type(candidates) is not int or candidates < 0:
+            raise UploadError(f"num-candidates must be an int >= 0, got {candidates!r}")
+        samples, _ = decode(
+            record,
+            self.num_classes,
+            sample_shape=self.expected_sample_shape(),
+            max_samples=budget.sample_limit(candidates),
+            max_bytes=self.max_upload_bytes,
+        )
         repeated = self.buffer.seen(site, samples.ids.numpy())
         if repeated.any():
             raise UploadError(
@@ -395,21 +459,23 @@ class SampleSelection(FedAvg):
             "sites-rejected": 0,
             "sites-failed": failures,
         }
+        self.expected_sample_shape()  # the operator's error, not a site's: raise
         for site, unpack in uploads:
             try:
                 record, candidates = unpack()
                 samples, size = self.check_upload(site, record, candidates)
-            except UploadError as err:
+                self.buffer.add(site, samples)
+            except Exception as err:  # whatever one reply does, it rejects only itself
+                reason = str(err) if isinstance(err, UploadError) else repr(err)
                 log(
                     WARNING,
                     "round %s: rejected the upload of node %s: %s",
                     server_round,
                     site,
-                    err,
+                    reason,
                 )
                 metrics["sites-rejected"] += 1
                 continue
-            self.buffer.add(site, samples)
             metrics["sites-accepted"] += 1
             metrics["samples-received"] += len(samples)
             metrics["bytes-received"] += size

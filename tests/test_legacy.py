@@ -51,6 +51,7 @@ def make_strategy():
         NUM_CLASSES,
         selection=SelectionConfig(rho=RHO),
         buffer=TrainingBuffer(NUM_CLASSES, device="cpu"),
+        sample_shape=(28, 28),
     )
 
 
@@ -122,7 +123,7 @@ MALFORMED = {
         "uint8",
     ),
     "over budget": (head(LIMIT + 1), SITE_SIZE, "exceed the budget"),
-    "two arrays": (head(LIMIT)[:2], SITE_SIZE, "3 ndarrays"),
+    "two arrays": (head(LIMIT)[:2], SITE_SIZE, "3 numpy.ndarray tensors"),
     "no num-candidates": (head(LIMIT), None, "num-candidates"),
     "already sent": (head(LIMIT, start=0), SITE_SIZE, "already accepted"),
 }

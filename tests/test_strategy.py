@@ -53,6 +53,7 @@ def make_strategy() -> SampleSelection:
         selection=SelectionConfig(rho=RHO),
         train_config=TrainConfig(epochs=1, batch_size=8),
         buffer=TrainingBuffer(10, device="cpu"),
+        sample_shape=(28, 28),
     )
 
 
@@ -247,7 +248,7 @@ def malformed_uploads():
         }
     )
     return {
-        "wrong dtype": (images_float, N, "images must be uint8"),
+        "wrong dtype": (images_float, N, "images has dtype 'float32'"),
         "wrong shape": (
             images_32,
             N,

@@ -1,0 +1,220 @@
+"""Strict, bounded readers of NumPy's ``.npy`` and ``.npz`` formats.
+
+Everything this project reads back as arrays (a site's upload, a checkpoint, a
+site's ``data.npz`` and ledger) may be hostile or damaged, and NumPy's own
+``np.load`` trusts a file's header: it allocates whatever shape the header
+declares before reading a byte of data, accepts a zip where one array was
+expected, and parses headers of any length. These readers accept exactly the
+format: a version 1 or 2 header of at most :data:`MAX_HEADER_BYTES` holding a
+plain dtype, a C-order shape of non-negative ints and a body of exactly the size
+that shape declares. Nothing is allocated before the body is known to be there:
+a ``.npy`` held in memory becomes a read-only view of its own bytes, and a member
+of a ``.npz`` is read incrementally up to the size its header declared.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import struct
+import zipfile
+from collections.abc import Callable, Collection, Mapping
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = b"\x93NUMPY"
+MAX_HEADER_BYTES = 10_000
+"""The longest header accepted (NumPy's own limit for untrusted files)."""
+CHUNK = 1 << 20
+"""Bytes a member's body is read (and inflated) at a time."""
+LENGTH_FORMATS = {1: "<H", 2: "<I"}
+"""How long the header-length field is, per major version."""
+
+
+class NpyError(ValueError):
+    """Bytes that are not exactly one ``.npy`` array of an allowed kind."""
+
+
+def parse_header(read: Callable[[int], bytes]) -> tuple[np.dtype, tuple[int, ...], int]:
+    """Read and check a ``.npy`` header; return its dtype, shape and body size.
+
+    ``read(n)`` returns the next (at most) ``n`` bytes of the file. At most
+    ``12 + MAX_HEADER_BYTES`` bytes are read, whatever the file says.
+
+    Raises
+    ------
+    NpyError
+        If the header is not a version 1 or 2 ``.npy`` header of a plain,
+        C-order array.
+    """
+    prefix = read(len(MAGIC) + 2)
+    if len(prefix) != len(MAGIC) + 2 or not prefix.startswith(MAGIC):
+        raise NpyError(f"not a .npy array (starts with {prefix[:8]!r})")
+    major, minor = prefix[-2], prefix[-1]
+    if major not in LENGTH_FORMATS or minor != 0:
+        raise NpyError(f".npy version {major}.{minor} is not accepted (1.0 or 2.0)")
+    length_format = LENGTH_FORMATS[major]
+    length_bytes = read(struct.calcsize(length_format))
+    if len(length_bytes) != struct.calcsize(length_format):
+        raise NpyError("the .npy header is cut short")
+    (length,) = struct.unpack(length_format, length_bytes)
+    if length > MAX_HEADER_BYTES:
+        raise NpyError(f"a .npy header of {length} bytes is too long")
+    text = read(length)
+    if len(text) != length:
+        raise NpyError("the .npy header is cut short")
+    try:
+        header = ast.literal_eval(text.decode("latin1"))
+    except Exception:  # literal_eval raises many kinds on malformed input
+        raise NpyError("the .npy header is not a Python literal") from None
+    if not isinstance(header, dict) or set(header) != {
+        "descr",
+        "fortran_order",
+        "shape",
+    }:
+        raise NpyError("the .npy header is not a dict of descr, fortran_order, shape")
+    descr, fortran, shape = header["descr"], header["fortran_order"], header["shape"]
+    if fortran is not False:
+        raise NpyError("the .npy array is not in C order")
+    if not isinstance(shape, tuple) or not all(
+        type(d) is int and d >= 0 for d in shape
+    ):
+        raise NpyError(f"the .npy shape {shape!r} is not a tuple of ints >= 0")
+    if not isinstance(descr, str):
+        raise NpyError(f"the .npy dtype {descr!r} is not a plain dtype")
+    try:
+        dtype = np.dtype(descr)
+    except Exception:
+        raise NpyError(f"the .npy dtype {descr!r} is not a dtype") from None
+    return dtype, shape, math.prod(shape) * dtype.itemsize
+
+
+def _check_dtype(dtype: np.dtype, allowed: Collection[np.dtype]) -> None:
+    if dtype not in allowed:
+        names = ", ".join(sorted(str(np.dtype(d)) for d in allowed))
+        raise NpyError(f"dtype {dtype.str} is not allowed (allowed: {names})")
+
+
+def header_of(data: bytes) -> tuple[np.dtype, tuple[int, ...], int, int]:
+    """Return the dtype, shape, body size and body offset a ``.npy`` declares.
+
+    Only the header is read and checked (see :func:`parse_header`); the body is
+    checked by :func:`array_from_bytes`.
+    """
+    view = memoryview(data)
+    position = 0
+
+    def read(count: int) -> bytes:
+        nonlocal position
+        chunk = view[position : position + count].tobytes()
+        position += len(chunk)
+        return chunk
+
+    dtype, shape, size = parse_header(read)
+    return dtype, shape, size, position
+
+
+def array_from_bytes(data: bytes, allowed: Collection[np.dtype]) -> np.ndarray:
+    """Return the array a ``.npy`` byte string holds, as a read-only view of it.
+
+    Parameters
+    ----------
+    data : bytes
+        One whole ``.npy`` file: a header and exactly the body it declares.
+    allowed : collection of np.dtype
+        The dtypes accepted (byte order included: ``>u2`` is not ``uint16`` on a
+        little-endian machine).
+
+    Raises
+    ------
+    NpyError
+        Naming the first problem; nothing is allocated before it is found.
+    """
+    dtype, shape, size, offset = header_of(data)
+    _check_dtype(dtype, allowed)
+    if len(data) - offset != size:
+        raise NpyError(
+            f"the .npy body holds {len(data) - offset} bytes; shape {shape} of "
+            f"{dtype} needs {size}"
+        )
+    return np.frombuffer(data, dtype, offset=offset).reshape(shape)
+
+
+def read_npz(
+    path: str | Path,
+    allowed: Mapping[str, Collection[np.dtype]],
+    *,
+    required: Collection[str] = (),
+) -> dict[str, np.ndarray]:
+    """Read a ``.npz`` file (``np.savez``) strictly; return its arrays by name.
+
+    Parameters
+    ----------
+    path : str or Path
+        The file.
+    allowed : mapping of str to collection of np.dtype
+        Every array name the file may hold, with its accepted dtypes. A name
+        ending in ``*`` stands for any name with that prefix.
+    required : collection of str (default: ())
+        Names the file must hold.
+
+    Raises
+    ------
+    NpyError
+        Naming the file and the first problem: not a zip, an unknown or
+        missing array, a member that is not exactly one ``.npy`` of an allowed
+        dtype, a body shorter or longer than its header declares, a bad CRC.
+        Memory is bounded by the sizes the validated headers declare.
+    """
+    path = Path(path)
+    arrays: dict[str, np.ndarray] = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.infolist():
+                name = member.filename.removesuffix(".npy")
+                dtypes = _allowed_for(name, allowed)
+                if not member.filename.endswith(".npy") or dtypes is None:
+                    raise NpyError(f"unexpected member {member.filename!r}")
+                if name in arrays:
+                    raise NpyError(f"member {member.filename!r} appears twice")
+                with archive.open(member) as file:
+                    arrays[name] = _read_member(file, member, dtypes)
+    except NpyError as err:
+        raise NpyError(f"{path}: {err}") from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as err:
+        raise NpyError(f"{path} is not a readable .npz file: {err}") from None
+    missing = sorted(set(required) - arrays.keys())
+    if missing:
+        raise NpyError(f"{path} lacks the arrays {missing}")
+    return arrays
+
+
+def _allowed_for(
+    name: str, allowed: Mapping[str, Collection[np.dtype]]
+) -> Collection[np.dtype] | None:
+    if name in allowed:
+        return allowed[name]
+    for pattern, dtypes in allowed.items():
+        if pattern.endswith("*") and name.startswith(pattern[:-1]):
+            return dtypes
+    return None
+
+
+def _read_member(
+    file: zipfile.ZipExtFile, member: zipfile.ZipInfo, allowed: Collection[np.dtype]
+) -> np.ndarray:
+    dtype, shape, size = parse_header(file.read)
+    _check_dtype(dtype, allowed)
+    header = file.tell()
+    if member.file_size != header + size:
+        raise NpyError(
+            f"{member.filename}: the zip says {member.file_size} bytes; shape "
+            f"{shape} of {dtype} needs {header + size}"
+        )
+    body = bytearray()  # grows with the bytes that really arrive, up to size
+    while len(body) < size and (chunk := file.read(min(CHUNK, size - len(body)))):
+        body += chunk
+    if len(body) != size or file.read(1):
+        raise NpyError(f"{member.filename}: the body does not match its header")
+    return np.frombuffer(body, dtype).reshape(shape)
