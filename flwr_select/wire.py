@@ -103,11 +103,13 @@ def decode(
     (``(n, *sample_shape)`` uint8 images, one label, id and score per image), the
     count ``n`` against ``max_samples`` and the decoded size against
     ``max_bytes``; only then the bytes: each ``.npy`` must be exactly its
-    declared array (:func:`flwr_select.npy.array_from_bytes`) and a compressed
-    image block exactly one Zstandard frame that declares the content size the
-    shape needs (see :func:`_decompressed`). Last the values: labels in
-    ``[0, num_classes)``, unique ids, finite scores. Memory is bounded by the
-    declared, checked sizes.
+    declared array (:func:`flwr_select.npy.array_from_bytes`), and last a
+    compressed image block must be exactly one Zstandard frame that declares the
+    content size the shape needs (see :func:`_decompressed`); since labels and
+    ids are never compressed, every declared image is backed by at least two
+    bytes on the wire. Then the values: labels in ``[0, num_classes)``, unique
+    ids, finite scores. Decoding holds at most twice the declared (and
+    checked) image bytes, never more.
 
     Parameters
     ----------
@@ -144,11 +146,12 @@ def decode(
                 f"{name} has shape {tuple(arrays[name].shape)}, expected one per "
                 f"image ({count},)"
             )
-    images = _images(arrays[IMAGES])
     labels, ids = _numpy(arrays[LABELS], LABELS), _numpy(arrays[IDS], IDS)
     scores = None if SCORES not in keys else _numpy(arrays[SCORES], SCORES)
     if scores is not None and not np.isfinite(scores).all():
         raise UploadError("scores must be finite float32 values")
+    # last: the one block that may be compressed, now that count is backed by bytes
+    images = _images(arrays[IMAGES])
     try:
         samples = SiteData(
             torch.from_numpy(images.copy()),
