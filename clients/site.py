@@ -36,6 +36,7 @@ from flwr_select.data import (
 )
 from flwr_select.files import write_atomically
 from flwr_select.models import build_model
+from flwr_select.npy import read_npz
 from flwr_select.partition import paper_split, partition_pool, round_fold
 from flwr_select.policies import SentLedger, select
 from flwr_select.protocol import (
@@ -221,13 +222,27 @@ def ledger_file(context: Context) -> Path | None:
 
 
 def load_ledger(context: Context) -> SiteLedger:
-    """Return the site's ledger, from disk on an edge box, else the node's state."""
+    """Return the site's ledger, from disk on an edge box, else the node's state.
+
+    Raises
+    ------
+    ValueError
+        If the ledger file is damaged: naming it, for the node's operator to fix
+        or delete (it is read strictly, see :func:`flwr_select.npy.read_npz`).
+    """
     path = ledger_file(context)
     if path is not None:
         if not path.is_file():
             return SiteLedger()
-        with np.load(path, allow_pickle=False) as stored:
+        arrays = {"ids": [np.dtype(np.int64)], "rounds": [np.dtype(np.int64)]}
+        try:
+            stored = read_npz(path, arrays, required=arrays)
             return SiteLedger(stored["ids"], stored["rounds"])
+        except ValueError as err:  # NpyError included
+            raise ValueError(
+                f"the site's ledger {path} is damaged ({err}); fix or delete it "
+                "(deleted, the site may send again what it sent before)"
+            ) from None
     if LEDGER_KEY in context.state.array_records:
         stored = context.state.array_records[LEDGER_KEY]
         return SiteLedger(stored["ids"].numpy(), stored["rounds"].numpy())

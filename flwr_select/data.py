@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import math
 import os
 import pickle
+import struct
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from flwr_select.npy import CHUNK, read_npz
 
 DATA_DIR_ENV = "FLWR_SELECT_DATA_DIR"
 """Environment variable naming the data folder when a command line does not."""
@@ -44,6 +49,14 @@ IDX_DTYPES = {
     0x0E: np.dtype(">f8"),
 }
 """IDX type codes (the MNIST file format) and the dtypes they store."""
+
+
+class DataFileError(ValueError):
+    """A data file that is not exactly its format; the message names the file."""
+
+
+class UnsafePickleError(DataFileError, pickle.UnpicklingError):
+    """A CIFAR-10 batch pickle that asks for more than a batch needs, or is damaged."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +103,7 @@ class SiteData:
         for name, values in (("labels", self.labels), ("ids", ids)):
             if (
                 values.shape != (n,)
+                or values.dtype == torch.bool
                 or values.is_floating_point()
                 or values.is_complex()
             ):
@@ -167,27 +181,71 @@ def read_idx(path: str | Path) -> np.ndarray:
     """Read one IDX file (the MNIST format), gzip-compressed or raw.
 
     Compression is recognised by the file's magic bytes, not its name. The
-    result has the file's dtype in native byte order.
+    header is read and checked first, then exactly the body it declares, as it
+    arrives: memory never exceeds the declared size (a gzip bomb costs no more),
+    and a body shorter or longer than declared is refused.
+
+    Parameters
+    ----------
+    path : str or Path
+        The file.
+
+    Returns
+    -------
+    np.ndarray
+        The file's array, its dtype in native byte order.
+
+    Raises
+    ------
+    DataFileError
+        Naming the file and the problem: not IDX, not gzip, a damaged stream,
+        a body that does not match the header.
     """
-    raw = Path(path).read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
-    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in IDX_DTYPES:
-        raise ValueError(f"{path} is not an IDX file (bad magic number {raw[:4]!r})")
-    dtype, ndim = IDX_DTYPES[raw[2]], raw[3]
-    header = 4 + 4 * ndim
-    shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
-    expected = header + int(np.prod(shape)) * dtype.itemsize
-    if len(raw) != expected:
-        raise ValueError(
-            f"{path}: the header promises shape {shape} ({expected} bytes) but the "
-            f"file holds {len(raw)} bytes"
+    path = Path(path)
+    with path.open("rb") as raw:
+        compressed = raw.read(2) == b"\x1f\x8b"
+        raw.seek(0)
+        try:
+            if compressed:
+                with gzip.GzipFile(fileobj=raw) as file:
+                    return _read_idx_stream(file.read, path, None)
+            return _read_idx_stream(raw.read, path, os.fstat(raw.fileno()).st_size)
+        except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+            raise DataFileError(f"{path} is not a readable gzip file: {err}") from None
+
+
+def _read_idx_stream(
+    read: Callable[[int], bytes], path: Path, file_size: int | None
+) -> np.ndarray:
+    """Read an IDX header, then its body; ``file_size`` is known for raw files."""
+    magic = read(4)
+    if (
+        len(magic) != 4
+        or magic[:2] != b"\0\0"
+        or magic[2] not in IDX_DTYPES
+        or not magic[3]
+    ):
+        raise DataFileError(f"{path} is not an IDX file (bad magic number {magic!r})")
+    dtype, ndim = IDX_DTYPES[magic[2]], magic[3]
+    dims = read(4 * ndim)
+    if len(dims) != 4 * ndim:
+        raise DataFileError(f"{path}: the IDX header of {ndim} dimensions is cut short")
+    shape = struct.unpack(f">{ndim}I", dims)
+    header, size = 4 + 4 * ndim, math.prod(shape) * dtype.itemsize
+    promise = f"{path}: the header promises shape {shape} ({header + size} bytes)"
+    if file_size is not None and file_size != header + size:
+        raise DataFileError(f"{promise} but the file holds {file_size} bytes")
+    body = bytearray()  # grows with the bytes that really arrive, up to size
+    while len(body) < size and (chunk := read(min(CHUNK, size - len(body)))):
+        body += chunk
+    if len(body) != size:
+        raise DataFileError(
+            f"{promise} but the data ends after {header + len(body)} bytes"
         )
-    return (
-        np.frombuffer(raw, dtype, offset=header)
-        .reshape(shape)
-        .astype(dtype.newbyteorder("="))
-    )
+    if read(1):
+        raise DataFileError(f"{promise} but more bytes follow")
+    array = np.frombuffer(body, dtype).reshape(shape)
+    return array.astype(dtype.newbyteorder("="), copy=False)
 
 
 MNIST_FILES = {"train": "train", "test": "t10k"}
@@ -208,17 +266,36 @@ def load_mnist(data_dir: str | Path, split: str = "train") -> tuple[Tensor, Tens
     -------
     tuple of Tensor
         ``uint8`` images ``(n, 28, 28)`` and int64 labels ``(n,)``.
+
+    Raises
+    ------
+    DataFileError
+        Naming the file: images not IDX type uint8 ``(n, H, W)``, labels not an
+        integer IDX type ``(n,)`` of values >= 0, or not one label per image.
     """
     if split not in MNIST_FILES:
         raise ValueError(f"split must be one of {sorted(MNIST_FILES)}, got {split!r}")
-    images = read_idx(_find(data_dir, f"{MNIST_FILES[split]}-images-idx3-ubyte"))
-    labels = read_idx(_find(data_dir, f"{MNIST_FILES[split]}-labels-idx1-ubyte"))
-    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise ValueError(
-            f"{data_dir}: {split} images {images.shape} and labels {labels.shape} "
-            "do not form a data set"
+    images_path = _find(data_dir, f"{MNIST_FILES[split]}-images-idx3-ubyte")
+    labels_path = _find(data_dir, f"{MNIST_FILES[split]}-labels-idx1-ubyte")
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.dtype != np.uint8 or images.ndim != 3:
+        raise DataFileError(
+            f"{images_path}: images must be IDX type uint8 (0x08) of shape "
+            f"(n, H, W), got {images.dtype} of shape {images.shape}"
         )
-    return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+    if labels.dtype.kind not in "iu" or labels.ndim != 1:
+        raise DataFileError(
+            f"{labels_path}: labels must be an integer IDX type (uint8, int8, int16 "
+            f"or int32) of shape (n,), got {labels.dtype} of shape {labels.shape}"
+        )
+    if len(labels) and labels.min() < 0:
+        raise DataFileError(f"{labels_path}: labels must be >= 0, got {labels.min()}")
+    if len(images) != len(labels):
+        raise DataFileError(
+            f"{images_path} holds {len(images)} images but {labels_path} holds "
+            f"{len(labels)} labels"
+        )
+    return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
 
 
 def _find(data_dir: str | Path, stem: str) -> Path:
@@ -234,27 +311,138 @@ CIFAR10_BATCHES = {
 }
 
 
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickles NumPy arrays and builtins only: a pickle can run any code it names."""
+PICKLED_DTYPES = {
+    "u1": np.dtype("u1"),
+    "i1": np.dtype("i1"),
+    "u2": np.dtype("<u2"),
+    "i2": np.dtype("<i2"),
+    "u4": np.dtype("<u4"),
+    "i4": np.dtype("<i4"),
+    "u8": np.dtype("<u8"),
+    "i8": np.dtype("<i8"),
+}
+"""The dtypes a CIFAR-10 pickle may name (pixels and labels), as NumPy pickles them."""
+RECONSTRUCT = {
+    ("numpy.core.multiarray", "_reconstruct"),  # NumPy 1 (and Python 2)
+    ("numpy._core.multiarray", "_reconstruct"),  # NumPy 2
+}
 
-    ALLOWED = {
-        ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 store bytes
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-    }
+
+def _text(value: Any) -> Any:
+    """Read a pickled name as text: Python 2 pickles give it as bytes."""
+    return value.decode("latin1") if type(value) is bytes else value
+
+
+def _ndarray(*args: Any) -> NoReturn:
+    """Stand in for ``numpy.ndarray``, which a batch only passes to _reconstruct."""
+    raise pickle.UnpicklingError("refusing to call numpy.ndarray from a data file")
+
+
+class _PickledDtype:
+    """Stand in for ``numpy.dtype(descr, False, True)``: a plain integer dtype only."""
+
+    def __init__(self, descr: Any, align: Any, copy: Any) -> None:
+        descr = _text(descr)
+        if type(descr) is not str or descr not in PICKLED_DTYPES:
+            raise pickle.UnpicklingError(
+                "refusing numpy.dtype other than an integer dtype from a data file"
+            )
+        if align != 0 or copy != 1:
+            raise pickle.UnpicklingError(f"refusing numpy.dtype({descr!r}) of options")
+        self.dtype = PICKLED_DTYPES[descr]
+
+    def __setstate__(self, state: Any) -> None:
+        """Accept only the state NumPy pickles for this dtype (it changes nothing)."""
+        plain = (3, self.dtype.str[0], None, None, None, -1, -1, 0)
+        if type(state) is not tuple or tuple(map(_text, state)) != plain:
+            raise pickle.UnpicklingError(f"refusing a changed dtype {self.dtype}")
+
+
+class _PickledArray:
+    """Stand in for an ndarray: its state becomes a view of bytes from the file."""
+
+    array: np.ndarray | None = None
+
+    def __setstate__(self, state: Any) -> None:
+        """Build the array from ``(1, shape, dtype, False, data)``."""
+        if type(state) is not tuple or len(state) != 5:
+            raise pickle.UnpicklingError("refusing an ndarray state of another form")
+        version, shape, dtype, fortran, data = state
+        if (
+            version != 1
+            or type(shape) is not tuple
+            or not all(type(d) is int and d >= 0 for d in shape)
+            or type(dtype) is not _PickledDtype
+            or fortran is not False
+            or type(data) is not bytes
+        ):
+            raise pickle.UnpicklingError(
+                "refusing an ndarray state other than (1, shape, dtype, False, bytes)"
+            )
+        if math.prod(shape) * dtype.dtype.itemsize != len(data):
+            raise pickle.UnpicklingError(
+                f"an ndarray of shape {shape} and dtype {dtype.dtype} does not fit "
+                f"its {len(data)} bytes"
+            )
+        self.array = np.frombuffer(data, dtype.dtype).reshape(shape)
+
+
+def _reconstruct(cls: Any, shape: Any, typecode: Any) -> _PickledArray:
+    """Stand in for NumPy's ``_reconstruct(ndarray, (0,), b"b")``."""
+    if cls is not _ndarray or shape != (0,) or typecode != b"b":
+        raise pickle.UnpicklingError(
+            "refusing an ndarray reconstruction of another form"
+        )
+    return _PickledArray()
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickle a CIFAR-10 batch: builtins and plain integer arrays, nothing else.
+
+    A pickle calls whatever it names, so each name a batch uses is a stand-in
+    that accepts only the call a batch makes: ``_codecs.encode(str, "latin1")``
+    (how Python 3 writes bytes in protocol 2), ``_reconstruct(ndarray, (0,),
+    b"b")`` and ``dtype(descr, False, True)``. An array is a view of bytes read
+    from the file, and ``encode`` may make no more bytes in all than the file
+    holds, so memory stays linear in the file's size.
+    """
+
+    def __init__(self, file: Any, budget: int) -> None:
+        super().__init__(file, encoding="bytes")
+        self.budget = budget
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in self.ALLOWED:
+        """Return the stand-in for ``module.name``; refuse any other name."""
+        if (module, name) == ("_codecs", "encode"):
+            return self._encode
+        if (module, name) in RECONSTRUCT:
+            return _reconstruct
+        if (module, name) == ("numpy", "ndarray"):
+            return _ndarray
+        if (module, name) == ("numpy", "dtype"):
+            return _PickledDtype
+        raise pickle.UnpicklingError(
+            f"refusing to load {module}.{name} from a data file"
+        )
+
+    def _encode(self, text: Any, encoding: Any) -> bytes:
+        if type(text) is not str or encoding != "latin1":
             raise pickle.UnpicklingError(
-                f"refusing to load {module}.{name} from a data file"
+                "refusing _codecs.encode other than (str, 'latin1') from a data file"
             )
-        return super().find_class(module, name)
+        if len(text) > self.budget:
+            raise pickle.UnpicklingError("the pickle makes more bytes than it holds")
+        self.budget -= len(text)
+        return text.encode("latin1")
 
 
 def load_cifar10(data_dir: str | Path, split: str = "train") -> tuple[Tensor, Tensor]:
     """Load CIFAR-10 from the ``cifar-10-batches-py`` pickles.
+
+    Each batch must be a dict with ``b"data"``, a uint8 array ``(n, 3072)``,
+    and ``b"labels"``, one int in ``[0, 10)`` per image (a list or an integer
+    array); other keys are ignored. See :class:`_CifarUnpickler` for what a
+    batch may ask of the unpickler.
 
     Parameters
     ----------
@@ -267,6 +455,13 @@ def load_cifar10(data_dir: str | Path, split: str = "train") -> tuple[Tensor, Te
     -------
     tuple of Tensor
         ``uint8`` images ``(n, 3, 32, 32)`` and int64 labels ``(n,)``.
+
+    Raises
+    ------
+    UnsafePickleError
+        A batch that is not a pickle of builtins and plain integer arrays.
+    DataFileError
+        A batch that is not a dict of that data and those labels.
     """
     if split not in CIFAR10_BATCHES:
         raise ValueError(
@@ -281,15 +476,61 @@ def load_cifar10(data_dir: str | Path, split: str = "train") -> tuple[Tensor, Te
         if not path.is_file():
             raise FileNotFoundError(f"{folder} has no CIFAR-10 batch {name!r}")
         with path.open("rb") as file:
-            batch = _NumpyOnlyUnpickler(file, encoding="bytes").load()
-        data = np.asarray(batch[b"data"], dtype=np.uint8)
-        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-            raise ValueError(f"{path}: data has shape {data.shape}, expected (n, 3072)")
+            try:
+                batch = _CifarUnpickler(file, os.fstat(file.fileno()).st_size).load()
+            except Exception as err:  # the unpickler raises many kinds on bad input
+                raise UnsafePickleError(
+                    f"{path} is not a CIFAR-10 batch: {type(err).__name__}: {err}"
+                ) from None
+        data, batch_labels = _cifar_batch(batch, path)
         images.append(data.reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
+        labels.append(batch_labels)
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(
         np.concatenate(labels)
     )
+
+
+def _cifar_batch(batch: Any, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Return a batch's data and int64 labels, or say which key is wrong."""
+    if type(batch) is not dict:
+        raise DataFileError(f"{path}: a CIFAR-10 batch is a dict, got {_kind(batch)}")
+    for key in (b"data", b"labels"):
+        if key not in batch:
+            raise DataFileError(f"{path}: the batch has no key {key!r}")
+    data = batch[b"data"]
+    if (
+        type(data) is not _PickledArray
+        or data.array is None
+        or data.array.dtype != np.uint8
+        or data.array.shape[1:] != (3 * 32 * 32,)
+    ):
+        raise DataFileError(
+            f"{path}: b'data' must be a uint8 array of shape (n, 3072), got "
+            f"{_kind(data)}"
+        )
+    labels = batch[b"labels"]
+    values = labels
+    if type(labels) is _PickledArray and labels.array is not None:
+        values = labels.array.tolist()
+    if (
+        type(values) is not list
+        or len(values) != len(data.array)
+        or not all(type(label) is int and 0 <= label < 10 for label in values)
+    ):
+        raise DataFileError(
+            f"{path}: b'labels' must hold one int in [0, 10) per image "
+            f"({len(data.array)}), got {_kind(labels)}"
+        )
+    return data.array, np.array(values, dtype=np.int64)
+
+
+def _kind(value: Any) -> str:
+    """Describe an unpickled value for an error message."""
+    if type(value) is _PickledArray and value.array is not None:
+        return f"{value.array.dtype} array of shape {value.array.shape}"
+    if type(value) in (list, dict):
+        return f"{type(value).__name__} of {len(value)} items"
+    return type(value).__name__
 
 
 @dataclass(frozen=True)
@@ -351,23 +592,46 @@ def load_dataset(
         ) from None
 
 
+INTEGERS = [
+    np.dtype(t)
+    for t in (np.int8, np.int16, np.int32, np.int64)
+    + (np.uint8, np.uint16, np.uint32, np.uint64)
+]
+"""The integer dtypes (native byte order) a site's ``data.npz`` may store."""
+
+
 def load_local_site(folder: str | Path, num_classes: int) -> SiteData:
     """Read an edge box's own labelled data from a folder, ids by position.
 
     The folder holds one of: ``data.npz`` with ``images`` (uint8) and ``labels``
-    (and optionally ``ids``); MNIST-format IDX files (the ``train`` pair); or
-    CIFAR-10 ``data_batch_*`` pickles.
+    (and optionally ``ids``), both of an integer dtype, read strictly by
+    :func:`flwr_select.npy.read_npz`; MNIST-format IDX files (the ``train``
+    pair); or CIFAR-10 ``data_batch_*`` pickles.
+
+    Raises
+    ------
+    ValueError
+        Naming the file (or folder) and the field that is not as described, or
+        (via :class:`SiteData`) not labels in ``[0, num_classes)`` and unique ids.
     """
     folder = Path(folder)
-    if (folder / "data.npz").is_file():
-        with np.load(folder / "data.npz", allow_pickle=False) as data:
-            ids = torch.from_numpy(data["ids"]) if "ids" in data else None
-            return SiteData(
-                torch.from_numpy(data["images"]),
-                torch.from_numpy(data["labels"]),
-                num_classes,
-                ids,
-            )
-    loader = load_cifar10 if any(folder.glob("**/data_batch_1")) else load_mnist
-    images, labels = loader(folder, "train")
-    return SiteData(images, labels, num_classes)
+    path = folder / "data.npz"
+    if path.is_file():
+        arrays = read_npz(
+            path,
+            {"images": [np.dtype(np.uint8)], "labels": INTEGERS, "ids": INTEGERS},
+            required=("images", "labels"),
+        )
+        images = torch.from_numpy(arrays["images"])
+        labels = torch.from_numpy(arrays["labels"].astype(np.int64))
+        ids = arrays.get("ids")
+        ids = None if ids is None else torch.from_numpy(ids.astype(np.int64))
+    else:
+        path = folder
+        loader = load_cifar10 if any(folder.glob("**/data_batch_1")) else load_mnist
+        images, labels = loader(folder, "train")
+        ids = None
+    try:
+        return SiteData(images, labels, num_classes, ids)
+    except ValueError as err:
+        raise DataFileError(f"{path}: {err}") from None

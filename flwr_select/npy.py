@@ -179,7 +179,10 @@ def read_npz(
                 if name in arrays:
                     raise NpyError(f"member {member.filename!r} appears twice")
                 with archive.open(member) as file:
-                    arrays[name] = _read_member(file, member, dtypes)
+                    try:
+                        arrays[name] = _read_member(file, member.file_size, dtypes)
+                    except NpyError as err:
+                        raise NpyError(f"array {name!r}: {err}") from None
     except NpyError as err:
         raise NpyError(f"{path}: {err}") from None
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as err:
@@ -202,19 +205,20 @@ def _allowed_for(
 
 
 def _read_member(
-    file: zipfile.ZipExtFile, member: zipfile.ZipInfo, allowed: Collection[np.dtype]
+    file: zipfile.ZipExtFile, file_size: int, allowed: Collection[np.dtype]
 ) -> np.ndarray:
+    """Read one member whose zip entry says it holds ``file_size`` bytes."""
     dtype, shape, size = parse_header(file.read)
     _check_dtype(dtype, allowed)
     header = file.tell()
-    if member.file_size != header + size:
+    if file_size != header + size:
         raise NpyError(
-            f"{member.filename}: the zip says {member.file_size} bytes; shape "
-            f"{shape} of {dtype} needs {header + size}"
+            f"the zip says {file_size} bytes; shape {shape} of {dtype} needs "
+            f"{header + size}"
         )
     body = bytearray()  # grows with the bytes that really arrive, up to size
     while len(body) < size and (chunk := file.read(min(CHUNK, size - len(body)))):
         body += chunk
     if len(body) != size or file.read(1):
-        raise NpyError(f"{member.filename}: the body does not match its header")
+        raise NpyError("the body does not match its header")
     return np.frombuffer(body, dtype).reshape(shape)

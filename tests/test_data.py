@@ -1,12 +1,53 @@
+import codecs
 import gzip
 import pickle
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from flwr.app import Context, RecordDict
 
-from flwr_select.data import SiteData, load_cifar10, load_mnist, read_idx
+from clients.site import load_ledger, save_ledger
+from flwr_select.data import (
+    DataFileError,
+    SiteData,
+    UnsafePickleError,
+    load_cifar10,
+    load_local_site,
+    load_mnist,
+    read_idx,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def peak_growth_mib(call):
+    """Run ``call`` in a fresh Python (``data`` is flwr_select.data); return the
+    ValueError it printed and how far its peak memory grew past the imports."""
+    code = (
+        "import resource\n"
+        "from flwr_select import data\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "try:\n"
+        f"    {call}\n"
+        "except ValueError as err:\n"
+        "    print(err)\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    *message, growth = result.stdout.strip().splitlines()
+    return "\n".join(message), float(growth)
 
 
 def write_idx(path, array, type_code=0x08, compress=False):
@@ -38,6 +79,71 @@ def test_read_idx_refuses_truncated_and_foreign_files(tmp_path):
         read_idx(tmp_path / "y")
 
 
+def idx_header(type_code, shape):
+    return bytes([0, 0, type_code, len(shape)]) + struct.pack(f">{len(shape)}I", *shape)
+
+
+def test_read_idx_reads_no_more_of_a_gzip_bomb_than_its_header_declares(tmp_path):
+    # 16 declared bytes, then 256 MiB of zeros (about 250 kB compressed): the
+    # old reader inflated it all before looking at the header
+    bomb = tmp_path / "bomb.gz"
+    with gzip.open(bomb, "wb", compresslevel=1) as f:
+        f.write(idx_header(0x08, (16,)) + bytes(16))
+        for _ in range(256):
+            f.write(bytes(1 << 20))
+    assert bomb.stat().st_size < 2_000_000
+    message, growth = peak_growth_mib(f"data.read_idx({str(bomb)!r})")
+    assert str(bomb) in message and "but more bytes follow" in message
+    assert growth < 64
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            idx_header(0x08, (2**31,)) + bytes(10),
+            r"\(2147483656 bytes\) but the file holds 18",
+        ),
+        (b"\0\0\x08\x03" + bytes(4), "the IDX header of 3 dimensions is cut short"),
+        (idx_header(0x0A, (2,)) + bytes(2), "not an IDX file"),
+        (b"\0\0\x08\x00", "not an IDX file"),
+        (b"\0\0", "not an IDX file"),
+    ],
+)
+@pytest.mark.parametrize("compress", [False, True])
+def test_read_idx_refuses_a_bad_header_naming_the_file(
+    tmp_path, content, message, compress
+):
+    path = tmp_path / "bad"
+    path.write_bytes(gzip.compress(content) if compress else content)
+    if compress:  # a gzip stream has no size to compare: its data runs short
+        message = message.replace("but the file holds 18", "but the data ends after 18")
+    with pytest.raises(DataFileError, match=message) as refused:
+        read_idx(path)
+    assert str(path) in str(refused.value)
+
+
+def test_read_idx_refuses_damaged_gzip_and_trailing_bytes(tmp_path):
+    good = gzip.compress(idx_header(0x08, (4,)) + bytes([1, 2, 3, 4]))
+    cases = {
+        "cut": (good[:-12], "not a readable gzip file"),
+        "crc": (good[:-8] + bytes(4) + good[-4:], "not a readable gzip file"),
+        "longer": (
+            gzip.compress(idx_header(0x08, (4,)) + bytes(5)),
+            "more bytes follow",
+        ),
+        "raw-longer": (idx_header(0x08, (4,)) + bytes(5), "the file holds 13 bytes"),
+        "shorter": (gzip.compress(idx_header(0x08, (4,)) + bytes(3)), "ends after 11"),
+    }
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(DataFileError, match=message) as refused:
+            read_idx(tmp_path / name)
+        assert str(tmp_path / name) in str(refused.value)
+    (tmp_path / "good").write_bytes(good)
+    assert read_idx(tmp_path / "good").tolist() == [1, 2, 3, 4]
+
+
 def test_load_mnist_reads_a_folder_of_idx_files(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
     write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images, compress=True)
@@ -51,6 +157,62 @@ def test_load_mnist_reads_a_folder_of_idx_files(tmp_path):
         load_mnist(tmp_path, "train")
     with pytest.raises(ValueError, match="split must be one of"):
         load_mnist(tmp_path, "validation")
+
+
+def write_mnist_pair(folder, images, labels, image_type=0x08, label_type=0x08):
+    folder.mkdir(exist_ok=True)
+    write_idx(folder / "train-images-idx3-ubyte", images, image_type)
+    write_idx(folder / "train-labels-idx1-ubyte", labels, label_type)
+
+
+@pytest.mark.parametrize(
+    ("images", "labels", "file", "message"),
+    [
+        (
+            (np.zeros((2, 28, 28), np.uint8), 0x08),
+            (np.array([3.7, 1.0], np.float32), 0x0D),
+            "labels",
+            "labels must be an integer IDX type .* got float32",
+        ),
+        (
+            (np.zeros((2, 28, 28), np.int32), 0x0C),
+            (np.array([3, 1], np.uint8), 0x08),
+            "images",
+            "images must be IDX type uint8 .* got int32",
+        ),
+        (
+            (np.zeros((2, 784), np.uint8), 0x08),
+            (np.array([3, 1], np.uint8), 0x08),
+            "images",
+            r"of shape \(n, H, W\), got uint8 of shape \(2, 784\)",
+        ),
+        (
+            (np.zeros((2, 28, 28), np.uint8), 0x08),
+            (np.array([[3, 1]], np.uint8), 0x08),
+            "labels",
+            r"got uint8 of shape \(1, 2\)",
+        ),
+        (
+            (np.zeros((2, 28, 28), np.uint8), 0x08),
+            (np.array([3, -1], np.int8), 0x09),
+            "labels",
+            "labels must be >= 0, got -1",
+        ),
+        (
+            (np.zeros((3, 28, 28), np.uint8), 0x08),
+            (np.array([3, 1], np.uint8), 0x08),
+            "images",
+            "holds 3 images but .*labels-idx1-ubyte holds 2 labels",
+        ),
+    ],
+)
+def test_load_mnist_refuses_what_is_not_uint8_images_and_integer_labels(
+    tmp_path, images, labels, file, message
+):
+    write_mnist_pair(tmp_path, images[0], labels[0], images[1], labels[1])
+    with pytest.raises(DataFileError, match=message) as refused:
+        load_mnist(tmp_path, "train")
+    assert str(refused.value).startswith(str(tmp_path / f"train-{file}-idx"))
 
 
 def test_real_mnist(mnist_dir):
@@ -109,6 +271,221 @@ def test_load_cifar10_reads_the_python_pickles(tmp_path):
     assert torch.equal(xt.reshape(3, -1), torch.from_numpy(written["test_batch"][0]))
 
 
+def py2_batch(data, labels):
+    """A batch as Python 2 and NumPy 1 pickled CIFAR-10: protocol 2, str as bytes."""
+
+    def string(raw):  # SHORT_BINSTRING or BINSTRING: bytes under encoding="bytes"
+        size = (
+            b"U" + bytes([len(raw)])
+            if len(raw) < 256
+            else b"T" + struct.pack("<I", len(raw))
+        )
+        return size + raw
+
+    def integer(value):
+        return b"J" + struct.pack("<i", value)
+
+    array = (
+        b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n"
+        + integer(0)
+        + b"\x85"
+        + string(b"b")
+        + b"\x87R("  # then BUILD's state
+        + integer(1)
+        + integer(data.shape[0])
+        + integer(data.shape[1])
+        + b"\x86"
+        + b"cnumpy\ndtype\n"
+        + string(b"u1")
+        + integer(0)
+        + integer(1)
+        + b"\x87R("
+        + integer(3)
+        + string(b"|")
+        + b"NNN"
+        + integer(-1)
+        + integer(-1)
+        + integer(0)
+        + b"tb\x89"
+        + string(data.tobytes())
+        + b"tb"
+    )
+    listed = b"](" + b"".join(integer(label) for label in labels) + b"e"
+    return b"\x80\x02}(" + string(b"data") + array + string(b"labels") + listed + b"u."
+
+
+def test_load_cifar10_reads_python_2_pickles_and_integer_label_arrays(tmp_path):
+    data = np.random.default_rng(0).integers(0, 256, (3, 3072), dtype=np.uint8)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    (folder / "test_batch").write_bytes(py2_batch(data, [7, 0, 9]))
+    # the helper writes what NumPy itself reads as a batch
+    plain = pickle.loads((folder / "test_batch").read_bytes(), encoding="bytes")
+    assert np.array_equal(plain[b"data"], data) and plain[b"labels"] == [7, 0, 9]
+    x, y = load_cifar10(folder, "test")
+    assert torch.equal(x.reshape(3, -1), torch.from_numpy(data)) and y.tolist() == [
+        7,
+        0,
+        9,
+    ]
+    with (folder / "test_batch").open("wb") as f:
+        pickle.dump({b"data": data, b"labels": np.array([1, 2, 3])}, f, protocol=2)
+    assert load_cifar10(folder, "test")[1].tolist() == [1, 2, 3]
+
+
+class Hex:
+    """Pickles as _codecs.encode(inner, "hex"): twice the bytes of inner."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __reduce__(self):
+        return (codecs.encode, (self.inner, "hex"))
+
+
+def test_load_cifar10_refuses_a_small_pickle_that_grows_memory(tmp_path):
+    # 389 bytes that made the old allow-list's _codecs.encode build 1 GiB
+    value = b"ab"
+    for _ in range(28):
+        value = Hex(value)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    with (folder / "test_batch").open("wb") as f:
+        pickle.dump({b"data": value, b"labels": []}, f, protocol=2)
+    assert (folder / "test_batch").stat().st_size < 1000
+    message, growth = peak_growth_mib(f"data.load_cifar10({str(folder)!r}, 'test')")
+    assert message.startswith(str(folder / "test_batch"))
+    assert "refusing _codecs.encode other than (str, 'latin1')" in message
+    assert growth < 64
+
+
+class Reduce:
+    """Pickles as func(*args), BUILD with state when given."""
+
+    def __init__(self, func, args, state=None):
+        self.func, self.args, self.state = func, args, state
+
+    def __reduce__(self):
+        return (
+            (self.func, self.args)
+            if self.state is None
+            else (self.func, self.args, self.state)
+        )
+
+
+class Latin:
+    """Pickles as _codecs.encode(text, "latin1"), a fresh bytes object each time."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def __reduce__(self):
+        return (codecs.encode, (self.text, "latin1"))
+
+
+RECONSTRUCT = np.ndarray.__reduce__(np.zeros(1))[0]
+TEXT = "x" * 10_000  # one str in the pickle (memoized), encoded 20 times
+HOSTILE_BATCHES = {
+    "ndarray-call": (
+        {b"data": Reduce(np.ndarray, ((10**5, 10**5), np.dtype("u1")))},
+        "refusing to call numpy.ndarray",
+    ),
+    "huge-shape": (
+        {
+            b"data": Reduce(
+                RECONSTRUCT,
+                (np.ndarray, (0,), b"b"),
+                (1, (10**6, 3072), np.dtype("u1"), False, bytes(10)),
+            )
+        },
+        r"an ndarray of shape \(1000000, 3072\) and dtype uint8 does not fit its 10",
+    ),
+    "fortran": (
+        {b"data": np.asfortranarray(np.zeros((2, 3072), np.uint8))},
+        r"other than \(1, shape, dtype, False, bytes\)",
+    ),
+    "float-pixels": (
+        {b"data": np.full((1, 3072), np.nan), b"labels": [0]},
+        "refusing numpy.dtype other than an integer dtype",
+    ),
+    "object-array": (
+        {b"data": np.array([1, "x"], dtype=object)},
+        "refusing numpy.dtype other than an integer dtype",
+    ),
+    "big-endian": (
+        {b"data": np.zeros(2, ">i4")},
+        "refusing a changed dtype int32",
+    ),
+    "repeated-encode": (
+        {b"data": [Latin(TEXT) for _ in range(20)]},
+        "the pickle makes more bytes than it holds",
+    ),
+    "other-global": (
+        {b"data": Reduce(getattr, (1, "real"))},
+        "refusing to load __builtin__.getattr",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE_BATCHES)
+def test_load_cifar10_refuses_a_hostile_pickle_naming_the_file(tmp_path, case):
+    batch, message = HOSTILE_BATCHES[case]
+    (tmp_path / "test_batch").write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(UnsafePickleError, match=message) as refused:
+        load_cifar10(tmp_path, "test")
+    assert str(refused.value).startswith(str(tmp_path / "test_batch"))
+
+
+def test_load_cifar10_refuses_a_damaged_pickle_naming_the_file(tmp_path):
+    whole = pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": [0]}, 2)
+    huge_bytes = b"\x80\x04\x8e" + struct.pack("<Q", 2**40) + b"abc"  # BINBYTES8
+    for name, content in {"cut": whole[: len(whole) // 2], "huge": huge_bytes}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "test_batch").write_bytes(content)
+        with pytest.raises(ValueError, match="is not a CIFAR-10 batch") as refused:
+            load_cifar10(tmp_path / name, "test")
+        assert str(refused.value).startswith(str(tmp_path / name / "test_batch"))
+
+
+PIXELS = np.zeros((2, 3072), np.uint8)
+BAD_BATCHES = {
+    "list": ([PIXELS, [0, 1]], "a CIFAR-10 batch is a dict, got list of 2 items"),
+    "str-keys": ({"data": PIXELS, "labels": [0, 1]}, "the batch has no key b'data'"),
+    "no-labels": ({b"data": PIXELS}, "the batch has no key b'labels'"),
+    "wide-ints": (
+        {b"data": np.full((2, 3072), 300), b"labels": [0, 1]},
+        r"b'data' must be a uint8 array of shape \(n, 3072\), got int64 array",
+    ),
+    "nested-list": ({b"data": [[300] * 3072], b"labels": [0]}, "got list of 1 items"),
+    "flat": ({b"data": PIXELS.ravel(), b"labels": [0, 1]}, r"shape \(6144,\)"),
+    "float-labels": (
+        {b"data": PIXELS, b"labels": [0, 1.0]},
+        "b'labels' must hold one int",
+    ),
+    "bool-labels": ({b"data": PIXELS, b"labels": [True, False]}, "b'labels' must hold"),
+    "label-10": (
+        {b"data": PIXELS, b"labels": [0, 10]},
+        r"in \[0, 10\) per image \(2\)",
+    ),
+    "one-label": ({b"data": PIXELS, b"labels": [0]}, "got list of 1 items"),
+    "2-d-labels": (
+        {b"data": PIXELS, b"labels": np.array([[0, 1]])},
+        r"got int64 array of shape \(1, 2\)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_BATCHES)
+def test_load_cifar10_refuses_a_batch_of_other_content_naming_file_and_key(
+    tmp_path, case
+):
+    batch, message = BAD_BATCHES[case]
+    (tmp_path / "test_batch").write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(DataFileError, match=message) as refused:
+        load_cifar10(tmp_path, "test")
+    assert str(refused.value).startswith(str(tmp_path / "test_batch"))
+
+
 def test_load_cifar10_refuses_pickles_that_run_code(tmp_path):
     class Evil:
         def __reduce__(self):
@@ -136,6 +513,11 @@ def test_load_cifar10_refuses_pickles_that_run_code(tmp_path):
             "labels must be a 1-D integer tensor of length 2",
         ),
         ({"labels": torch.tensor([0.0, 1.0])}, "labels must be a 1-D integer tensor"),
+        (
+            {"labels": torch.tensor([True, False])},
+            "labels must be a 1-D integer tensor of length 2 .* got torch.bool",
+        ),
+        ({"ids": torch.tensor([True, False])}, "ids must be a 1-D integer tensor"),
         ({"ids": torch.tensor([4, 4])}, "ids must be unique"),
         ({"ids": torch.tensor([-1, 4])}, "ids must be >= 0, got -1"),
         ({"images": torch.zeros(2, 28, 28)}, "images must be uint8"),
@@ -193,8 +575,6 @@ def test_subset_keeps_ids():
 
 
 def test_an_edge_box_folder_is_read_as_npz_or_idx(tmp_path):
-    from flwr_select.data import load_local_site
-
     images = np.random.default_rng(1).integers(0, 256, (4, 28, 28), dtype=np.uint8)
     npz = tmp_path / "npz"
     npz.mkdir()
@@ -221,6 +601,127 @@ def test_an_edge_box_folder_is_read_as_npz_or_idx(tmp_path):
     )
     site = load_local_site(idx, 10)
     assert site.labels.tolist() == [0, 1, 0, 1] and site.ids.tolist() == [0, 1, 2, 3]
+
+
+IMAGES = np.zeros((2, 28, 28), np.uint8)
+BAD_SITE_FILES = {
+    "bool-labels": (
+        {"images": IMAGES, "labels": np.array([True, False])},
+        r"array 'labels': dtype \|b1 is not allowed",
+    ),
+    "float-labels": (
+        {"images": IMAGES, "labels": np.array([0.0, 1.0])},
+        "array 'labels': dtype <f8 is not allowed",
+    ),
+    "bool-ids": (
+        {"images": IMAGES, "labels": np.array([0, 1]), "ids": np.array([True, False])},
+        r"array 'ids': dtype \|b1 is not allowed",
+    ),
+    "float-images": (
+        {"images": IMAGES / 255, "labels": np.array([0, 1])},
+        "array 'images': dtype <f8 is not allowed",
+    ),
+    "no-labels": ({"images": IMAGES}, r"lacks the arrays \['labels'\]"),
+    "stray": (
+        {"images": IMAGES, "labels": np.array([0, 1]), "x": IMAGES},
+        "unexpected member 'x.npy'",
+    ),
+    "short-labels": (
+        {"images": IMAGES, "labels": np.array([0])},
+        "labels must be a 1-D integer tensor of length 2",
+    ),
+    "label-10": (
+        {"images": IMAGES, "labels": np.array([0, 10])},
+        r"labels must lie in \[0, 10\)",
+    ),
+    "flat-images": (
+        {"images": IMAGES.ravel(), "labels": np.array([0, 1])},
+        "images must be uint8 of shape",
+    ),
+    "huge-ids": (
+        {
+            "images": IMAGES,
+            "labels": np.array([0, 1]),
+            "ids": np.array([1, 2**63], np.uint64),
+        },
+        "ids must be >= 0",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SITE_FILES)
+def test_an_edge_box_data_npz_is_refused_naming_the_file_and_field(tmp_path, case):
+    arrays, message = BAD_SITE_FILES[case]
+    np.savez(tmp_path / "data.npz", **arrays)
+    with pytest.raises(ValueError, match=message) as refused:
+        load_local_site(tmp_path, 10)
+    assert str(refused.value).startswith(str(tmp_path / "data.npz"))
+
+
+def test_an_edge_box_data_npz_that_is_not_a_whole_zip_is_refused(tmp_path):
+    np.savez(tmp_path / "whole.npz", images=IMAGES, labels=np.array([0, 1]))
+    whole = (tmp_path / "whole.npz").read_bytes()
+    for content in (b"not a zip at all", whole[: len(whole) // 2]):
+        (tmp_path / "data.npz").write_bytes(content)
+        with pytest.raises(ValueError, match="is not a readable .npz file") as refused:
+            load_local_site(tmp_path, 10)
+        assert str(refused.value).startswith(str(tmp_path / "data.npz"))
+
+
+def test_an_edge_box_idx_folder_with_labels_out_of_range_names_the_folder(tmp_path):
+    write_mnist_pair(tmp_path, IMAGES, np.array([0, 12], np.uint8))
+    with pytest.raises(DataFileError, match=r"labels must lie in \[0, 10\)") as refused:
+        load_local_site(tmp_path, 10)
+    assert str(refused.value).startswith(str(tmp_path))
+
+
+def edge_context(folder):
+    return Context(
+        run_id=1,
+        node_id=1,
+        node_config={"data-dir": str(folder)},
+        state=RecordDict(),
+        run_config={},
+    )
+
+
+def test_a_damaged_ledger_is_refused_naming_the_file(tmp_path):
+    context = edge_context(tmp_path)
+    ledger = load_ledger(context)  # none yet: an empty ledger
+    ledger.record(np.array([4, 9]), server_round=2)
+    save_ledger(context, ledger)
+    again = load_ledger(context)
+    assert again.ids.tolist() == [4, 9] and again.rounds.tolist() == [2, 2]
+    path = tmp_path / "sent-ids.npz"
+    cases = {
+        "garbage": (
+            lambda: path.write_bytes(b"\0" * 40),
+            "is not a readable .npz file",
+        ),
+        "cut": (
+            lambda: path.write_bytes(path.read_bytes()[:-30]),
+            "is not a readable .npz file",
+        ),
+        "no-rounds": (
+            lambda: np.savez(path, ids=np.array([1])),
+            r"lacks the arrays \['rounds'\]",
+        ),
+        "float-rounds": (
+            lambda: np.savez(path, ids=np.array([1]), rounds=np.array([1.5])),
+            "array 'rounds': dtype <f8 is not allowed",
+        ),
+        "unequal": (
+            lambda: np.savez(path, ids=np.array([1, 2]), rounds=np.array([1])),
+            "a ledger needs one round per id",
+        ),
+    }
+    for damage, message in cases.values():
+        save_ledger(context, ledger)
+        damage()
+        with pytest.raises(ValueError, match=message) as refused:
+            load_ledger(context)
+        assert f"the site's ledger {path} is damaged" in str(refused.value)
+        assert "fix or delete it" in str(refused.value)
 
 
 def test_the_data_folder_comes_from_the_config_then_the_environment_then_the_cache(
