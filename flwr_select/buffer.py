@@ -18,7 +18,26 @@ from torch import Tensor
 
 from flwr_select.data import SiteData
 from flwr_select.files import write_atomically
+from flwr_select.npy import read_npz
 from flwr_select.policies import SentLedger
+
+DTYPES = {
+    "num_classes": np.dtype(np.int64),
+    "max_samples": np.dtype(np.int64),
+    "images": np.dtype(np.uint8),
+    "labels": np.dtype(np.int64),
+    "sites": np.dtype(np.uint64),
+    "ids": np.dtype(np.int64),
+    "accepted_sites": np.dtype(np.uint64),
+    "accepted_*": np.dtype(np.int64),
+}
+"""The dtype of each array :meth:`TrainingBuffer.to_arrays` writes.
+
+``accepted_*`` stands for ``accepted_0``, ``accepted_1``, ...: the ledger of the
+first, second, ... site of ``accepted_sites``.
+"""
+NPZ_DTYPES = {name: (dtype,) for name, dtype in DTYPES.items()}
+""":data:`DTYPES` as :func:`flwr_select.npy.read_npz` takes them."""
 
 
 def default_device() -> torch.device:
@@ -161,9 +180,9 @@ class TrainingBuffer:
         """Return everything the buffer holds as named NumPy arrays (to store it)."""
         sites = sorted(self._accepted)
         arrays = {
-            "num_classes": np.array(self.num_classes),
+            "num_classes": np.array(self.num_classes, np.int64),
             "max_samples": np.array(
-                -1 if self.max_samples is None else self.max_samples
+                -1 if self.max_samples is None else self.max_samples, np.int64
             ),
             "labels": self.labels.cpu().numpy(),
             "sites": self.sites,
@@ -185,7 +204,18 @@ class TrainingBuffer:
         *,
         device: torch.device | str | None = None,
     ) -> TrainingBuffer:
-        """Rebuild a buffer from :meth:`to_arrays` output onto ``device``."""
+        """Rebuild a buffer from :meth:`to_arrays` output onto ``device``.
+
+        Raises
+        ------
+        ValueError
+            Naming the array, unless ``arrays`` are exactly what :meth:`to_arrays`
+            writes: the names and dtypes of :data:`DTYPES`, ``images`` of 3 or 4
+            dimensions (absent only when empty), labels in ``[0, num_classes)``,
+            one site and id (>= 0) per image, at most ``max_samples`` (-1: no
+            cap) of them, and one sorted ledger per site holding all its ids.
+        """
+        _check(arrays)
         max_samples = int(arrays["max_samples"])
         buffer = cls(
             int(arrays["num_classes"]),
@@ -210,6 +240,101 @@ class TrainingBuffer:
     def load(
         cls, path: str | Path, *, device: torch.device | str | None = None
     ) -> TrainingBuffer:
-        """Read a buffer written by :meth:`save` onto ``device``."""
-        with np.load(path, allow_pickle=False) as data:
-            return cls.from_arrays(data, device=device)
+        """Read a buffer written by :meth:`save` onto ``device``.
+
+        Raises
+        ------
+        ValueError
+            Naming the file and the first problem, if it is not exactly what
+            :meth:`save` writes (see :meth:`from_arrays`).
+        """
+        arrays = read_npz(path, NPZ_DTYPES)
+        try:
+            return cls.from_arrays(arrays, device=device)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from err
+
+
+def _check(arrays: Mapping[str, np.ndarray]) -> None:
+    """Raise ValueError, naming the array, unless ``arrays`` are a whole buffer."""
+    named = DTYPES.keys() - {"accepted_*"}
+    missing = sorted(named - {"images"} - arrays.keys())
+    if missing:
+        raise ValueError(f"buffer arrays {missing} are missing")
+    num_classes = int(_array(arrays, "num_classes", ndims=(0,)))
+    max_samples = int(_array(arrays, "max_samples", ndims=(0,)))
+    labels, sites, ids, accepted = (
+        _array(arrays, name) for name in ("labels", "sites", "ids", "accepted_sites")
+    )
+    ledgers = [f"accepted_{i}" for i in range(len(accepted))]
+    unknown = sorted(arrays.keys() - named - set(ledgers))
+    if unknown:
+        raise ValueError(f"unexpected buffer arrays {unknown}")
+    missing = [name for name in ledgers if name not in arrays]
+    if missing:
+        raise ValueError(f"buffer arrays {missing} (ledgers) are missing")
+    if num_classes < 2:
+        raise ValueError(
+            f"buffer array 'num_classes' is {num_classes}; expected an int >= 2"
+        )
+    if max_samples != -1 and max_samples < 1:
+        raise ValueError(
+            f"buffer array 'max_samples' is {max_samples}; expected -1 (no cap) or >= 1"
+        )
+    count = len(_array(arrays, "images", ndims=(3, 4))) if "images" in arrays else 0
+    for name, values in (("labels", labels), ("sites", sites), ("ids", ids)):
+        if len(values) != count:
+            raise ValueError(
+                f"buffer array {name!r} holds {len(values)} values; expected "
+                f"{count}, one per image"
+            )
+    if max_samples != -1 and count > max_samples:
+        raise ValueError(
+            f"the buffer holds {count} samples, over its 'max_samples' {max_samples}"
+        )
+    outside = labels[(labels < 0) | (labels >= num_classes)]
+    if len(outside):
+        raise ValueError(
+            f"buffer array 'labels' holds {outside[0]}, outside [0, {num_classes})"
+        )
+    if count and ids.min() < 0:
+        raise ValueError(f"buffer array 'ids' holds {ids.min()}; expected ids >= 0")
+    if np.any(accepted[1:] <= accepted[:-1]):
+        raise ValueError(
+            "buffer array 'accepted_sites' is not strictly increasing: expected "
+            "each site once, sorted"
+        )
+    for name, site in zip(ledgers, accepted, strict=True):
+        ledger = _array(arrays, name)
+        if np.any(ledger[1:] <= ledger[:-1]) or (len(ledger) and ledger[0] < 0):
+            raise ValueError(
+                f"buffer array {name!r} is not a ledger: expected ids >= 0, "
+                "strictly increasing"
+            )
+        held = ids[sites == site]
+        absent = held[~np.isin(held, ledger)]
+        if len(absent):
+            raise ValueError(
+                f"buffer sample (site {site}, id {absent[0]}) is missing from its "
+                f"site's ledger {name!r}"
+            )
+    strays = sites[~np.isin(sites, accepted)]
+    if len(strays):
+        raise ValueError(
+            f"buffer array 'sites' holds {strays[0]}, which has no ledger in "
+            "'accepted_sites'"
+        )
+
+
+def _array(
+    arrays: Mapping[str, np.ndarray], name: str, ndims: tuple[int, ...] = (1,)
+) -> np.ndarray:
+    """Return ``arrays[name]``; raise ValueError unless of its dtype and ndim."""
+    array = arrays[name]
+    dtype = DTYPES.get(name, DTYPES["accepted_*"])
+    if array.dtype != dtype or array.ndim not in ndims:
+        raise ValueError(
+            f"buffer array {name!r} is {array.dtype} of shape {array.shape}; "
+            f"expected {dtype} with {' or '.join(map(str, ndims))} dimension(s)"
+        )
+    return array

@@ -6,11 +6,19 @@ round, the central model, the whole training buffer (with the ledger of which
 settings the run was started with. It is one file written atomically (see
 :mod:`flwr_select.files`), so a crash at any moment leaves either the previous
 round's checkpoint or this one, never a mix.
+
+Resuming trusts nothing in that file: :func:`latest` reads it strictly and checks
+it whole (every member, every field, the buffer's invariants, and what the
+resuming run expects) before returning anything, so a damaged file or another
+run's is refused with a :class:`CheckpointError` that says what is wrong, rather
+than crashing the next round.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,14 +27,33 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flwr_select.buffer import TrainingBuffer
+from flwr_select.buffer import NPZ_DTYPES, TrainingBuffer
 from flwr_select.files import write_atomically
+from flwr_select.npy import read_npz
 
 CHECKPOINT = "checkpoint.npz"
 """The checkpoint's file name in a run folder."""
+MEMBERS = {
+    "state": (np.dtype(np.uint8),),
+    **{f"buffer/{name}": dtypes for name, dtypes in NPZ_DTYPES.items()},
+    "model/*": tuple(
+        np.dtype(name)
+        for name in ("float16", "float32", "float64", "uint8")
+        + ("int8", "int16", "int32", "int64")
+    ),
+}
+"""The arrays a checkpoint holds, with their dtypes, as :func:`read_npz` takes them."""
+STATE_KEYS = {"round", "config", "train_metrics", "records", "undelivered"}
+"""The fields of the JSON ``state`` array."""
+NUMBER = re.compile(r"0|[1-9][0-9]{0,19}")
+"""A JSON key that is an int >= 0, as ``json.dumps`` writes it (2**64: 20 digits)."""
 
 Metrics = dict[int, dict[str, Any]]
 """Values per round number."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is damaged or was not written by the resuming run."""
 
 
 @dataclass
@@ -83,19 +110,67 @@ class Checkpoint:
 
 
 def latest(
-    run_dir: str | Path, *, device: torch.device | str | None = None
+    run_dir: str | Path,
+    *,
+    device: torch.device | str | None = None,
+    num_classes: int | None = None,
+    sample_shape: tuple[int, ...] | None = None,
+    model_state: dict[str, Tensor] | None = None,
 ) -> Checkpoint | None:
-    """Return the checkpoint in ``run_dir`` with its buffer on ``device``, or None."""
-    path = Path(run_dir) / CHECKPOINT
+    """Return the checkpoint in ``run_dir`` with its buffer on ``device``, or None.
+
+    The file is checked whole before anything is returned: each member of an
+    allowed name and dtype (see :data:`MEMBERS`) and CRC, the ``state`` fields
+    of :meth:`Checkpoint.save` and their types, and the buffer's invariants (see
+    :meth:`TrainingBuffer.from_arrays`).
+
+    Parameters
+    ----------
+    run_dir : str or Path
+        The run folder.
+    device : torch.device or str, optional
+        Where the buffer's images and labels go (default: as
+        :class:`TrainingBuffer`).
+    num_classes : int, optional
+        The buffer's number of classes must be this.
+    sample_shape : tuple of int, optional
+        The shape of one buffered image must be this (when it holds images).
+    model_state : dict of str to Tensor, optional
+        The resuming model's ``state_dict``: the stored model must have exactly
+        its keys, and each the same shape and dtype.
+
+    Returns
+    -------
+    Checkpoint or None
+        None when ``run_dir`` holds no checkpoint.
+
+    Raises
+    ------
+    CheckpointError
+        Naming the file and what is wrong, if it is damaged or does not match
+        the expectations.
+    """
+    path = (Path(run_dir) / CHECKPOINT).absolute()
     if not path.is_file():
         return None
-    with np.load(path, allow_pickle=False) as data:
-        state = json.loads(data["state"].tobytes())
-        parts: dict[str, dict[str, np.ndarray]] = {"buffer": {}, "model": {}}
-        for key in data.files:
-            part, _, name = key.partition("/")
-            if part in parts:
-                parts[part][name] = data[key]
+    try:
+        checkpoint = _read(path, device)
+        _expect(checkpoint, num_classes, sample_shape, model_state)
+    except ValueError as err:
+        raise CheckpointError(
+            f"{path} is corrupt or does not belong to this run: {err}"
+        ) from err
+    return checkpoint
+
+
+def _read(path: Path, device: torch.device | str | None) -> Checkpoint:
+    """Read and check the checkpoint at ``path``; raise ValueError if unsound."""
+    arrays = read_npz(path, MEMBERS, required=["state"])
+    state = _state(arrays.pop("state"))
+    parts: dict[str, dict[str, np.ndarray]] = {"buffer": {}, "model": {}}
+    for key, array in arrays.items():
+        part, _, name = key.partition("/")
+        parts[part][name] = array
     return Checkpoint(
         round=state["round"],
         model_state={k: torch.from_numpy(v) for k, v in parts["model"].items()},
@@ -105,6 +180,115 @@ def latest(
         undelivered=_by_round(state["undelivered"]),
         config=state["config"],
     )
+
+
+def _state(array: np.ndarray) -> dict[str, Any]:
+    """Return the JSON ``state`` array's fields; raise ValueError unless sound."""
+    if array.ndim != 1:
+        raise ValueError(f"'state' has shape {array.shape}; expected 1-D bytes")
+    try:
+        state = json.loads(array.tobytes().decode())
+    except (ValueError, RecursionError) as err:
+        raise ValueError(f"'state' is not JSON: {err}") from None
+    if not isinstance(state, dict) or state.keys() != STATE_KEYS:
+        found = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"'state' holds {found}; expected {sorted(STATE_KEYS)}")
+    last = state["round"]
+    if type(last) is not int or last < 0:
+        raise ValueError(
+            f"'state' field 'round' is {_shown(last)}; expected an int >= 0"
+        )
+    if not isinstance(state["config"], dict):
+        raise ValueError(
+            f"'state' field 'config' is {_shown(state['config'])}; expected a dict"
+        )
+    for field in ("train_metrics", "records"):
+        _check_keyed(
+            state, field, range(last + 1), lambda v: isinstance(v, dict), "a dict"
+        )
+    _check_keyed(
+        state,
+        "undelivered",
+        range(2**64),
+        lambda v: (
+            isinstance(v, list) and all(type(r) is int and 1 <= r <= last for r in v)
+        ),
+        f"a list of rounds (ints in [1, {last}])",
+    )
+    return state
+
+
+def _check_keyed(
+    state: dict[str, Any],
+    field: str,
+    keys: range,
+    valid: Callable[[Any], bool],
+    expected: str,
+) -> None:
+    """Raise ValueError unless ``state[field]`` maps ints in ``keys`` to valid values.
+
+    JSON keys are strings: each must be an int as ``json.dumps`` writes it.
+    """
+    values = state[field]
+    if not isinstance(values, dict):
+        raise ValueError(
+            f"'state' field {field!r} is {_shown(values)}; expected a dict"
+        )
+    for key, value in values.items():
+        if not NUMBER.fullmatch(key) or int(key) not in keys:
+            raise ValueError(
+                f"'state' field {field!r} has the key {_shown(key)}; expected an "
+                f"int in [{keys.start}, {keys.stop - 1}]"
+            )
+        if not valid(value):
+            raise ValueError(
+                f"'state' field {field!r} holds {_shown(value)} at {key!r}; "
+                f"expected {expected}"
+            )
+
+
+def _expect(
+    checkpoint: Checkpoint,
+    num_classes: int | None,
+    sample_shape: tuple[int, ...] | None,
+    model_state: dict[str, Tensor] | None,
+) -> None:
+    """Raise ValueError unless ``checkpoint`` is what the resuming run expects."""
+    buffer = checkpoint.buffer
+    if num_classes is not None and buffer.num_classes != num_classes:
+        raise ValueError(
+            f"the buffer has {buffer.num_classes} classes; this run has {num_classes}"
+        )
+    shape = buffer.image_shape
+    if sample_shape is not None and shape not in (None, tuple(sample_shape)):
+        raise ValueError(
+            f"the buffer's images are of shape {shape}; this run's are "
+            f"{tuple(sample_shape)}"
+        )
+    if model_state is None:
+        return
+    stored = checkpoint.model_state
+    missing = sorted(model_state.keys() - stored.keys())
+    unexpected = sorted(stored.keys() - model_state.keys())
+    if missing or unexpected:
+        raise ValueError(
+            f"the model's arrays are not this run's: missing {missing}, "
+            f"unexpected {unexpected}"
+        )
+    for name, value in model_state.items():
+        got = stored[name]
+        if got.shape != value.shape or got.dtype != value.dtype:
+            raise ValueError(
+                f"model array 'model/{name}' is {got.dtype} of shape "
+                f"{tuple(got.shape)}; this run's model has {value.dtype} of shape "
+                f"{tuple(value.shape)}"
+            )
+
+
+def _shown(value: Any) -> str:
+    """Return ``repr(value)``, cut to 80 characters to keep a message readable."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
 
 
 def _by_round(values: dict[str, Any]) -> dict[int, Any]:

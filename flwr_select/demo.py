@@ -63,7 +63,10 @@ def main(argv: list[str] | None = None) -> None:
     for policy in ("uniform", "oblivious", "proxy"):
         chosen = select(trial, budget, policy, seed=args.seed)
         raw, packed = (pack(site, chosen, compress=c) for c in (False, True))
-        assert decode(packed, 10, sample_shape=(28, 28))[0].ids.tolist() == site.ids[chosen].tolist()
+        assert (
+            decode(packed, 10, sample_shape=(28, 28))[0].ids.tolist()
+            == site.ids[chosen].tolist()
+        )
         wrong = int(trial.wrong[chosen].sum())
         loss = trial.confidence["cross-entropy"][chosen].mean()
         print(

@@ -171,6 +171,9 @@ def read_npz(
     arrays: dict[str, np.ndarray] = {}
     try:
         with zipfile.ZipFile(path) as archive:
+            if archive.comment or any(m.comment for m in archive.infolist()):
+                # np.savez writes none; a damaged length can hide members in one
+                raise NpyError("the zip holds comments, which np.savez never writes")
             for member in archive.infolist():
                 name = member.filename.removesuffix(".npy")
                 dtypes = _allowed_for(name, allowed)
@@ -185,8 +188,15 @@ def read_npz(
                         raise NpyError(f"array {name!r}: {err}") from None
     except NpyError as err:
         raise NpyError(f"{path}: {err}") from None
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as err:
-        raise NpyError(f"{path} is not a readable .npz file: {err}") from None
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        EOFError,
+        OSError,
+        NotImplementedError,  # zipfile: an unknown compression method or version
+        RuntimeError,  # zipfile: an encrypted member
+    ) as err:
+        raise NpyError(f"{path} is not a readable .npz file: {err!r}") from None
     missing = sorted(set(required) - arrays.keys())
     if missing:
         raise NpyError(f"{path} lacks the arrays {missing}")

@@ -196,7 +196,10 @@ def run_site(
                 seed=(seed, server_round),
             )
             upload = pack(site, chosen)
-            buffer.add(1, decode(upload, data.num_classes, sample_shape=site.images.shape[1:])[0])  # what the server gets
+            buffer.add(
+                1,
+                decode(upload, data.num_classes, sample_shape=site.images.shape[1:])[0],
+            )  # what the server gets
             train(
                 model,
                 buffer.images,

@@ -200,13 +200,23 @@ class SampleSelection(FedAvg):
 
         Raises
         ------
+        CheckpointError
+            If the file is damaged, or holds another model, class count or
+            sample shape (:func:`~flwr_select.checkpoint.latest` checks it whole
+            before anything is loaded).
         ValueError
             If the checkpoint was written by a run with other settings (it names
             them): resuming it would mix two experiments.
         """
         checkpoint = None
         if self.run_dir is not None:
-            checkpoint = latest(self.run_dir, device=self.buffer.device)
+            checkpoint = latest(
+                self.run_dir,
+                device=self.buffer.device,
+                num_classes=self.num_classes,
+                sample_shape=self.sample_shape,
+                model_state=self.model.state_dict(),
+            )
         if checkpoint is None:
             return None
         settings = self.run_settings()

@@ -304,3 +304,66 @@ def test_uploads_added_one_by_one_hold_what_one_concatenation_would(sizes, cap):
     assert torch.equal(buffer.labels, expected.labels)
     assert buffer.ids.tolist() == list(range(total - kept, total))
     assert buffer.nbytes == kept * (16 + 8)  # 4x4 uint8 pixels and an int64 label
+
+
+def arrays_of_a_buffer():
+    buffer = TrainingBuffer(NUM_CLASSES, device="cpu", max_samples=3)
+    buffer.add(BIG_SITE, upload([1, 2]))
+    buffer.add(3, upload([5, 6]))  # (BIG_SITE, 1) dropped, still in its ledger
+    return buffer.to_arrays()  # accepted_0: site 3, accepted_1: BIG_SITE
+
+
+FLAWS = {
+    "float images": (
+        lambda a: a.update(images=a["images"].astype(np.float32)),
+        r"'images' is float32 of shape \(3, 4, 4\); expected uint8 with 3 or 4",
+    ),
+    "label out of range": (
+        lambda a: a.update(labels=np.array([2, 5, 10])),
+        r"'labels' holds 10, outside \[0, 10\)",
+    ),
+    "labels shorter than images": (
+        lambda a: a.update(labels=a["labels"][:2]),
+        r"'labels' holds 2 values; expected 3, one per image",
+    ),
+    "negative id": (
+        lambda a: a.update(ids=np.array([2, -5, 6])),
+        r"'ids' holds -5; expected ids >= 0",
+    ),
+    "missing array": (
+        lambda a: a.pop("sites"),
+        r"buffer arrays \['sites'\] are missing",
+    ),
+    "unknown array": (
+        lambda a: a.update(extra=np.zeros(1)),
+        r"unexpected buffer arrays \['extra'\]",
+    ),
+    "sample not in its ledger": (
+        lambda a: a.update(accepted_1=np.array([1], np.int64)),
+        rf"sample \(site {BIG_SITE}, id 2\) is missing from its site's ledger 'accepted_1'",
+    ),
+}
+
+
+@pytest.mark.parametrize("edit, problem", FLAWS.values(), ids=FLAWS.keys())
+def test_from_arrays_refuses_a_flawed_buffer_naming_the_array(edit, problem):
+    # Prepare
+    arrays = arrays_of_a_buffer()
+    edit(arrays)
+    # Execute / Assert
+    with pytest.raises(ValueError, match=problem):
+        TrainingBuffer.from_arrays(arrays, device="cpu")
+
+
+def test_load_refuses_a_damaged_file_naming_it(tmp_path):
+    # Prepare
+    path = tmp_path / "buffer.npz"
+    arrays = arrays_of_a_buffer()
+    arrays["labels"] = arrays["labels"][:1]
+    np.savez(path, **arrays)
+    # Execute / Assert
+    with pytest.raises(ValueError, match=rf"^{path}: buffer array 'labels' holds 1"):
+        TrainingBuffer.load(path, device="cpu")
+    path.write_bytes(path.read_bytes()[:-30])  # cut short
+    with pytest.raises(ValueError, match=rf"^{path} is not a readable .npz file"):
+        TrainingBuffer.load(path, device="cpu")

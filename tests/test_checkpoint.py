@@ -1,17 +1,31 @@
-"""The server's checkpoint: exact round trip, atomic replacement, refusal to mix runs."""
+"""The server's checkpoint: exact round trip, atomic replacement, refusal to mix runs.
+
+Resuming trusts nothing: each damaged file below was written by a real
+``Checkpoint.save`` and then truncated, flipped or rewritten with one thing wrong,
+and ``latest`` must refuse it with a ``CheckpointError`` naming the file and the
+problem.
+"""
 
 import functools
+import json
+import re
+import struct
+import zipfile
 
 import numpy as np
 import pytest
 import torch
+from flwr.app import ArrayRecord
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flwr_select.buffer import TrainingBuffer
-from flwr_select.checkpoint import CHECKPOINT, Checkpoint, latest
+from flwr_select.checkpoint import CHECKPOINT, Checkpoint, CheckpointError, latest
 from flwr_select.data import SiteData
 from flwr_select.models import build_model
 from flwr_select.protocol import SelectionConfig
 from strategies.sample_selection import SampleSelection
+from tests.hostile import make_strategy
 
 
 def samples(ids) -> SiteData:
@@ -31,6 +45,25 @@ def strategy(run_dir, **selection) -> SampleSelection:
     )
 
 
+def assert_same(back: Checkpoint, saved: Checkpoint) -> None:
+    """Everything equal; the buffer's arrays byte for byte, dtypes included."""
+    assert (back.round, back.config, back.undelivered) == (
+        saved.round,
+        saved.config,
+        saved.undelivered,
+    )
+    assert back.train_metrics == saved.train_metrics and back.records == saved.records
+    assert back.model_state.keys() == saved.model_state.keys()
+    for name, value in saved.model_state.items():
+        assert back.model_state[name].dtype == value.dtype
+        assert torch.equal(back.model_state[name], value)
+    got, want = back.buffer.to_arrays(), saved.buffer.to_arrays()
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        assert (got[name].dtype, got[name].shape) == (value.dtype, value.shape)
+        assert got[name].tobytes() == value.tobytes()
+
+
 def test_a_checkpoint_comes_back_exactly(tmp_path):
     # Prepare
     buffer = TrainingBuffer(10, device="cpu")
@@ -46,22 +79,34 @@ def test_a_checkpoint_comes_back_exactly(tmp_path):
         undelivered={2**63 + 5: [2, 3]},
         config={"rho": 0.05, "dataset": "mnist", "compress": False},
     )
-    # Execute
+    # Execute: the resuming run's expectations are met
     path = saved.save(tmp_path)
-    back = latest(tmp_path, device="cpu")
+    back = latest(
+        tmp_path,
+        device="cpu",
+        num_classes=10,
+        sample_shape=(28, 28),
+        model_state=build_model("lenet5").state_dict(),
+    )
     # Assert
     assert path == tmp_path / CHECKPOINT
     assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT]  # no temp file left
+    assert_same(back, saved)
     assert back.round == 3 and back.config == saved.config
-    assert back.train_metrics == saved.train_metrics and back.records == saved.records
-    assert back.undelivered == saved.undelivered
-    assert back.model_state.keys() == saved.model_state.keys()
-    assert all(
-        torch.equal(back.model_state[k], v) for k, v in saved.model_state.items()
-    )
     assert torch.equal(back.buffer.images, buffer.images)
     assert back.buffer.sites.tolist() == [7, 7, 7, 9]
     assert back.buffer.add(7, samples([3, 4])) == 1  # the ledger came back too
+
+
+def test_an_empty_buffer_meets_any_sample_shape(tmp_path):
+    # Prepare: round 0, nothing uploaded yet
+    saved = Checkpoint(0, {}, TrainingBuffer(10, device="cpu"), {}, {0: {}}, {}, {})
+    saved.save(tmp_path)
+    # Execute
+    back = latest(tmp_path, device="cpu", num_classes=10, sample_shape=(1, 28, 28))
+    # Assert
+    assert_same(back, saved)
+    assert back.buffer.images is None and back.buffer.max_samples is None
 
 
 def test_there_is_nothing_to_resume_in_an_empty_folder(tmp_path):
@@ -98,3 +143,396 @@ def test_a_run_with_other_settings_is_refused_not_mixed_in(tmp_path):
     strategy(tmp_path, rho=0.2)._finish_round(0, None, None)
     with pytest.raises(ValueError, match=r"other settings \(rho\)"):
         strategy(tmp_path, rho=0.1).resume()
+
+
+# --- Damaged checkpoints ---------------------------------------------------------
+
+BIG_SITE = 2**63 + 5
+
+
+def tiny_model() -> torch.nn.Module:
+    """Float weights and an int64 counter (BatchNorm's), in a small file."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+
+
+def small_checkpoint() -> Checkpoint:
+    # 5 samples under a cap of 4: (7, 1) is dropped, yet stays in site 7's ledger
+    buffer = TrainingBuffer(10, device="cpu", max_samples=4)
+    buffer.add(7, samples([1, 2, 3]))
+    buffer.add(BIG_SITE, samples([1, 2]))
+    return Checkpoint(
+        round=3,
+        model_state=tiny_model().state_dict(),
+        buffer=buffer,
+        train_metrics={1: {"samples-received": 5}, 3: {"train-loss": 0.5}},
+        records={0: {"accuracy": 0.1}, 3: {"accuracy": 0.9}},
+        undelivered={BIG_SITE: [2, 3], 4: []},
+        config={"rho": 0.05, "dataset": "mnist"},
+    )
+
+
+@pytest.fixture
+def saved(tmp_path):
+    checkpoint = small_checkpoint()
+    return checkpoint, checkpoint.save(tmp_path)
+
+
+def refused(path, **expected) -> str:
+    """Assert ``latest`` refuses the file at ``path``; return the message."""
+    with pytest.raises(CheckpointError) as info:
+        latest(path.parent, device="cpu", **expected)
+    message = str(info.value)
+    assert message.startswith(f"{path} is corrupt or does not belong to this run: ")
+    return message
+
+
+def rewrite(path, edit) -> None:
+    """Rewrite the checkpoint at ``path`` with ``edit(arrays)`` applied to its arrays."""
+    with np.load(path) as data:
+        arrays = dict(data)
+    edit(arrays)
+    np.savez(path, **arrays)
+
+
+def put(name, value):
+    return lambda arrays: arrays.__setitem__(name, value)
+
+
+def drop(name):
+    return lambda arrays: arrays.pop(name)
+
+
+def change(name, fn):
+    return lambda arrays: arrays.__setitem__(name, fn(arrays[name].copy()))
+
+
+def at(index, value):
+    def edit(array):
+        array[index] = value
+        return array
+
+    return edit
+
+
+def state(fn):
+    """Edit the JSON state's fields with ``fn(fields)``."""
+
+    def edit(arrays):
+        fields = json.loads(arrays["state"].tobytes())
+        fn(fields)
+        arrays["state"] = np.frombuffer(json.dumps(fields).encode(), np.uint8)
+
+    return edit
+
+
+def field(name, value):
+    return state(lambda fields: fields.__setitem__(name, value))
+
+
+def raw_state(text: bytes):
+    return put("state", np.frombuffer(text, np.uint8))
+
+
+MAX_NODE_ID = str(2**64 - 1)
+
+DAMAGE = {
+    # the zip's members
+    "unknown member": (put("extra", np.zeros(1)), r"unexpected member 'extra.npy'"),
+    "unknown buffer member": (
+        put("buffer/extra", np.zeros(1, np.int64)),
+        r"unexpected member 'buffer/extra.npy'",
+    ),
+    "missing state": (drop("state"), r"lacks the arrays \['state'\]"),
+    "missing labels": (
+        drop("buffer/labels"),
+        r"buffer arrays \['labels'\] are missing",
+    ),
+    "float images": (
+        change("buffer/images", lambda a: a.astype(np.float32)),
+        r"array 'buffer/images': dtype <f4 is not allowed \(allowed: uint8\)",
+    ),
+    "bool model array": (
+        change("model/0.weight", lambda a: a > 0),
+        r"array 'model/0.weight': dtype \|b1 is not allowed",
+    ),
+    "state of int8": (
+        change("state", lambda a: a.astype(np.int8)),
+        r"array 'state': dtype \|i1 is not allowed \(allowed: uint8\)",
+    ),
+    # the buffer
+    "label out of range": (
+        change("buffer/labels", at(0, 10)),
+        r"'labels' holds 10, outside \[0, 10\)",
+    ),
+    "negative label": (
+        change("buffer/labels", at(2, -1)),
+        r"'labels' holds -1, outside \[0, 10\)",
+    ),
+    "labels shorter than images": (
+        change("buffer/labels", lambda a: a[:-1]),
+        r"'labels' holds 3 values; expected 4, one per image",
+    ),
+    "labels but no images": (
+        drop("buffer/images"),
+        r"'labels' holds 4 values; expected 0, one per image",
+    ),
+    "sites shorter": (
+        change("buffer/sites", lambda a: a[1:]),
+        r"'sites' holds 3 values; expected 4",
+    ),
+    "images of 2 dimensions": (
+        change("buffer/images", lambda a: a[0]),
+        r"'images' is uint8 of shape \(28, 28\); expected uint8 with 3 or 4 dim",
+    ),
+    "labels of 2 dimensions": (
+        change("buffer/labels", lambda a: a[:, None]),
+        r"'labels' is int64 of shape \(4, 1\); expected int64 with 1 dim",
+    ),
+    "one class": (
+        put("buffer/num_classes", np.array(1)),
+        r"'num_classes' is 1; expected an int >= 2",
+    ),
+    "num_classes an array": (
+        put("buffer/num_classes", np.array([10])),
+        r"'num_classes' is int64 of shape \(1,\); expected int64 with 0 dim",
+    ),
+    "a cap of 0": (
+        put("buffer/max_samples", np.array(0)),
+        r"'max_samples' is 0; expected -1 \(no cap\) or >= 1",
+    ),
+    "over the cap": (
+        put("buffer/max_samples", np.array(2)),
+        r"holds 4 samples, over its 'max_samples' 2",
+    ),
+    "negative id": (
+        change("buffer/ids", at(0, -1)),
+        r"'ids' holds -1; expected ids >= 0",
+    ),
+    "sample not in its ledger": (
+        change("buffer/accepted_0", lambda a: a[:-1]),
+        r"sample \(site 7, id 3\) is missing from its site's ledger 'accepted_0'",
+    ),
+    "unsorted ledger": (
+        change("buffer/accepted_0", lambda a: a[::-1]),
+        r"'accepted_0' is not a ledger",
+    ),
+    "site twice in accepted_sites": (
+        change("buffer/accepted_sites", at(1, 7)),
+        r"'accepted_sites' is not strictly increasing",
+    ),
+    "site without a ledger": (
+        change("buffer/sites", at(0, 5)),
+        r"'sites' holds 5, which has no ledger",
+    ),
+    "missing ledger": (
+        drop("buffer/accepted_1"),
+        r"buffer arrays \['accepted_1'\] \(ledgers\) are missing",
+    ),
+    "extra ledger": (
+        put("buffer/accepted_2", np.zeros(0, np.int64)),
+        r"unexpected buffer arrays \['accepted_2'\]",
+    ),
+    # the JSON state
+    "state not JSON": (raw_state(b"not json"), r"'state' is not JSON"),
+    "state not UTF-8": (raw_state(b'{"round": "\xff"}'), r"'state' is not JSON"),
+    "state 2-D": (
+        change("state", lambda a: a[None]),
+        r"'state' has shape \(1, \d+\); expected 1-D",
+    ),
+    "state a list": (raw_state(b"[]"), r"'state' holds list; expected \['config'"),
+    "state lacks round": (
+        state(lambda fields: fields.pop("round")),
+        r"'state' holds \['config', 'records', 'train_metrics', 'undelivered'\]",
+    ),
+    "state has an extra field": (
+        field("extra", 1),
+        r"'state' holds \['config', 'extra',",
+    ),
+    "round -1": (field("round", -1), r"'round' is -1; expected an int >= 0"),
+    "round 2.5": (field("round", 2.5), r"'round' is 2.5; expected an int >= 0"),
+    "round true": (field("round", True), r"'round' is True; expected an int >= 0"),
+    "round a string": (field("round", "3"), r"'round' is '3'; expected an int >= 0"),
+    "config a list": (field("config", []), r"'config' is \[\]; expected a dict"),
+    "metrics after the round": (
+        field("round", 1),
+        r"'train_metrics' has the key '3'; expected an int in \[0, 1\]",
+    ),
+    "records after the round": (
+        field("records", {"4": {}}),
+        r"'records' has the key '4'; expected an int in \[0, 3\]",
+    ),
+    "metrics key negative": (
+        field("train_metrics", {"-1": {}}),
+        r"'train_metrics' has the key '-1'; expected an int in \[0, 3\]",
+    ),
+    "metrics key not canonical": (
+        field("train_metrics", {"01": {}}),
+        r"'train_metrics' has the key '01'",
+    ),
+    "metrics a list": (field("train_metrics", []), r"'train_metrics' is \[\]"),
+    "record not a dict": (
+        field("records", {"0": 0.5}),
+        r"'records' holds 0.5 at '0'; expected a dict",
+    ),
+    "node id negative": (
+        field("undelivered", {"-5": [1]}),
+        rf"'undelivered' has the key '-5'; expected an int in \[0, {MAX_NODE_ID}\]",
+    ),
+    "node id beyond uint64": (
+        field("undelivered", {str(2**64): [1]}),
+        r"'undelivered' has the key '18446744073709551616'",
+    ),
+    "node id of 5000 digits": (
+        field("undelivered", {"9" * 5000: [1]}),
+        r"'undelivered' has the key '9999",
+    ),
+    "undelivered round 0": (
+        field("undelivered", {"4": [0]}),
+        r"'undelivered' holds \[0\] at '4'; expected a list of rounds \(ints in \[1, 3\]\)",
+    ),
+    "undelivered after the round": (
+        field("undelivered", {"4": [4]}),
+        r"'undelivered' holds \[4\] at '4'",
+    ),
+    "undelivered round true": (
+        field("undelivered", {"4": [True]}),
+        r"'undelivered' holds \[True\] at '4'",
+    ),
+    "undelivered not a list": (
+        field("undelivered", {"4": 2}),
+        r"'undelivered' holds 2 at '4'",
+    ),
+}
+
+
+@pytest.mark.parametrize("edit, problem", DAMAGE.values(), ids=DAMAGE.keys())
+def test_a_checkpoint_with_one_thing_wrong_is_refused_naming_it(saved, edit, problem):
+    # Prepare
+    _, path = saved
+    rewrite(path, edit)
+    # Execute / Assert
+    assert re.search(problem, refused(path))
+
+
+@pytest.mark.parametrize("keep", [0, 1, 30, 0.5, -100, -22, -1])
+def test_a_truncated_checkpoint_is_refused(saved, keep):
+    # Prepare: keep the first bytes (a fraction of them, or all but some)
+    _, path = saved
+    data = path.read_bytes()
+    path.write_bytes(data[: int(keep * len(data)) if isinstance(keep, float) else keep])
+    # Execute / Assert
+    assert "is not a readable .npz file" in refused(path)
+
+
+def test_a_flipped_byte_is_caught_by_the_crc(saved):
+    # Prepare: flip one pixel inside the stored images
+    _, path = saved
+    data = bytearray(path.read_bytes())
+    offset = zipfile.ZipFile(path).getinfo("buffer/images.npy").header_offset
+    name, extra = struct.unpack("<HH", data[offset + 26 : offset + 30])
+    data[offset + 30 + name + extra + 500] ^= 0xFF
+    path.write_bytes(data)
+    # Execute / Assert
+    assert re.search(r"Bad CRC-32 for file 'buffer/images.npy'", refused(path))
+
+
+def test_a_checkpoint_of_another_run_is_refused(saved):
+    # Prepare
+    _, path = saved
+    wider = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3))
+    # Execute / Assert
+    assert "has 10 classes; this run has 100" in refused(path, num_classes=100)
+    assert re.search(
+        r"images are of shape \(28, 28\); this run's are \(1, 28, 28\)",
+        refused(path, sample_shape=(1, 28, 28)),
+    )
+    assert re.search(
+        r"missing \[.*'standardize.mean'.*\], unexpected \['0.bias', '0.weight'",
+        refused(path, model_state=build_model("lenet5").state_dict()),
+    )
+    assert re.search(
+        r"'model/0.weight' is torch.float32 of shape \(2, 1, 3, 3\); this run's "
+        r"model has torch.float32 of shape \(3, 1, 3, 3\)",
+        refused(path, model_state=wider.state_dict()),
+    )
+    assert re.search(
+        r"'model/0.weight' is torch.float32 .* has torch.float64",
+        refused(path, model_state=tiny_model().double().state_dict()),
+    )
+    # and the right expectations pass
+    assert latest(
+        path.parent,
+        device="cpu",
+        num_classes=10,
+        sample_shape=[28, 28],
+        model_state=tiny_model().state_dict(),
+    )
+
+
+def expected_of(checkpoint: Checkpoint) -> dict:
+    """What the run that wrote ``checkpoint`` expects when it resumes."""
+    return {
+        "num_classes": checkpoint.buffer.num_classes,
+        "sample_shape": checkpoint.buffer.image_shape,
+        "model_state": tiny_model().state_dict(),
+    }
+
+
+def test_model_arrays_hidden_by_a_damaged_zip_directory_are_refused(saved):
+    # Prepare: a huge comment length in the images' directory entry makes zipfile
+    # read the model's entries after it as that comment: they vanish silently
+    checkpoint, path = saved
+    data = bytearray(path.read_bytes())
+    entry = data.rindex(b"buffer/images.npy") - 46  # its name ends the entry's header
+    assert data[entry : entry + 4] == b"PK\x01\x02"
+    data[entry + 32 : entry + 34] = b"\xff\xff"  # the entry's comment length
+    path.write_bytes(data)
+    # Execute / Assert: refused for the comment, even without the model's state
+    assert "the zip holds comments" in refused(path)
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    checkpoint = small_checkpoint()
+    path = checkpoint.save(tmp_path_factory.mktemp("pristine"))
+    return checkpoint, path, path.read_bytes()
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data())
+def test_a_damaged_checkpoint_comes_back_whole_or_is_refused(pristine, data):
+    # Prepare: a few bytes overwritten, maybe the file cut short
+    checkpoint, path, original = pristine
+    damaged = bytearray(original)
+    positions = st.integers(0, len(original) - 1)
+    for position, value in data.draw(
+        st.lists(st.tuples(positions, st.integers(0, 255)), max_size=3)
+    ):
+        damaged[position] = value
+    cut = data.draw(st.none() | positions)
+    path.write_bytes(damaged[:cut])
+    # Execute: as a resuming run calls it, expecting its own model and data
+    try:
+        back = latest(path.parent, device="cpu", **expected_of(checkpoint))
+    except CheckpointError as err:
+        # Assert: refused, naming the file
+        assert str(path) in str(err)
+    else:
+        # Assert: or it is the checkpoint that was written
+        assert_same(back, checkpoint)
+
+
+def test_a_run_on_a_damaged_checkpoint_starts_nothing(tmp_path):
+    # Prepare: a strategy checkpoints its round 0; then the file loses its tail
+    first = make_strategy(run_dir=tmp_path)
+    first._finish_round(0, ArrayRecord(first.model.state_dict()), None)
+    path = tmp_path / "checkpoint.npz"
+    path.write_bytes(path.read_bytes()[:-100])
+    damaged = path.read_bytes()
+    # Execute: a new run in that folder (no grid: it must not get that far)
+    again = make_strategy(run_dir=tmp_path)
+    with pytest.raises(CheckpointError, match=f"{path.absolute()} is corrupt"):
+        again.start(None, ArrayRecord(again.model.state_dict()), num_rounds=2)
+    # Assert: the file is as it was, nothing was loaded or written
+    assert path.read_bytes() == damaged and again.completed_round is None
