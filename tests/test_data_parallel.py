@@ -2,6 +2,7 @@
 
 import copy
 import functools
+import io
 
 import numpy as np
 import pytest
@@ -33,6 +34,7 @@ from flwr_select.protocol import CONFIG_KEY, METRICS_KEY, MODEL_KEY
 from flwr_select.sampling import Sampling
 from flwr_select.trainer import TrainConfig
 from strategies.data_parallel import BiasedDataParallel
+from tests.hostile import npy_header
 
 N = 64
 
@@ -88,7 +90,13 @@ def tampered(reply: Message, gradient=None, metrics=None) -> Message:
     """The same reply with its gradient array or metrics replaced."""
     content = RecordDict(
         {
-            GRADIENT_KEY: ArrayRecord({GRADIENT_KEY: Array(gradient)})
+            GRADIENT_KEY: ArrayRecord(
+                {
+                    GRADIENT_KEY: gradient
+                    if isinstance(gradient, Array)
+                    else Array(gradient)
+                }
+            )
             if gradient is not None
             else reply.content.array_records[GRADIENT_KEY],
             METRICS_KEY: MetricRecord(metrics)
@@ -97,6 +105,25 @@ def tampered(reply: Message, gradient=None, metrics=None) -> Message:
         }
     )
     return Message(content, reply_to=request_of(reply))
+
+
+def npz_bytes(size: int) -> bytes:
+    """A zip of one array, where a .npy belongs."""
+    buffer = io.BytesIO()
+    np.savez(buffer, gradient=np.zeros(size, np.float32))
+    return buffer.getvalue()
+
+
+def test_a_reply_with_an_extra_record_is_rejected(task_identity, caplog):
+    strategy = make_strategy()
+    good, source = worker_reply(strategy, 0), worker_reply(strategy, 1)
+    extra = RecordDict(
+        {**dict(source.content.items()), "note": ConfigRecord({"hi": "server"})}
+    )
+    bad = Message(extra, reply_to=request_of(source))
+    _, result = strategy.aggregate_train(1, [good, bad])
+    assert result["workers-accepted"] == 1 and result["workers-rejected"] == 1
+    assert "'note' (ConfigRecord)" in caplog.text
 
 
 def request_of(reply: Message) -> Message:
@@ -214,6 +241,10 @@ def test_the_same_seed_gives_the_same_gradient(task_identity):
         (None, {"loss": -1.0, "num-examples": 8}, "loss must be"),
         (None, {"loss": 1.0, "num-examples": 0}, "num-examples"),
         (None, {"loss": 1.0}, "num-examples"),
+        (None, {"loss": 1.0, "num-examples": 8, "bonus": 1}, "the metrics hold"),
+        ("npz bytes", None, "the gradient is not a readable array: not a .npy array"),
+        ("2**61 elements over 10 bytes", None, "the .npy body holds 10 bytes"),
+        ("big-endian", None, "dtype >f4 is not allowed"),
     ],
 )
 def test_a_bad_gradient_is_rejected_and_the_round_goes_on(
@@ -228,6 +259,19 @@ def test_a_bad_gradient_is_rejected_and_the_round_goes_on(
             "float64": np.zeros(size, np.float64),
             "nan": np.full(size, np.nan, np.float32),
             "inf": np.full(size, np.inf, np.float32),
+            "npz bytes": Array("float32", (size,), "numpy.ndarray", npz_bytes(size)),
+            "2**61 elements over 10 bytes": Array(
+                "float32",
+                (size,),
+                "numpy.ndarray",
+                npy_header((2**61,), "<f4") + bytes(10),
+            ),
+            "big-endian": Array(
+                "float32",
+                (size,),
+                "numpy.ndarray",
+                Array(np.zeros(size, ">f4")).data,
+            ),
         }[gradient]
     bad = tampered(bad_source, gradient, metrics)
     before = flat_parameters(strategy.model)
