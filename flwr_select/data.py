@@ -539,6 +539,7 @@ class DatasetInfo:
 
     loader: Callable[[str | Path, str], tuple[Tensor, Tensor]]
     num_classes: int
+    sample_shape: tuple[int, ...]
     model: str
     files: str
 
@@ -548,11 +549,14 @@ MNIST_FORMAT_FILES = (
     "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz"
 )
 DATASETS = {
-    "mnist": DatasetInfo(load_mnist, 10, "lenet5", MNIST_FORMAT_FILES),
-    "fashion-mnist": DatasetInfo(load_mnist, 10, "lenet5", MNIST_FORMAT_FILES),
+    "mnist": DatasetInfo(load_mnist, 10, (28, 28), "lenet5", MNIST_FORMAT_FILES),
+    "fashion-mnist": DatasetInfo(
+        load_mnist, 10, (28, 28), "lenet5", MNIST_FORMAT_FILES
+    ),
     "cifar10": DatasetInfo(
         load_cifar10,
         10,
+        (3, 32, 32),
         "cifar-cnn",
         "cifar-10-batches-py/ (data_batch_1..5, test_batch)",
     ),
@@ -577,19 +581,34 @@ def resolve_data_dir(dataset: str, data_dir: str | Path | None = None) -> Path:
 def load_dataset(
     dataset: str, data_dir: str | Path, split: str
 ) -> tuple[Tensor, Tensor]:
-    """Load ``split`` of a named data set, or say which files to put where."""
+    """Load ``split`` of a named data set, or say which files to put where.
+
+    The images must be of the data set's :attr:`DatasetInfo.sample_shape` (the
+    shape the server holds uploads to) and the labels in its classes.
+    """
     if dataset not in DATASETS:
         raise ValueError(
             f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}"
         )
     info = DATASETS[dataset]
     try:
-        return info.loader(data_dir, split)
+        images, labels = info.loader(data_dir, split)
     except FileNotFoundError as err:
         raise FileNotFoundError(
             f"{dataset} is not in {data_dir} ({err}). Put {info.files} there, or name "
             f"another folder with the run config key data-dir or ${DATA_DIR_ENV}."
         ) from None
+    if tuple(images.shape[1:]) != info.sample_shape:
+        raise DataFileError(
+            f"{data_dir}: {split} images are of shape {tuple(images.shape[1:])}, "
+            f"{dataset}'s are {info.sample_shape}"
+        )
+    if len(labels) and int(labels.max()) >= info.num_classes:
+        raise DataFileError(
+            f"{data_dir}: {split} labels go up to {int(labels.max())}; {dataset} "
+            f"has {info.num_classes} classes"
+        )
+    return images, labels
 
 
 INTEGERS = [

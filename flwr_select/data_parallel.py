@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from flwr_select.protocol import RunConfigFields
-from flwr_select.reductions import Reduction, make_reduction, reduce
+from flwr_select.config import RunConfigFields, check, check_name
+from flwr_select.reductions import REDUCTIONS, Reduction, make_reduction, reduce
 from flwr_select.sampling import Sampling
 
 ACTION = "gradient"
@@ -47,6 +47,11 @@ class DataParallelConfig(RunConfigFields):
         Batches (SGD steps) per worker and round.
     local_lr : float (default: 0.01)
         Step size of a worker's local SGD when ``local_steps > 1``.
+
+    Raises
+    ------
+    flwr_select.config.ConfigError
+        If a value is not allowed, naming the run-config key.
     """
 
     reduction: str = "mean"
@@ -57,14 +62,12 @@ class DataParallelConfig(RunConfigFields):
     local_lr: float = 0.01
 
     def __post_init__(self) -> None:
-        self.make_reduction()
-        if self.batch_size < 1 or self.local_steps < 1:
-            raise ValueError(
-                f"batch-size and local-steps must be >= 1, got {self.batch_size} "
-                f"and {self.local_steps}"
-            )
-        if not self.local_lr > 0:
-            raise ValueError(f"local-lr must be > 0, got {self.local_lr}")
+        check_name("reduction", self.reduction, REDUCTIONS)
+        check("trim", self.trim, 0.0 <= self.trim < 0.5, "in [0, 0.5)")
+        check("clip-norm", self.clip_norm, self.clip_norm >= 0, ">= 0")
+        check("batch-size", self.batch_size, self.batch_size >= 1, ">= 1")
+        check("local-steps", self.local_steps, self.local_steps >= 1, ">= 1")
+        check("local-lr", self.local_lr, self.local_lr > 0, "> 0")
 
     def make_reduction(self) -> Reduction:
         """Return the configured reduction."""

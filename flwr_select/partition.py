@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from flwr_select.config import check, check_name
+
 PARTITIONERS = ("iid", "dirichlet")
 """Names :func:`partition_pool` accepts (the run-config key ``partitioner``)."""
 
@@ -101,16 +103,20 @@ def site_partition(
 def check_partitioner(partitioner: str, alpha: float = 0.5) -> None:
     """Raise if ``partitioner`` or ``alpha`` is invalid, or Dirichlet lacks its library.
 
-    Lets a server refuse a bad run config before any site starts.
+    ``alpha`` (the run-config key ``dirichlet-alpha``) is checked whatever the
+    partitioner, so a mistyped value fails at once. Lets a server refuse a bad
+    run config before any site starts.
+
+    Raises
+    ------
+    flwr_select.config.ConfigError
+        If ``partitioner`` is not one of :data:`PARTITIONERS` or ``alpha <= 0``.
+    ImportError
+        If ``partitioner`` is ``"dirichlet"`` and Flower Datasets is missing.
     """
-    if partitioner not in PARTITIONERS:
-        choices = ", ".join(PARTITIONERS)
-        raise ValueError(
-            f"unknown partitioner {partitioner!r}; choose one of {choices}"
-        )
+    check_name("partitioner", partitioner, PARTITIONERS)
+    check("dirichlet-alpha", alpha, alpha > 0, "> 0")
     if partitioner == "dirichlet":
-        if not alpha > 0:
-            raise ValueError(f"dirichlet-alpha must be > 0, got {alpha}")
         _flwr_datasets_partitioner()
 
 

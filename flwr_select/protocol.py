@@ -8,12 +8,11 @@ build their budget and policy from this one class, so they cannot disagree.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
-from typing import Self
+from dataclasses import dataclass
 
-from flwr_select.policies import Budget, Policy, make_policy
-from flwr_select.scores import check_confidence
+from flwr_select.config import RunConfigFields, check, check_name
+from flwr_select.policies import GROUPS, POLICIES, Budget, Policy, make_policy
+from flwr_select.scores import CONFIDENCE_METRICS
 
 ACTION = "select"
 """The ClientApp action: messages of type ``train.select`` reach the handler."""
@@ -26,31 +25,9 @@ UNDELIVERED_KEY = "undelivered-rounds"
 """Config key of the rounds whose upload from this node the server did not keep."""
 
 
-class RunConfigFields:
-    """Mixin for frozen dataclasses whose fields are run-config keys.
-
-    A field ``max_count`` is the run-config key ``max-count``; both sides of a
-    protocol build the dataclass from the same config, so they cannot disagree.
-    """
-
-    def to_config(self) -> dict[str, float | int | str | bool]:
-        """Return the values under their run-config names (``max-count``...)."""
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, object]) -> Self:
-        """Build from run-config names; keys this class does not know are ignored."""
-        known = {f.name.replace("_", "-"): f for f in fields(cls)}
-        values: dict[str, object] = {}
-        for key, field in known.items():
-            if key in config:
-                values[field.name] = _as_type(str(field.type), config[key])
-        return cls(**values)  # type: ignore[arg-type]
-
-
 @dataclass(frozen=True)
 class SelectionConfig(RunConfigFields):
-    """How every site selects this round; validated when built.
+    """How every site selects this round; every field is validated when built.
 
     Parameters
     ----------
@@ -67,11 +44,17 @@ class SelectionConfig(RunConfigFields):
     compress : bool (default: False)
         Compress the image block (Zstandard).
     group : str (default: "")
-        The group of the ``group`` policy.
+        The group of the ``group`` policy: one of :data:`~flwr_select.policies.GROUPS`
+        ("" only when another policy is chosen).
     temperature : float (default: 1.0)
-        The temperature of the ``stochastic`` policy.
+        The temperature of the ``stochastic`` policy; > 0.
     seed : int (default: 0)
-        Sites seed their choices with ``(seed, round, site)``.
+        Sites seed their choices with ``(seed, round, site)``; >= 0.
+
+    Raises
+    ------
+    flwr_select.config.ConfigError
+        If a value is not allowed, naming the run-config key.
     """
 
     rho: float = 0.05
@@ -85,9 +68,16 @@ class SelectionConfig(RunConfigFields):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        self.budget()
-        self.policy()
-        check_confidence(self.confidence)
+        check("rho", self.rho, 0 < self.rho <= 1, "in (0, 1]")
+        check_name("selection-policy", self.selection_policy, sorted(POLICIES))
+        check_name("confidence", self.confidence, sorted(CONFIDENCE_METRICS))
+        check("max-count", self.max_count, self.max_count >= 0, ">= 0 (0: no limit)")
+        check("max-bytes", self.max_bytes, self.max_bytes >= 0, ">= 0 (0: no limit)")
+        # Checked whatever the policy, so a mistyped option fails at once.
+        if self.group or self.selection_policy == "group":
+            check_name("group", self.group, GROUPS)
+        check("temperature", self.temperature, self.temperature > 0, "> 0")
+        check("seed", self.seed, self.seed >= 0, ">= 0")
 
     def budget(self) -> Budget:
         """Return the per-site, per-round budget."""
@@ -105,10 +95,3 @@ class SelectionConfig(RunConfigFields):
         if self.selection_policy == "stochastic":
             options["temperature"] = self.temperature
         return make_policy(self.selection_policy, **options)
-
-
-def _as_type(kind: str, value: object) -> object:
-    """Convert a config value to a field's type; ``"false"`` is False, not True."""
-    if kind == "bool" and isinstance(value, str):
-        return value.strip().lower() in ("true", "1", "yes")
-    return {"float": float, "int": int, "str": str, "bool": bool}[kind](value)

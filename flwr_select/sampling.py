@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flwr_select.protocol import RunConfigFields
+from flwr_select.config import RunConfigFields, check, check_name
 
 DISTRIBUTIONS = ("uniform", "favoured", "dirichlet")
 """``uniform``: batches mirror the data; ``favoured``: a share ``bias`` of each
@@ -49,6 +49,12 @@ class Sampling(RunConfigFields):
     bias_schedule : str (default: "constant")
         A name from :data:`SCHEDULES`.
     seed : int (default: 0)
+        Seeds the draws; >= 0.
+
+    Raises
+    ------
+    flwr_select.config.ConfigError
+        If a value is not allowed, naming the run-config key.
     """
 
     sampling: str = "uniform"
@@ -59,24 +65,17 @@ class Sampling(RunConfigFields):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.sampling not in DISTRIBUTIONS:
-            raise ValueError(
-                f"unknown sampling {self.sampling!r}; choose one of "
-                f"{', '.join(DISTRIBUTIONS)}"
-            )
-        if self.bias_schedule not in SCHEDULES:
-            raise ValueError(
-                f"unknown bias-schedule {self.bias_schedule!r}; choose one of "
-                f"{', '.join(SCHEDULES)}"
-            )
-        if not 0.0 <= self.bias <= 1.0:
-            raise ValueError(f"bias must be in [0, 1], got {self.bias}")
-        if self.favoured_classes < 0:
-            raise ValueError(
-                f"favoured-classes must be >= 0, got {self.favoured_classes}"
-            )
-        if not self.alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        check_name("sampling", self.sampling, DISTRIBUTIONS)
+        check_name("bias-schedule", self.bias_schedule, SCHEDULES)
+        check("bias", self.bias, 0.0 <= self.bias <= 1.0, "in [0, 1]")
+        check(
+            "favoured-classes",
+            self.favoured_classes,
+            self.favoured_classes >= 0,
+            ">= 0",
+        )
+        check("alpha", self.alpha, self.alpha > 0, "> 0")
+        check("seed", self.seed, self.seed >= 0, ">= 0")
 
     def bias_at(self, step: int, total_steps: int) -> float:
         """Return the scheduled bias at ``step`` of ``total_steps`` (0-based)."""

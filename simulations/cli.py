@@ -7,8 +7,11 @@ for the apps here, on the same engine ``flwr run`` uses for a local simulation
     flower-simulation --app simulations.mnist --num-supernodes 2 \\
         --run-config 'num-server-rounds=3 rho=0.05 out-dir="runs/demo"'
 
-An app module provides ``server_app``, ``client_app`` and ``DEFAULTS`` (its run
-config); unknown run-config keys are refused before anything starts.
+An app module provides ``server_app``, ``client_app``, ``DEFAULTS`` (its run
+config) and ``check_config`` (which refuses a bad value, naming the key); unknown
+keys and bad values are refused before the engine starts. The number of nodes
+is known here: ``min-nodes``, unless given, becomes at most ``--num-supernodes``,
+and a larger one is refused.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from flwr.app import Context, RecordDict
 from flwr.common.config import fuse_dicts, parse_config_args
 from flwr.simulation.run_simulation import _run_simulation
 from flwr.supercore.telemetry import EventType
+
+from flwr_select.config import ConfigError, check
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -49,11 +54,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--verbose", action="store_true", help="Flower's debug logs")
     args = parser.parse_args(argv)
 
+    if args.num_supernodes < 1:
+        parser.error(f"--num-supernodes must be >= 1, got {args.num_supernodes}")
     module = importlib.import_module(args.app)
     try:
-        config = fuse_dicts(module.DEFAULTS, parse_config_args([args.run_config]))
+        overrides = parse_config_args([args.run_config])
+        config = fuse_dicts(module.DEFAULTS, overrides)
     except ValueError as err:
         parser.error(f"{err}; the keys of {args.app} are: {', '.join(module.DEFAULTS)}")
+    if "min-nodes" not in overrides:  # a round must not wait for absent nodes
+        config["min-nodes"] = min(config["min-nodes"], args.num_supernodes)
+    try:
+        module.check_config(config)
+        check(
+            "min-nodes",
+            config["min-nodes"],
+            config["min-nodes"] <= args.num_supernodes,
+            f"<= --num-supernodes ({args.num_supernodes})",
+        )
+    except ConfigError as err:
+        parser.error(str(err))
     # The engine behind `flwr run` and the deprecated `run_simulation`: the only
     # entry that hands a run config to the ServerApp without packaging the app.
     _run_simulation(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid
 from torch import nn
 
+from flwr_select.config import check
 from flwr_select.data import DATASETS, SiteData, load_dataset, resolve_data_dir
 from flwr_select.data_parallel import DataParallelConfig
 from flwr_select.models import build_model
@@ -30,7 +32,7 @@ from flwr_select.partition import paper_split
 from flwr_select.sampling import Sampling
 from flwr_select.trainer import TrainConfig
 from flwr_select.trial import trial_test
-from simulations.runner import RoundLog
+from simulations.runner import RoundLog, ServerConfig
 from strategies.data_parallel import BiasedDataParallel
 
 WORKER_KEYS = (
@@ -45,26 +47,71 @@ WORKER_KEYS = (
 """Run-config keys the workers need to find their share of the data."""
 
 
+@dataclass(frozen=True)
+class DataParallelServerConfig(ServerConfig):
+    """The data-parallel server's run-config keys; validated when built.
+
+    The keys of :class:`~simulations.runner.ServerConfig` (300 rounds by
+    default) and these; the workers' keys are
+    :class:`~flwr_select.data_parallel.DataParallelConfig`'s and
+    :class:`~flwr_select.sampling.Sampling`'s.
+
+    Parameters
+    ----------
+    momentum : float (default: 0.9)
+        The server optimizer's momentum; >= 0.
+    eval_every : int (default: 10)
+        Evaluate every this many rounds (and the last); >= 1.
+    target_accuracy : float (default: 0.95)
+        The accuracy ``iterations_to_target`` counts to; in [0, 1].
+    """
+
+    num_server_rounds: int = 300
+    out_dir: str = "runs/mnist-data-parallel"
+    momentum: float = 0.9
+    eval_every: int = 10
+    target_accuracy: float = 0.95
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check("momentum", self.momentum, self.momentum >= 0, ">= 0")
+        check("eval-every", self.eval_every, self.eval_every >= 1, ">= 1")
+        target = self.target_accuracy
+        check("target-accuracy", target, 0 <= target <= 1, "in [0, 1]")
+
+
 def defaults(dataset: str) -> dict[str, Any]:
     """Return the run config of the data-parallel app for ``dataset``."""
+    server = DataParallelServerConfig(
+        dataset=dataset,
+        model=DATASETS[dataset].model,
+        out_dir=f"runs/{dataset}-data-parallel",
+    )
     return {
-        "num-server-rounds": 300,
+        **server.to_config(),
         **DataParallelConfig().to_config(),
         **Sampling().to_config(),
-        "dataset": dataset,
-        "model": DATASETS[dataset].model,
-        "data-dir": "",
-        "out-dir": f"runs/{dataset}-data-parallel",
-        "validation-size": 5000,
-        "pool-size": 0,
-        "optimizer": "sgd",
-        "lr": 0.01,
-        "momentum": 0.9,
-        "eval-every": 10,
-        "target-accuracy": 0.95,
-        "fraction-train": 1.0,
-        "min-nodes": 2,
     }
+
+
+def check_config(
+    config: Mapping[str, Any],
+) -> tuple[DataParallelServerConfig, DataParallelConfig, Sampling]:
+    """Return the server's and the workers' settings; refuse any bad value.
+
+    ``flower-simulation`` calls this before the engine starts and :func:`run`
+    before anything is loaded.
+
+    Raises
+    ------
+    flwr_select.config.ConfigError
+        Naming the key, the value and what is allowed.
+    """
+    return (
+        DataParallelServerConfig.from_config(config),
+        DataParallelConfig.from_config(config),
+        Sampling.from_config(config),
+    )
 
 
 class IterationsToTarget:
@@ -115,49 +162,48 @@ def round_record(
 
 
 def run(grid: Grid, config: Mapping[str, Any]) -> None:
-    """Run the data-parallel experiment described by ``config``."""
-    dataset, seed = str(config["dataset"]), int(config["seed"])
-    num_rounds, eval_every = int(config["num-server-rounds"]), int(config["eval-every"])
-    data_dir = resolve_data_dir(dataset, str(config["data-dir"]))
-    images, labels = load_dataset(dataset, data_dir, "train")
-    test_images, test_labels = load_dataset(dataset, data_dir, "test")
-    num_classes = DATASETS[dataset].num_classes
+    """Run the data-parallel experiment described by ``config``.
+
+    Every value is checked (:func:`check_config`) before anything is loaded.
+    """
+    server, dp_config, sampling = check_config(config)
+    num_rounds, eval_every = server.num_server_rounds, server.eval_every
+    data_dir = resolve_data_dir(server.dataset, server.data_dir)
+    images, labels = load_dataset(server.dataset, data_dir, "train")
+    test_images, test_labels = load_dataset(server.dataset, data_dir, "test")
+    num_classes = DATASETS[server.dataset].num_classes
     held_out = torch.from_numpy(
         paper_split(
             len(images),
-            seed=seed,
-            validation=int(config["validation-size"]),
+            seed=sampling.seed,
+            validation=server.validation_size,
             initial=0,
-            pool=int(config["pool-size"]) or None,
+            pool=server.pool_size or None,
         ).validation
     )
     validation = SiteData(images[held_out], labels[held_out], num_classes)
     test = SiteData(test_images, test_labels, num_classes)
-    dp_config = DataParallelConfig.from_config(config)
-    torch.manual_seed(seed)
-    model_fn = functools.partial(
-        build_model, str(config["model"]), num_classes=num_classes
-    )
+    torch.manual_seed(sampling.seed)
+    model_fn = functools.partial(build_model, server.model, num_classes=num_classes)
+    settings = {**server.to_config(), **sampling.to_config()}
     strategy = BiasedDataParallel(
         model_fn,
         config=dp_config,
-        sampling=Sampling.from_config(config),
+        sampling=sampling,
         optimizer=TrainConfig(
-            optimizer=str(config["optimizer"]),
-            lr=float(config["lr"]),
-            momentum=float(config["momentum"]),
+            optimizer=server.optimizer, lr=server.lr, momentum=server.momentum
         ),
         worker_config={
-            **{key: config[key] for key in WORKER_KEYS},
+            **{key: settings[key] for key in WORKER_KEYS},
             "num-classes": num_classes,
         },
-        fraction_train=float(config["fraction-train"]),
-        min_train_nodes=int(config["min-nodes"]),
-        min_available_nodes=int(config["min-nodes"]),
+        fraction_train=server.fraction_train,
+        min_train_nodes=server.min_nodes,
+        min_available_nodes=server.min_nodes,
     )
-    log = RoundLog(str(config["out-dir"]))
+    log = RoundLog(server.out_dir)
     evaluation_model = model_fn()
-    to_target = IterationsToTarget(float(config["target-accuracy"]))
+    to_target = IterationsToTarget(server.target_accuracy)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round % eval_every and server_round != num_rounds:

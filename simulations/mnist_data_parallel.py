@@ -10,6 +10,7 @@ from simulations import data_parallel
 from simulations.runner import make_server_app
 
 DEFAULTS = data_parallel.defaults("mnist")
+check_config = data_parallel.check_config
 server_app = make_server_app("mnist", data_parallel.run, data_parallel.defaults)
 
-__all__ = ["DEFAULTS", "client_app", "server_app"]
+__all__ = ["DEFAULTS", "check_config", "client_app", "server_app"]

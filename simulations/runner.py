@@ -17,6 +17,7 @@ import json
 import resource
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +25,15 @@ import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from flwr_select.config import RunConfigFields, check, check_name
 from flwr_select.data import DATASETS, SiteData, load_dataset, resolve_data_dir
 from flwr_select.files import write_json_lines
-from flwr_select.models import build_model
+from flwr_select.models import MODELS, build_model
 from flwr_select.partition import check_partitioner, paper_split
 from flwr_select.protocol import SelectionConfig
-from flwr_select.trainer import TrainConfig
+from flwr_select.trainer import OPTIMIZERS, TrainConfig
 from flwr_select.trial import trial_test
+from flwr_select.wire import encode, wire_bytes
 from strategies.sample_selection import SampleSelection
 
 SITE_KEYS = (
@@ -48,39 +51,177 @@ SITE_KEYS = (
 """Run-config keys the sites need to find their fold of the data."""
 
 
+@dataclass(frozen=True)
+class ServerConfig(RunConfigFields):
+    """The run-config keys every ServerApp here reads; validated when built.
+
+    Parameters
+    ----------
+    num_server_rounds : int (default: 10)
+        Rounds; >= 1.
+    dataset : str (default: "mnist")
+        A name from :data:`~flwr_select.data.DATASETS`.
+    model : str (default: "lenet5")
+        A name from :data:`~flwr_select.models.MODELS`.
+    data_dir : str (default: "")
+        The data folder; empty: ``$FLWR_SELECT_DATA_DIR``, else the cache.
+    out_dir : str (default: "runs/mnist")
+        Where records go; not empty.
+    validation_size : int (default: 5000)
+        Held-out samples; >= 1.
+    pool_size : int (default: 0)
+        Samples the sites share; 0: the rest.
+    optimizer : str (default: "sgd")
+        A name from :data:`~flwr_select.trainer.OPTIMIZERS`.
+    lr : float (default: 0.01)
+        The server optimizer's step size; > 0.
+    fraction_train : float (default: 1.0)
+        Share of the nodes asked each round; in (0, 1].
+    min_nodes : int (default: 2)
+        Nodes a round waits for and asks at least; >= 1.
+
+    Raises
+    ------
+    flwr_select.config.ConfigError
+        If a value is not allowed, naming the run-config key.
+    """
+
+    num_server_rounds: int = 10
+    dataset: str = "mnist"
+    model: str = "lenet5"
+    data_dir: str = ""
+    out_dir: str = "runs/mnist"
+    validation_size: int = 5000
+    pool_size: int = 0
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    fraction_train: float = 1.0
+    min_nodes: int = 2
+
+    def __post_init__(self) -> None:
+        rounds = self.num_server_rounds
+        check("num-server-rounds", rounds, rounds >= 1, ">= 1")
+        check_name("dataset", self.dataset, DATASETS)
+        check_name("model", self.model, MODELS)
+        check("out-dir", self.out_dir, self.out_dir != "", "a folder, not empty")
+        check(
+            "validation-size", self.validation_size, self.validation_size >= 1, ">= 1"
+        )
+        check("pool-size", self.pool_size, self.pool_size >= 0, ">= 0 (0: the rest)")
+        check_name("optimizer", self.optimizer, sorted(OPTIMIZERS))
+        check("lr", self.lr, self.lr > 0, "> 0")
+        fraction = self.fraction_train
+        check("fraction-train", fraction, 0 < fraction <= 1, "in (0, 1]")
+        check("min-nodes", self.min_nodes, self.min_nodes >= 1, ">= 1")
+
+
+@dataclass(frozen=True)
+class SelectionServerConfig(ServerConfig):
+    """The sample-selection server's run-config keys; validated when built.
+
+    The keys of :class:`ServerConfig` and these; the sites' keys are
+    :class:`~flwr_select.protocol.SelectionConfig`'s.
+
+    Parameters
+    ----------
+    initial_size : int (default: 5000)
+        Samples the initial model trains on; >= 1.
+    partitioner : str (default: "iid")
+        A name from :data:`~flwr_select.partition.PARTITIONERS`.
+    dirichlet_alpha : float (default: 0.5)
+        The ``dirichlet`` partitioner's concentration; > 0.
+    initial_epochs, server_epochs : int (default: 10, 5)
+        Epochs of the initial model and of each round; >= 1.
+    batch_size : int (default: 64)
+        The server trainer's batch size; >= 1.
+    from_scratch : bool (default: False)
+        Retrain a fresh model each round.
+    max_upload_bytes : int (default: 256 MiB)
+        The server rejects a larger upload before decoding it; >= 1.
+    round_timeout : float (default: 3600.0)
+        Seconds a round waits for replies; > 0.
+    """
+
+    initial_size: int = 5000
+    partitioner: str = "iid"
+    dirichlet_alpha: float = 0.5
+    initial_epochs: int = 10
+    server_epochs: int = 5
+    batch_size: int = 64
+    from_scratch: bool = False
+    max_upload_bytes: int = 256 * 2**20
+    round_timeout: float = 3600.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check("initial-size", self.initial_size, self.initial_size >= 1, ">= 1")
+        check_partitioner(self.partitioner, self.dirichlet_alpha)
+        check("initial-epochs", self.initial_epochs, self.initial_epochs >= 1, ">= 1")
+        check("server-epochs", self.server_epochs, self.server_epochs >= 1, ">= 1")
+        check("batch-size", self.batch_size, self.batch_size >= 1, ">= 1")
+        size = self.max_upload_bytes
+        check("max-upload-bytes", size, size >= 1, ">= 1")
+        check("round-timeout", self.round_timeout, self.round_timeout > 0, "> 0")
+
+    def train_config(self, epochs: int) -> TrainConfig:
+        """Return the server trainer's config for ``epochs`` epochs."""
+        return TrainConfig(
+            epochs=epochs,
+            batch_size=self.batch_size,
+            optimizer=self.optimizer,
+            lr=self.lr,
+        )
+
+
 def defaults(dataset: str) -> dict[str, Any]:
     """Return the run config of the sample-selection app for ``dataset``."""
-    return {
-        "num-server-rounds": 10,
-        "rho": 0.05,
-        "selection-policy": "proxy",
-        "confidence": "cross-entropy",
-        "max-count": 0,
-        "max-bytes": 0,
-        "compress": False,
-        "group": "",
-        "temperature": 1.0,
-        "seed": 0,
-        "dataset": dataset,
-        "model": DATASETS[dataset].model,
-        "data-dir": "",
-        "out-dir": f"runs/{dataset}",
-        "validation-size": 5000,
-        "initial-size": 5000,
-        "pool-size": 0,
-        "partitioner": "iid",
-        "dirichlet-alpha": 0.5,
-        "initial-epochs": 10,
-        "server-epochs": 5,
-        "batch-size": 64,
-        "optimizer": "sgd",
-        "lr": 0.01,
-        "from-scratch": False,
-        "max-upload-bytes": 256 * 2**20,
-        "round-timeout": 3600.0,
-        "fraction-train": 1.0,
-        "min-nodes": 2,
-    }
+    server = SelectionServerConfig(
+        dataset=dataset, model=DATASETS[dataset].model, out_dir=f"runs/{dataset}"
+    )
+    return {**server.to_config(), **SelectionConfig().to_config()}
+
+
+def empty_upload_bytes(dataset: str, *, compress: bool) -> int:
+    """Return the wire size of an upload of no samples: the least any upload takes."""
+    images = torch.zeros((0, *DATASETS[dataset].sample_shape), dtype=torch.uint8)
+    empty = SiteData(
+        images, torch.zeros(0, dtype=torch.long), DATASETS[dataset].num_classes
+    )
+    return wire_bytes(encode(empty, compress=compress))
+
+
+def check_config(
+    config: Mapping[str, Any],
+) -> tuple[SelectionServerConfig, SelectionConfig]:
+    """Return the server's and the sites' settings; refuse any bad value of ``config``.
+
+    ``flower-simulation`` calls this before the engine starts and :func:`run`
+    before anything is loaded.
+
+    Raises
+    ------
+    flwr_select.config.ConfigError
+        Naming the key, the value and what is allowed.
+    """
+    server = SelectionServerConfig.from_config(config)
+    selection = SelectionConfig.from_config(config)
+    empty = empty_upload_bytes(server.dataset, compress=selection.compress)
+    least = f"an empty {server.dataset} upload" + (
+        " (compressed)" if selection.compress else ""
+    )
+    check(
+        "max-bytes",
+        selection.max_bytes,
+        selection.max_bytes == 0 or selection.max_bytes >= empty,
+        f"0 (no limit) or >= {empty}, the size of {least}",
+    )
+    check(
+        "max-upload-bytes",
+        server.max_upload_bytes,
+        server.max_upload_bytes >= empty,
+        f">= {empty}, the size of {least}",
+    )
+    return server, selection
 
 
 PROGRESS_KEYS = (
@@ -128,58 +269,52 @@ class RoundLog:
 
 
 def run(grid: Grid, config: Mapping[str, Any]) -> None:
-    """Run the sample-selection experiment described by ``config``."""
-    dataset, seed = str(config["dataset"]), int(config["seed"])
-    # The sites partition the pool; refuse a bad partitioner before they start.
-    check_partitioner(str(config["partitioner"]), float(config["dirichlet-alpha"]))
-    data_dir = resolve_data_dir(dataset, str(config["data-dir"]))
-    images, labels = load_dataset(dataset, data_dir, "train")
-    test_images, test_labels = load_dataset(dataset, data_dir, "test")
-    num_classes = DATASETS[dataset].num_classes
+    """Run the sample-selection experiment described by ``config``.
+
+    Every value is checked (:func:`check_config`) before anything is loaded.
+    """
+    server, selection = check_config(config)
+    data_dir = resolve_data_dir(server.dataset, server.data_dir)
+    images, labels = load_dataset(server.dataset, data_dir, "train")
+    test_images, test_labels = load_dataset(server.dataset, data_dir, "test")
+    num_classes = DATASETS[server.dataset].num_classes
     split = paper_split(
         len(images),
-        seed=seed,
-        validation=int(config["validation-size"]),
-        initial=int(config["initial-size"]),
-        pool=int(config["pool-size"]) or None,
+        seed=selection.seed,
+        validation=server.validation_size,
+        initial=server.initial_size,
+        pool=server.pool_size or None,
     )
     held_out = {
         "": SiteData(images[split.validation], labels[split.validation], num_classes),
         "test_": SiteData(test_images, test_labels, num_classes),
     }
-
-    def train_config(epochs_key: str) -> TrainConfig:
-        return TrainConfig(
-            epochs=int(config[epochs_key]),
-            batch_size=int(config["batch-size"]),
-            optimizer=str(config["optimizer"]),
-            lr=float(config["lr"]),
-        )
-
-    torch.manual_seed(seed)
+    settings = {**server.to_config(), **selection.to_config()}
+    torch.manual_seed(selection.seed)
     strategy = SampleSelection(
-        functools.partial(build_model, str(config["model"]), num_classes=num_classes),
+        functools.partial(build_model, server.model, num_classes=num_classes),
         num_classes,
-        selection=SelectionConfig.from_config(config),
-        train_config=train_config("server-epochs"),
-        from_scratch=bool(config["from-scratch"]),
-        site_config={key: config[key] for key in SITE_KEYS},
-        run_dir=str(config["out-dir"]),
-        max_upload_bytes=int(config["max-upload-bytes"]),
-        fraction_train=float(config["fraction-train"]),
-        min_train_nodes=int(config["min-nodes"]),
-        min_available_nodes=int(config["min-nodes"]),
+        selection=selection,
+        train_config=server.train_config(server.server_epochs),
+        from_scratch=server.from_scratch,
+        site_config={key: settings[key] for key in SITE_KEYS},
+        run_dir=server.out_dir,
+        sample_shape=DATASETS[server.dataset].sample_shape,
+        max_upload_bytes=server.max_upload_bytes,
+        fraction_train=server.fraction_train,
+        min_train_nodes=server.min_nodes,
+        min_available_nodes=server.min_nodes,
     )
     if strategy.resume() is None:
         initial = torch.from_numpy(split.initial)
         initial_arrays = strategy.pretrain(
             SiteData(images[initial], labels[initial], num_classes, ids=initial),
-            train_config("initial-epochs"),
+            server.train_config(server.initial_epochs),
         )
     else:
         initial_arrays = ArrayRecord(strategy.model.state_dict())
     log = RoundLog(
-        str(config["out-dir"]), (strategy.records[r] for r in sorted(strategy.records))
+        server.out_dir, (strategy.records[r] for r in sorted(strategy.records))
     )
     evaluation_model = strategy.model_fn().to(strategy.buffer.device)
 
@@ -207,8 +342,8 @@ def run(grid: Grid, config: Mapping[str, Any]) -> None:
     strategy.start(
         grid,
         initial_arrays,
-        num_rounds=int(config["num-server-rounds"]),
-        timeout=float(config["round-timeout"]),
+        num_rounds=server.num_server_rounds,
+        timeout=server.round_timeout,
         evaluate_fn=evaluate,
     )
 

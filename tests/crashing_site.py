@@ -13,7 +13,7 @@ from flwr.clientapp import ClientApp
 
 from clients.site import make_select_handler
 from flwr_select.protocol import ACTION, CONFIG_KEY
-from simulations.mnist import DEFAULTS, server_app
+from simulations.mnist import DEFAULTS, check_config, server_app
 
 select_and_upload = make_select_handler()
 client_app = ClientApp()
@@ -29,4 +29,4 @@ def select_or_crash(msg: Message, context: Context) -> Message:
     return select_and_upload(msg, context)
 
 
-__all__ = ["DEFAULTS", "client_app", "server_app"]
+__all__ = ["DEFAULTS", "check_config", "client_app", "server_app"]

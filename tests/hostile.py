@@ -171,34 +171,28 @@ def attacks() -> dict[str, tuple[Callable[[ArrayRecord], RecordDict], str]]:
             "compressed images do not decompress",
         ),
         "a frame without its content size": (
-            lambda upload: content(
-                with_array(
-                    upload,
-                    "images",
-                    Array(
-                        "uint8",
-                        images,
-                        ZSTD,
-                        zstandard.ZstdCompressor(write_content_size=False).compress(
-                            bytes(size)
-                        ),
+            array_attack(
+                "images",
+                Array(
+                    "uint8",
+                    images,
+                    ZSTD,
+                    zstandard.ZstdCompressor(write_content_size=False).compress(
+                        bytes(size)
                     ),
-                )
+                ),
             ),
             "the frame declares no content size",
         ),
         "junk after a zstd frame": (
-            lambda upload: content(
-                with_array(
-                    upload,
-                    "images",
-                    Array(
-                        "uint8",
-                        images,
-                        ZSTD,
-                        zstandard.ZstdCompressor().compress(bytes(size)) + b"junk",
-                    ),
-                )
+            array_attack(
+                "images",
+                Array(
+                    "uint8",
+                    images,
+                    ZSTD,
+                    zstandard.ZstdCompressor().compress(bytes(size)) + b"junk",
+                ),
             ),
             "4 bytes follow the frame",
         ),

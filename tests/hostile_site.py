@@ -10,7 +10,7 @@ from flwr.clientapp import ClientApp
 
 from clients.site import make_select_handler
 from flwr_select.protocol import ACTION, CONFIG_KEY, UPLOAD_KEY
-from simulations.mnist import DEFAULTS, server_app
+from simulations.mnist import DEFAULTS, check_config, server_app
 from tests.hostile import attacks
 
 select_and_upload = make_select_handler()
@@ -29,4 +29,4 @@ def select_or_attack(msg: Message, context: Context) -> Message:
     return Message(build(honest.content.array_records[UPLOAD_KEY]), reply_to=msg)
 
 
-__all__ = ["DEFAULTS", "client_app", "server_app"]
+__all__ = ["DEFAULTS", "check_config", "client_app", "server_app"]

@@ -17,6 +17,7 @@ from flwr_select.data import (
     SiteData,
     UnsafePickleError,
     load_cifar10,
+    load_dataset,
     load_local_site,
     load_mnist,
     read_idx,
@@ -745,3 +746,16 @@ def test_the_data_folder_comes_from_the_config_then_the_environment_then_the_cac
         load_dataset("mnist", tmp_path / "empty", "train")
     with pytest.raises(ValueError, match="unknown dataset 'svhn'"):
         load_dataset("svhn", tmp_path, "train")
+
+
+def test_a_named_data_set_of_another_shape_or_more_classes_is_refused(tmp_path):
+    # Prepare: MNIST-format files of 5x5 images, then of 28x28 with label 10
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((2, 5, 5), np.uint8))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.array([0, 1], np.uint8))
+    # Execute / Assert
+    with pytest.raises(DataFileError, match=r"shape \(5, 5\), mnist's are \(28, 28\)"):
+        load_dataset("mnist", tmp_path, "test")
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((2, 28, 28), np.uint8))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.array([0, 10], np.uint8))
+    with pytest.raises(DataFileError, match="labels go up to 10; mnist has 10 classes"):
+        load_dataset("mnist", tmp_path, "test")

@@ -1,8 +1,11 @@
+import re
+
 import pytest
 from flwr.app import ConfigRecord
 from hypothesis import given
 from hypothesis import strategies as st
 
+from flwr_select.config import ConfigError
 from flwr_select.policies import (
     GROUPS,
     POLICIES,
@@ -113,9 +116,9 @@ def test_from_config_ignores_unknown_keys_and_keeps_defaults_for_missing_ones():
 
 
 def test_from_config_converts_types():
-    # Prepare: TOML writes 1 for 1.0; a ConfigRecord may hold other plain types
+    # Prepare: TOML writes 1 for 1.0; a bool may come as "true"/"false" in any case
     config = SelectionConfig.from_config(
-        {"rho": 1, "temperature": 2, "max-count": 5.0, "compress": 1, "seed": 3.0}
+        {"rho": 1, "temperature": 2, "max-count": 5, "compress": "TRUE", "seed": 3}
     )
     # Assert
     assert config.rho == 1.0 and type(config.rho) is float
@@ -126,35 +129,69 @@ def test_from_config_converts_types():
 
 
 @pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"compress": "ture"}, "compress must be true or false, got 'ture'"),
+        ({"compress": 1}, "compress must be true or false, got 1"),
+        ({"compress": "yes"}, "compress must be true or false, got 'yes'"),
+        ({"rho": True}, "rho must be a finite number, got True"),
+        ({"rho": "abc"}, "rho must be a finite number, got 'abc'"),
+        ({"rho": float("nan")}, "rho must be a finite number, got nan"),
+        ({"temperature": float("inf")}, "temperature must be a finite number"),
+        ({"max-count": 2.5}, "max-count must be an integer, got 2.5"),
+        ({"max-count": 5.0}, "max-count must be an integer, got 5.0"),
+        ({"max-bytes": True}, "max-bytes must be an integer, got True"),
+        ({"seed": "3"}, "seed must be an integer, got '3'"),
+        ({"group": 1}, "group must be a string, got 1"),
+    ],
+)
+def test_from_config_refuses_values_not_of_the_fields_type(config, message):
+    with pytest.raises(ConfigError, match=re.escape(message)) as error:
+        SelectionConfig.from_config(config)
+    assert error.value.key == next(iter(config))
+
+
+@pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         ({"rho": 0.0}, r"rho must be in \(0, 1\], got 0.0"),
         ({"rho": 1.01}, r"rho must be in \(0, 1\], got 1.01"),
         ({"rho": -0.5}, r"rho must be in \(0, 1\], got -0.5"),
-        ({"selection_policy": "greedy"}, "unknown policy 'greedy'; choose one of"),
+        (
+            {"selection_policy": "greedy"},
+            "unknown selection-policy 'greedy'; choose one of class-balanced, group,",
+        ),
         ({"selection_policy": "group"}, "unknown group ''; choose one of"),
         (
             {"selection_policy": "group", "group": "wrong"},
-            "unknown group 'wrong'",
+            "unknown group 'wrong'; choose one of wrong-unconfident,",
         ),
+        # an option is checked whatever the policy, so a typo fails at once
+        ({"group": "wrong"}, "unknown group 'wrong'; choose one of"),
         (
             {"selection_policy": "stochastic", "temperature": 0.0},
             "temperature must be > 0, got 0.0",
         ),
-        ({"confidence": "accuracy"}, "unknown confidence metric 'accuracy'"),
-        ({"max_count": -1}, "count must be an integer >= 0, got -1"),
-        ({"max_bytes": -5}, "max_bytes must be > 0, got -5"),
+        ({"temperature": 0.0}, "temperature must be > 0, got 0.0"),
+        ({"temperature": -1.0}, "temperature must be > 0, got -1.0"),
+        (
+            {"confidence": "accuracy"},
+            "unknown confidence 'accuracy'; choose one of cross-entropy,",
+        ),
+        ({"max_count": -1}, r"max-count must be >= 0 \(0: no limit\), got -1"),
+        ({"max_bytes": -5}, r"max-bytes must be >= 0 \(0: no limit\), got -5"),
+        ({"seed": -1}, "seed must be >= 0, got -1"),
     ],
 )
 def test_bad_values_raise_at_construction(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message):
         SelectionConfig(**kwargs)
 
 
 def test_bad_values_from_a_run_config_raise_too():
     with pytest.raises(ValueError, match=r"rho must be in \(0, 1\], got 0.0"):
         SelectionConfig.from_config({"rho": 0})
-    with pytest.raises(ValueError, match="unknown policy 'best'"):
+    with pytest.raises(ValueError, match="unknown selection-policy 'best'"):
         SelectionConfig.from_config({"selection-policy": "best"})
 
 
@@ -193,8 +230,8 @@ def test_max_count_zero_does_not_limit_the_count():
             Group("correct-unconfident"),
         ),
         ({"selection_policy": "stochastic", "temperature": 0.25}, Stochastic(0.25)),
-        # options of other policies are ignored (and not validated)
-        ({"selection_policy": "proxy", "temperature": 0.0}, Proxy()),
+        # options of other policies are ignored
+        ({"selection_policy": "proxy", "temperature": 0.5}, Proxy()),
     ],
 )
 def test_policy(kwargs, policy):
@@ -211,5 +248,6 @@ def test_every_policy_name_builds(name):
 
 def test_from_config_reads_boolean_strings_as_booleans():
     assert SelectionConfig.from_config({"compress": "false"}).compress is False
+    assert SelectionConfig.from_config({"compress": "False"}).compress is False
     assert SelectionConfig.from_config({"compress": "true"}).compress is True
     assert SelectionConfig.from_config({"compress": True}).compress is True

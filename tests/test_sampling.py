@@ -228,7 +228,7 @@ def test_from_config_converts_types_and_ignores_unknown_keys():
     config = {
         "sampling": "dirichlet",
         "bias": 1,
-        "favoured-classes": "2",
+        "favoured-classes": 2,
         "bias-schedule": "linear-growth",
         "num-workers": 4,
     }

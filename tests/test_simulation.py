@@ -1,5 +1,6 @@
 """The sample-selection app on Flower's real simulation engine, through `flower-simulation`."""
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -149,3 +150,77 @@ def test_pyproject_declares_the_apps_defaults():
         "serverapp": "simulations.mnist:server_app",
         "clientapp": "simulations.mnist:client_app",
     }
+
+
+def test_one_site_runs_without_min_nodes_being_set(
+    mnist_dir, tmp_path, flower_simulation
+):
+    # Prepare: the paper's single-site setting; min-nodes left at its default (2)
+    config = (
+        "num-server-rounds=1 rho=0.1 validation-size=500 initial-size=500 "
+        f'pool-size=1000 initial-epochs=1 server-epochs=1 data-dir="{mnist_dir}" '
+        f'out-dir="{tmp_path}"'
+    )
+    # Execute
+    done = flower_simulation(
+        "simulations.mnist", "--num-supernodes", "1", "--run-config", config
+    )
+    # Assert: the one site's fold of 1,000 gave its rho share in round 1
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = read_json_lines(tmp_path / "rounds.jsonl")
+    assert [r["round"] for r in records] == [0, 1]
+    assert records[1]["sites_accepted"] == 1
+    assert records[1]["samples_received"] == 100
+
+
+@pytest.mark.parametrize(
+    ("args", "key", "allowed"),
+    [
+        # one of each kind (every key's bad values: tests/test_config.py)
+        ("num-server-rounds=2.7", "num-server-rounds", "an integer"),
+        ('compress="ture"', "compress", "true or false"),
+        ("fraction-train=1.5", "fraction-train", "in (0, 1]"),
+        ("max-bytes=100", "max-bytes", "0 (no limit) or >= "),
+        ("min-nodes=3", "min-nodes", "<= --num-supernodes (2)"),
+    ],
+)
+def test_bad_values_are_refused_before_the_engine_starts(
+    flower_simulation, args, key, allowed
+):
+    started = time.monotonic()
+    done = flower_simulation("simulations.mnist", "--run-config", args)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert time.monotonic() - started < 60
+    message = done.stderr.split("flower-simulation: error: ")[-1]
+    assert message.startswith((f"{key} must be ", f"unknown {key} ")), done.stderr
+    assert allowed in message
+    assert "Waiting for nodes" not in done.stderr + done.stdout
+
+
+@pytest.mark.parametrize(
+    ("app", "args", "message"),
+    [
+        (
+            "simulations.mnist_data_parallel",
+            "eval-every=0",
+            "eval-every must be >= 1, got 0",
+        ),
+        (
+            "simulations.fashion_mnist",
+            "lr=0",
+            "lr must be > 0, got 0.0",
+        ),
+    ],
+)
+def test_every_app_refuses_bad_values_before_the_engine_starts(
+    flower_simulation, app, args, message
+):
+    done = flower_simulation(app, "--run-config", args)
+    assert done.returncode == 2
+    assert f"flower-simulation: error: {message}" in done.stderr
+
+
+def test_no_supernodes_are_refused(flower_simulation):
+    done = flower_simulation("simulations.mnist", "--num-supernodes", "0")
+    assert done.returncode == 2
+    assert "--num-supernodes must be >= 1, got 0" in done.stderr

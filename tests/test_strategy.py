@@ -1,4 +1,3 @@
-import functools
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from clients.site import load_ledger, make_select_handler
-from flwr_select.buffer import TrainingBuffer
 from flwr_select.data import SiteData
-from flwr_select.models import build_model
 from flwr_select.protocol import (
     CONFIG_KEY,
     MESSAGE_TYPE,
@@ -29,13 +26,10 @@ from flwr_select.protocol import (
     MODEL_KEY,
     UNDELIVERED_KEY,
     UPLOAD_KEY,
-    SelectionConfig,
 )
-from flwr_select.trainer import TrainConfig
 from flwr_select.wire import ZSTD, encode, wire_bytes
 from strategies.sample_selection import SampleSelection
-
-N, RHO = 100, 0.1  # each site offers 100 samples and may send floor(0.1 * 100) = 10
+from tests.hostile import N, make_strategy  # a site offers N, sends 10 of them
 
 
 def site_data(site: int) -> SiteData:
@@ -43,18 +37,6 @@ def site_data(site: int) -> SiteData:
     images = torch.randint(0, 256, (N, 28, 28), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 10, (N,), generator=g)
     return SiteData(images, labels, 10, ids=torch.arange(N) + 1000 * site)
-
-
-def make_strategy() -> SampleSelection:
-    torch.manual_seed(0)
-    return SampleSelection(
-        functools.partial(build_model, "lenet5"),
-        10,
-        selection=SelectionConfig(rho=RHO),
-        train_config=TrainConfig(epochs=1, batch_size=8),
-        buffer=TrainingBuffer(10, device="cpu"),
-        sample_shape=(28, 28),
-    )
 
 
 def request(strategy: SampleSelection, node: int, server_round: int = 1) -> Message:

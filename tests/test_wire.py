@@ -9,7 +9,6 @@ from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_conte
 from flwr_select.data import SiteData
 from flwr_select.wire import ZSTD, UploadError, decode, encode, pack, wire_bytes
 
-
 SHAPE = (28, 28)
 
 
