@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
+import shlex
 import sys
 
+from click import ClickException
 from flwr.app import Context, RecordDict
 from flwr.common.config import fuse_dicts, parse_config_args
 from flwr.simulation.run_simulation import _run_simulation
@@ -58,9 +61,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--num-supernodes must be >= 1, got {args.num_supernodes}")
     module = importlib.import_module(args.app)
     try:
+        # Flower's parser drops a word without "=" silently: refuse it here
+        for word in shlex.split(args.run_config):
+            if not re.fullmatch(r"[^=\s]+=.+", word, re.DOTALL):
+                raise ValueError(f"--run-config: {word!r} is not key=value")
         overrides = parse_config_args([args.run_config])
         config = fuse_dicts(module.DEFAULTS, overrides)
-    except ValueError as err:
+    except (ValueError, ClickException) as err:
         parser.error(f"{err}; the keys of {args.app} are: {', '.join(module.DEFAULTS)}")
     if "min-nodes" not in overrides:  # a round must not wait for absent nodes
         config["min-nodes"] = min(config["min-nodes"], args.num_supernodes)

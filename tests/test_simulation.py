@@ -224,3 +224,12 @@ def test_no_supernodes_are_refused(flower_simulation):
     done = flower_simulation("simulations.mnist", "--num-supernodes", "0")
     assert done.returncode == 2
     assert "--num-supernodes must be >= 1, got 0" in done.stderr
+
+
+def test_a_run_config_word_that_is_not_key_value_is_refused(flower_simulation):
+    # Flower's own parser would drop "rho" and run with the default
+    done = flower_simulation(
+        "simulations.mnist", "--run-config", "num-server-rounds=3 rho"
+    )
+    assert done.returncode == 2
+    assert "--run-config: 'rho' is not key=value" in done.stderr
