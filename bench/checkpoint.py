@@ -19,10 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from flwr_select.buffer import TrainingBuffer
-from flwr_select.checkpoint import CHECKPOINT, Checkpoint, latest
 from flwr_select.data import SiteData, add_data_dir_option, load_mnist
 from flwr_select.models import build_model
+from flwr_select.selection.buffer import TrainingBuffer
+from flwr_select.selection.checkpoint import CHECKPOINT, Checkpoint, latest
 
 SIZES = (5_000, 20_000, 60_000)
 

@@ -60,9 +60,9 @@ from pathlib import Path
 
 import numpy as np
 
-from flwr_select.checkpoint import latest
 from flwr_select.data import add_data_dir_option, load_mnist
 from flwr_select.files import read_json_lines
+from flwr_select.selection.checkpoint import latest
 from simulations.deployment import LocalDeployment
 
 RAW_PER_SAMPLE = 28 * 28 + 1  # pixels + one label byte

@@ -75,16 +75,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flwr_select.buffer import TrainingBuffer, default_device
-from flwr_select.checkpoint import Checkpoint
 from flwr_select.data import SiteData, add_data_dir_option, load_mnist
 from flwr_select.files import read_json_lines
 from flwr_select.models import build_model
 from flwr_select.partition import paper_split, round_fold, site_partition
-from flwr_select.policies import Budget, select
+from flwr_select.selection.buffer import TrainingBuffer, default_device
+from flwr_select.selection.checkpoint import Checkpoint
+from flwr_select.selection.policies import Budget, select
+from flwr_select.selection.trial import trial_test
+from flwr_select.selection.wire import decode, pack, wire_bytes
 from flwr_select.trainer import TrainConfig, train
-from flwr_select.trial import trial_test
-from flwr_select.wire import decode, pack, wire_bytes
 
 ROUNDS, SITES, FIRST = 10, 2, 2  # rounds 2..10 are measured
 RUN_CONFIG = {

@@ -44,8 +44,8 @@ import torch
 
 from flwr_select.data import SiteData, add_data_dir_option, load_mnist
 from flwr_select.models import build_model
-from flwr_select.policies import Budget, select
-from flwr_select.trial import trial_test
+from flwr_select.selection.policies import Budget, select
+from flwr_select.selection.trial import trial_test
 
 NUM_IMAGES, BATCH_SIZE, RHO = 10_000, 1024, 0.05
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from flwr_select.data import SiteData, add_data_dir_option, load_mnist
-from flwr_select.wire import decode, encode, pack, wire_bytes
+from flwr_select.selection.wire import decode, encode, pack, wire_bytes
 
 POOL, UPLOAD = 10_000, 5_000  # draw the upload from the first POOL training images
 SIZES, TARGET_N = (50, 250, 1000, 5000), 250  # upload sizes; 250 = rho 0.05 of 5,000

@@ -1,4 +1,8 @@
-"""Flower ClientApps: the remote site (trial test, select, upload) and the worker.
+"""Flower ClientApps: the remote site and the data-parallel worker.
 
-Empty until the Flower layer lands; see the project README for the plan.
+- :mod:`clients.site`: the ``train.select`` handler (trial test, select, upload
+  raw samples), addable beside a user's own ``@app.train()``.
+- :mod:`clients.legacy`: the same site as a legacy ``NumPyClient``.
+- :mod:`clients.worker`: the ``train.gradient`` handler of the data-parallel
+  baseline.
 """

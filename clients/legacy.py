@@ -12,8 +12,8 @@ from torch import nn
 
 from clients.site import load_ledger, save_ledger, site_round
 from flwr_select.data import SiteData
-from flwr_select.protocol import SelectionConfig
-from flwr_select.wire import IDS, IMAGES, LABELS
+from flwr_select.selection.protocol import SelectionConfig
+from flwr_select.selection.wire import IDS, IMAGES, LABELS
 
 
 class SelectNumPyClient(NumPyClient):

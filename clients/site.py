@@ -27,7 +27,6 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from torch import nn
 
-from flwr_select.buffer import default_device
 from flwr_select.data import (
     SiteData,
     load_dataset,
@@ -38,8 +37,10 @@ from flwr_select.files import write_atomically
 from flwr_select.models import build_model
 from flwr_select.npy import read_npz
 from flwr_select.partition import paper_split, partition_pool, round_fold
-from flwr_select.policies import SentLedger, select
-from flwr_select.protocol import (
+from flwr_select.selection.buffer import default_device
+from flwr_select.selection.ledger import SiteLedger
+from flwr_select.selection.policies import select
+from flwr_select.selection.protocol import (
     ACTION,
     CONFIG_KEY,
     METRICS_KEY,
@@ -48,8 +49,8 @@ from flwr_select.protocol import (
     UPLOAD_KEY,
     SelectionConfig,
 )
-from flwr_select.trial import trial_test
-from flwr_select.wire import pack, wire_bytes
+from flwr_select.selection.trial import trial_test
+from flwr_select.selection.wire import pack, wire_bytes
 
 LEDGER_KEY = "flwr_select.sent-ids"
 """Key of the ArrayRecord in the node's context state that holds the ledger."""
@@ -159,56 +160,6 @@ def received_model(
     model = model_fn(config)
     model.load_state_dict(msg.content.array_records[MODEL_KEY].to_torch_state_dict())
     return config, model
-
-
-class SiteLedger:
-    """The ids a site has sent, each with the round it was sent in.
-
-    A sample sent in round r counts as kept once the server asks for a later
-    round, unless the server lists r among this node's undelivered rounds (the
-    upload failed on the way, was rejected or never came). The server moves on
-    only after it has checkpointed round r, so a request for round k also
-    releases what was sent in round k or later: a server that crashed and
-    resumed from an earlier checkpoint never kept it. Released samples are
-    offered again; with the server's refusal of ids it holds from a node, every
-    sample lands in the buffer exactly once.
-
-    Parameters
-    ----------
-    ids, rounds : array-like of int (default: empty)
-        A stored ledger (:meth:`to_arrays`).
-    """
-
-    def __init__(
-        self, ids: np.ndarray | tuple = (), rounds: np.ndarray | tuple = ()
-    ) -> None:
-        self.ids = np.asarray(ids, dtype=np.int64)
-        self.rounds = np.asarray(rounds, dtype=np.int64)
-        if self.ids.shape != self.rounds.shape or self.ids.ndim != 1:
-            raise ValueError("a ledger needs one round per id")
-
-    def kept_by_server(
-        self, server_round: int, undelivered: Sequence[int] = ()
-    ) -> SentLedger:
-        """Release what the server did not keep; return the ids it did.
-
-        Released: what was sent in ``server_round`` or later, or in one of the
-        ``undelivered`` rounds the server lists for this node.
-        """
-        kept = (self.rounds < server_round) & ~np.isin(self.rounds, undelivered)
-        self.ids, self.rounds = self.ids[kept], self.rounds[kept]
-        return SentLedger(self.ids)
-
-    def record(self, ids: np.ndarray, server_round: int) -> None:
-        """Note ``ids`` as sent in ``server_round``."""
-        self.ids = np.concatenate([self.ids, np.asarray(ids, dtype=np.int64)])
-        self.rounds = np.concatenate(
-            [self.rounds, np.full(len(ids), server_round, np.int64)]
-        )
-
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        """Return the ledger as ``ids`` and ``rounds`` arrays (to store it)."""
-        return {"ids": self.ids, "rounds": self.rounds}
 
 
 def ledger_file(context: Context) -> Path | None:

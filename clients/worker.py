@@ -32,15 +32,15 @@ from clients.site import (
     received_model,
 )
 from flwr_select.data import SiteData
-from flwr_select.data_parallel import (
+from flwr_select.parallel.batches import Sampling
+from flwr_select.parallel.gradients import (
     ACTION,
     GRADIENT_KEY,
     DataParallelConfig,
     worker_gradient,
 )
 from flwr_select.partition import paper_split, site_partition
-from flwr_select.protocol import METRICS_KEY
-from flwr_select.sampling import Sampling
+from flwr_select.selection.protocol import METRICS_KEY
 
 
 @functools.lru_cache(maxsize=4)

@@ -1,32 +1,46 @@
 """flwr_select: remote sites upload their most informative raw samples, not updates.
 
-The engine of the system of Jiang et al. (2017), *Training sample selection for
-deep learning of distributed data*: trial test, scores, selection under a budget,
-and the wire format of an upload. Also the biased-sampling data-parallel
-baselines of Sharp (2020): batch distributions (:mod:`flwr_select.sampling`),
-gradient reductions (:mod:`flwr_select.reductions`), the monitors
-(:mod:`flwr_select.monitors`) and the worker and server steps
-(:mod:`flwr_select.data_parallel`). Pure torch/NumPy; only
-:mod:`flwr_select.wire` imports Flower (for its record types).
+Laid out by paper, over what both share:
+
+- :mod:`flwr_select.selection`: training sample selection (Jiang et al. 2017,
+  *Training sample selection for deep learning of distributed data*): trial
+  test, scores, policies under a budget, ledgers, the wire format of an upload,
+  the training buffer and the checkpoint.
+- :mod:`flwr_select.parallel`: biased-sampling data parallelism (Sharp 2020):
+  batch class distributions, worker gradients, reductions and monitors.
+- shared: data sets and readers (:mod:`.data`, :mod:`.partition`), models,
+  the central trainer, evaluation, run-config fields (:mod:`.config`) and files
+  (:mod:`.files`, :mod:`.npy`).
+
+Neither engine imports the other. Pure torch/NumPy: only
+:mod:`flwr_select.selection.wire` imports Flower (for its record types). The
+names below are the public ones; the Flower strategies and ClientApps are in
+the ``strategies`` and ``clients`` packages.
 """
 
+from flwr_select.config import ConfigError
 from flwr_select.data import SiteData, load_cifar10, load_mnist, read_idx
-from flwr_select.data_parallel import DataParallelConfig, worker_gradient
+from flwr_select.evaluation import evaluate
 from flwr_select.models import MODELS, CifarCNN, LeNet5, build_model
-from flwr_select.policies import (
+from flwr_select.parallel.batches import DISTRIBUTIONS, Sampling
+from flwr_select.parallel.gradients import DataParallelConfig, worker_gradient
+from flwr_select.parallel.reductions import REDUCTIONS, make_reduction
+from flwr_select.selection.buffer import TrainingBuffer
+from flwr_select.selection.checkpoint import CheckpointError
+from flwr_select.selection.ledger import SentLedger
+from flwr_select.selection.policies import (
     GROUPS,
     POLICIES,
     Budget,
     Candidates,
-    SentLedger,
     make_policy,
     select,
 )
-from flwr_select.reductions import REDUCTIONS, make_reduction
-from flwr_select.sampling import DISTRIBUTIONS, Sampling
-from flwr_select.scores import CONFIDENCE_METRICS, SCORES, score
-from flwr_select.trial import TrialResult, trial_test
-from flwr_select.wire import UploadError, decode, encode, pack, wire_bytes
+from flwr_select.selection.protocol import SelectionConfig
+from flwr_select.selection.scores import CONFIDENCE_METRICS, SCORES, score
+from flwr_select.selection.trial import TrialResult, trial_test
+from flwr_select.selection.wire import UploadError, decode, encode, pack, wire_bytes
+from flwr_select.trainer import TrainConfig
 
 __all__ = [
     "CONFIDENCE_METRICS",
@@ -38,17 +52,23 @@ __all__ = [
     "SCORES",
     "Budget",
     "Candidates",
+    "CheckpointError",
     "CifarCNN",
+    "ConfigError",
     "DataParallelConfig",
     "LeNet5",
     "Sampling",
+    "SelectionConfig",
     "SentLedger",
     "SiteData",
+    "TrainConfig",
+    "TrainingBuffer",
     "TrialResult",
     "UploadError",
     "build_model",
     "decode",
     "encode",
+    "evaluate",
     "load_cifar10",
     "load_mnist",
     "make_policy",

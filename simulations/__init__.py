@@ -1,4 +1,9 @@
-"""Runnable Flower apps (``simulations.mnist`` and friends) and the paper's experiments.
+"""Runnable Flower apps and the papers' experiments.
 
-Empty until the Flower layer lands; see the project README for the plan.
+Apps (``flower-simulation --app ...`` or ``flwr run .``): ``simulations.mnist``,
+``simulations.fashion_mnist`` (sample selection, :mod:`simulations.runner`) and
+``simulations.mnist_data_parallel`` (:mod:`simulations.data_parallel`). The
+experiments: :mod:`simulations.paper` (Jiang et al.'s figures, one site),
+:mod:`simulations.sites` (N sites through Flower) and :mod:`simulations.biased`
+(Sharp's comparison), sharing :mod:`simulations.experiments`.
 """

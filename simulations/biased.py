@@ -5,7 +5,7 @@
 Compares uniform batches with the weighted mean (conventional data parallelism)
 against class-biased batches with every reduction, on MNIST. Runs in-process
 with the same worker and server code as ``simulations.mnist_data_parallel``
-(:func:`~flwr_select.data_parallel.worker_gradient` for each worker,
+(:func:`~flwr_select.parallel.gradients.worker_gradient` for each worker,
 :meth:`~strategies.data_parallel.BiasedDataParallel.step` on the server), so
 hundreds of iterations cost no per-round messaging. Each run is one JSON-lines
 file under ``out-dir/biased/runs``; a run on disk is not run again, so the
@@ -27,15 +27,15 @@ import numpy as np
 import torch
 
 from flwr_select.data import DATASETS, SiteData
-from flwr_select.data_parallel import DataParallelConfig, worker_gradient
 from flwr_select.files import read_json_lines
 from flwr_select.models import build_model
+from flwr_select.parallel.batches import Sampling
+from flwr_select.parallel.gradients import DataParallelConfig, worker_gradient
+from flwr_select.parallel.reductions import REDUCTIONS
 from flwr_select.partition import paper_split, site_partition
-from flwr_select.reductions import REDUCTIONS
-from flwr_select.sampling import Sampling
 from flwr_select.trainer import TrainConfig
 from simulations.data_parallel import IterationsToTarget, round_record
-from simulations.paper import Data, write_run
+from simulations.experiments import Data, mean_std, write_run
 from strategies.data_parallel import BiasedDataParallel
 
 
@@ -178,8 +178,8 @@ def summarise(runs: list[list[dict[str, Any]]], target: float) -> dict[str, Any]
             **{key: _curve(group, key) for key in CURVES[1:]},
             "iterations_to_target": [r["iterations_to_target"] for r in final],
             "iterations_to_target_mean_curve": reached[0] if reached else None,
-            "final_accuracy": _mean_std([r["accuracy"] for r in final]),
-            "test_accuracy": _mean_std([r["test_accuracy"] for r in final]),
+            "final_accuracy": mean_std([r["accuracy"] for r in final]),
+            "test_accuracy": mean_std([r["test_accuracy"] for r in final]),
             "type1_error": np.mean([r["type1_error"] for r in final], 0).tolist(),
             "type2_error": np.mean([r["type2_error"] for r in final], 0).tolist(),
         }
@@ -203,10 +203,6 @@ def _curve(group: list[list[dict[str, Any]]], key: str) -> list[list[float]]:
         [None if m else float(v) for m, v in zip(missing, stat, strict=True)]
         for stat in (np.nanmean(values, 0), np.nanstd(values, 0))
     ]
-
-
-def _mean_std(values: list[float]) -> list[float]:
-    return [float(np.mean(values)), float(np.std(values))]
 
 
 def run_experiment(

@@ -25,13 +25,13 @@ from torch import nn
 
 from flwr_select.config import check
 from flwr_select.data import DATASETS, SiteData, load_dataset, resolve_data_dir
-from flwr_select.data_parallel import DataParallelConfig
+from flwr_select.evaluation import held_out_metrics
 from flwr_select.models import build_model
-from flwr_select.monitors import monitor
+from flwr_select.parallel.batches import Sampling
+from flwr_select.parallel.gradients import DataParallelConfig
+from flwr_select.parallel.monitors import monitor
 from flwr_select.partition import paper_split
-from flwr_select.sampling import Sampling
 from flwr_select.trainer import TrainConfig
-from flwr_select.trial import trial_test
 from simulations.runner import RoundLog, ServerConfig
 from strategies.data_parallel import BiasedDataParallel
 
@@ -53,8 +53,8 @@ class DataParallelServerConfig(ServerConfig):
 
     The keys of :class:`~simulations.runner.ServerConfig` (300 rounds by
     default) and these; the workers' keys are
-    :class:`~flwr_select.data_parallel.DataParallelConfig`'s and
-    :class:`~flwr_select.sampling.Sampling`'s.
+    :class:`~flwr_select.parallel.gradients.DataParallelConfig`'s and
+    :class:`~flwr_select.parallel.batches.Sampling`'s.
 
     Parameters
     ----------
@@ -155,9 +155,7 @@ def round_record(
     record["workers_rejected"] = metrics.get("workers-rejected", 0)
     record["workers_failed"] = metrics.get("workers-failed", 0)
     if test is not None:
-        trial = trial_test(model, test)
-        record["test_accuracy"] = trial.accuracy
-        record["test_loss"] = float(trial.confidence["cross-entropy"].mean())
+        record.update(held_out_metrics(model, {"test_": test}))
     return record
 
 

@@ -17,7 +17,8 @@ from flwr.app import ArrayRecord
 
 from flwr_select.data import DATASETS
 from flwr_select.models import build_model
-from flwr_select.wire import wire_bytes
+from flwr_select.selection.wire import wire_bytes
+from simulations.experiments import mean_std
 
 PAPER_TARGET = {"mnist": 0.989}
 """The paper's target accuracy (98.9 % on MNIST, Fig. 4a)."""
@@ -37,23 +38,19 @@ def curves(runs: list[list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
             "seeds": sorted(run[0]["seed"] for run in group),
             "accuracy_mean": accuracy.mean(0).tolist(),
             "accuracy_std": accuracy.std(0).tolist(),
-            "test_accuracy_final": _mean_std(
+            "test_accuracy_final": mean_std(
                 [run[-1]["test_accuracy"] for run in group]
             ),
-            "samples_total": _mean_std([run[-1]["samples_total"] for run in group]),
-            "bytes_total": _mean_std([run[-1]["bytes_total"] for run in group]),
-            "wrong_sent": _mean_std(
+            "samples_total": mean_std([run[-1]["samples_total"] for run in group]),
+            "bytes_total": mean_std([run[-1]["bytes_total"] for run in group]),
+            "wrong_sent": mean_std(
                 [sum(r["wrong_sent"] for r in run) for run in group]
             ),
-            "noisy_sent": _mean_std(
+            "noisy_sent": mean_std(
                 [sum(r["noisy_sent"] for r in run) for run in group]
             ),
         }
     return result
-
-
-def _mean_std(values: list[float]) -> list[float]:
-    return [float(np.mean(values)), float(np.std(values))]
 
 
 def rounds_to(accuracy_mean: list[float], target: float) -> int | None:

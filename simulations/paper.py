@@ -24,16 +24,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from flwr_select.buffer import TrainingBuffer
-from flwr_select.data import DATASETS, SiteData, load_dataset, resolve_data_dir
-from flwr_select.files import read_json_lines, write_json_lines
+from flwr_select.data import DATASETS, SiteData
+from flwr_select.evaluation import held_out_metrics
+from flwr_select.files import read_json_lines
 from flwr_select.models import build_model
 from flwr_select.partition import PaperSplit, paper_split, round_fold
-from flwr_select.policies import GROUPS, Budget, Policy, make_policy, select
-from flwr_select.scores import CONFIDENCE_METRICS
+from flwr_select.selection.buffer import TrainingBuffer
+from flwr_select.selection.policies import GROUPS, Budget, Policy, make_policy, select
+from flwr_select.selection.scores import CONFIDENCE_METRICS
+from flwr_select.selection.trial import trial_test
+from flwr_select.selection.wire import decode, pack, wire_bytes
 from flwr_select.trainer import TrainConfig, train
-from flwr_select.trial import trial_test
-from flwr_select.wire import decode, pack, wire_bytes
+from simulations.experiments import Data, write_run
 
 
 @dataclass(frozen=True)
@@ -107,25 +109,6 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
 }
 """Each command: its schemes and rhos (and a data set or label noise it fixes)."""
 SHORT_RHOS = [0.05, 0.3]
-
-
-class Data:
-    """A data set's training and test tensors, loaded once per command."""
-
-    def __init__(self, dataset: str, data_dir: str | Path | None) -> None:
-        folder = resolve_data_dir(dataset, data_dir)
-        self.images, self.labels = load_dataset(dataset, folder, "train")
-        self.test_images, self.test_labels = load_dataset(dataset, folder, "test")
-        self.dataset = dataset
-        self.num_classes = DATASETS[dataset].num_classes
-
-    def samples(
-        self, positions: np.ndarray, labels: torch.Tensor | None = None
-    ) -> SiteData:
-        """Return the training samples at ``positions`` (ids = positions)."""
-        idx = torch.from_numpy(positions)
-        chosen = (self.labels if labels is None else labels)[idx]
-        return SiteData(self.images[idx], chosen, self.num_classes, ids=idx)
 
 
 def flip_labels(
@@ -214,10 +197,7 @@ def run_site(
                 noisy_sent=int(np.isin(fold[chosen], flipped).sum()),
                 trial_accuracy=trial.accuracy,
             )
-        for prefix, samples in held_out.items():
-            result = trial_test(model, samples)
-            record[f"{prefix}accuracy"] = result.accuracy
-            record[f"{prefix}loss"] = float(result.confidence["cross-entropy"].mean())
+        record.update(held_out_metrics(model, held_out))
         total_samples += record["samples"]
         total_bytes += record["bytes"]
         record.update(
@@ -267,15 +247,6 @@ def run_path(
     """Where one run's records live; experiments that share a run share the file."""
     noise = f"-noise{label_noise}" if label_noise else ""
     return runs_dir / f"{dataset}-{scheme.label}-rho{rho}-seed{seed}{noise}.jsonl"
-
-
-def write_run(path: Path, meta: dict[str, Any], records: list[dict[str, Any]]) -> None:
-    """Write one run's records, each with ``meta``, as JSON lines, atomically.
-
-    A run whose file exists is complete: an interrupted write leaves only the
-    temporary file, so a resumed experiment runs it again.
-    """
-    write_json_lines(path, ({**meta, **r} for r in records))
 
 
 def run_experiment(

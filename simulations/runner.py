@@ -6,8 +6,8 @@ trial-tests a fresh fold of its data and uploads its rho share; the server
 trains on everything accepted so far and evaluates. Every round is one JSON line
 in ``out-dir/rounds.jsonl`` (round 0 is the initial model). After every round the
 model, the training buffer and the records are checkpointed to
-``out-dir/checkpoint.npz`` (:mod:`flwr_select.checkpoint`); a run started again
-on the same ``out-dir`` resumes after the last complete round.
+``out-dir/checkpoint.npz`` (:mod:`flwr_select.selection.checkpoint`); a run started
+again on the same ``out-dir`` resumes after the last complete round.
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ from flwr.serverapp import Grid, ServerApp
 
 from flwr_select.config import RunConfigFields, check, check_name
 from flwr_select.data import DATASETS, SiteData, load_dataset, resolve_data_dir
+from flwr_select.evaluation import held_out_metrics
 from flwr_select.files import write_json_lines
 from flwr_select.models import MODELS, build_model
 from flwr_select.partition import check_partitioner, paper_split
-from flwr_select.protocol import SelectionConfig
+from flwr_select.selection.protocol import SelectionConfig
+from flwr_select.selection.wire import encode, wire_bytes
 from flwr_select.trainer import OPTIMIZERS, TrainConfig
-from flwr_select.trial import trial_test
-from flwr_select.wire import encode, wire_bytes
 from strategies.sample_selection import SampleSelection
 
 SITE_KEYS = (
@@ -120,7 +120,7 @@ class SelectionServerConfig(ServerConfig):
     """The sample-selection server's run-config keys; validated when built.
 
     The keys of :class:`ServerConfig` and these; the sites' keys are
-    :class:`~flwr_select.protocol.SelectionConfig`'s.
+    :class:`~flwr_select.selection.protocol.SelectionConfig`'s.
 
     Parameters
     ----------
@@ -320,11 +320,10 @@ def run(grid: Grid, config: Mapping[str, Any]) -> None:
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         evaluation_model.load_state_dict(arrays.to_torch_state_dict())
-        record: dict[str, Any] = {"round": server_round}
-        for prefix, samples in held_out.items():
-            trial = trial_test(evaluation_model, samples)
-            record[f"{prefix}accuracy"] = trial.accuracy
-            record[f"{prefix}loss"] = float(trial.confidence["cross-entropy"].mean())
+        record: dict[str, Any] = {
+            "round": server_round,
+            **held_out_metrics(evaluation_model, held_out),
+        }
         metrics = strategy.rounds.get(server_round, {})
         record["samples_received"] = int(metrics.get("samples-received", 0))
         record["bytes_received"] = int(metrics.get("bytes-received", 0))

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from flwr_select.files import read_json_lines
+from flwr_select.files import read_json_lines, write_json_lines
 from simulations.paper import (
     PAPER_SCHEMES,
     PROTOCOLS,
@@ -147,7 +147,7 @@ def run_sites(
                         "noisy_sent": 0,
                     }
                 )
-            path.write_text("".join(json.dumps(r) + "\n" for r in records))
+            write_json_lines(path, records)  # atomically: a file is a finished run
             print(
                 f"[{name}] {scheme.label} seed={seed}: final accuracy "
                 f"{records[-1]['accuracy']:.4f}",

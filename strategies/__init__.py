@@ -1,4 +1,8 @@
-"""Flower server strategies on flwr_select: sample selection, biased data parallel.
+"""Flower server strategies over the flwr_select engines, one per file.
 
-Empty until the Flower layer lands; see the project README for the plan.
+- :mod:`strategies.sample_selection`: :class:`SampleSelection`, where a
+  ``FedAvg(...)`` was: sites upload raw samples, the server trains on them.
+- :mod:`strategies.legacy`: the same behind Flower's legacy ``Strategy`` API.
+- :mod:`strategies.data_parallel`: :class:`BiasedDataParallel`, workers send
+  gradients of class-biased batches, combined by a chosen reduction.
 """

@@ -13,7 +13,9 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 from torch import nn
 
-from flwr_select.data_parallel import (
+from flwr_select.npy import NpyError, array_from_bytes
+from flwr_select.parallel.batches import Sampling
+from flwr_select.parallel.gradients import (
     GRADIENT_KEY,
     MESSAGE_TYPE,
     DataParallelConfig,
@@ -22,10 +24,8 @@ from flwr_select.data_parallel import (
     combine,
     num_parameters,
 )
-from flwr_select.monitors import grad_norm_gap
-from flwr_select.npy import NpyError, array_from_bytes
-from flwr_select.protocol import CONFIG_KEY, METRICS_KEY, MODEL_KEY
-from flwr_select.sampling import Sampling
+from flwr_select.parallel.monitors import grad_norm_gap
+from flwr_select.selection.protocol import CONFIG_KEY, METRICS_KEY, MODEL_KEY
 from flwr_select.trainer import TrainConfig
 from strategies.nodes import replies_without_failures, sample_round_nodes
 
@@ -39,8 +39,8 @@ class BiasedDataParallel(FedAvg):
 
     Drop-in where a ``FedAvg(...)`` was. Each round every sampled node gets the
     model and a ``train.gradient`` message naming its worker index, the
-    :class:`~flwr_select.sampling.Sampling` distribution and the
-    :class:`~flwr_select.data_parallel.DataParallelConfig`; it replies with one
+    :class:`~flwr_select.parallel.batches.Sampling` distribution and the
+    :class:`~flwr_select.parallel.gradients.DataParallelConfig`; it replies with one
     flat gradient. Every reply is validated (length, dtype, finite values, a
     loss and an example count); a bad one is logged with its node and reason and
     left out, and the rest are reduced and applied with one optimizer step. A

@@ -23,7 +23,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from flwr_select.npy import NpyError, header_of
-from flwr_select.wire import IDS, IMAGES, LABELS, UploadError
+from flwr_select.selection.wire import IDS, IMAGES, LABELS, UploadError
 from strategies.sample_selection import SampleSelection, candidates_in
 
 EvaluateFn = Callable[

@@ -15,10 +15,10 @@ from flwr.serverapp.strategy import FedAvg, Result
 from flwr.supercore import log
 from torch import nn
 
-from flwr_select.buffer import TrainingBuffer
-from flwr_select.checkpoint import Checkpoint, latest
 from flwr_select.data import SiteData
-from flwr_select.protocol import (
+from flwr_select.selection.buffer import TrainingBuffer
+from flwr_select.selection.checkpoint import Checkpoint, latest
+from flwr_select.selection.protocol import (
     CONFIG_KEY,
     MESSAGE_TYPE,
     METRICS_KEY,
@@ -27,8 +27,8 @@ from flwr_select.protocol import (
     UPLOAD_KEY,
     SelectionConfig,
 )
+from flwr_select.selection.wire import UploadError, decode, wire_bytes
 from flwr_select.trainer import TrainConfig, TrainResult, train
-from flwr_select.wire import UploadError, decode, wire_bytes
 from strategies.nodes import replies_without_failures, sample_round_nodes
 
 Upload = tuple[int, Callable[[], tuple[ArrayRecord, object]]]
@@ -72,7 +72,7 @@ class SampleSelection(FedAvg):
 
     Drop-in where a ``FedAvg(...)`` was: ``strategy.start(grid, initial_arrays,
     num_rounds, evaluate_fn=...)``. Each round the sampled nodes get the current
-    model and the :class:`~flwr_select.protocol.SelectionConfig` as a
+    model and the :class:`~flwr_select.selection.protocol.SelectionConfig` as a
     ``train.select`` message; every upload is validated before it touches the
     training buffer, the central model is trained on the buffer, and the new
     model is returned. A rejected upload is logged with its node and reason and the
@@ -202,8 +202,8 @@ class SampleSelection(FedAvg):
         ------
         CheckpointError
             If the file is damaged, or holds another model, class count or
-            sample shape (:func:`~flwr_select.checkpoint.latest` checks it whole
-            before anything is loaded).
+            sample shape (:func:`~flwr_select.selection.checkpoint.latest`
+            checks it whole before anything is loaded).
         ValueError
             If the checkpoint was written by a run with other settings (it names
             them): resuming it would mix two experiments.
@@ -398,8 +398,9 @@ class SampleSelection(FedAvg):
         :attr:`max_upload_bytes` and the budget's ``max-bytes``, then
         ``num-candidates`` (an int >= 0: the site's number of samples this
         round, from which its ``rho`` budget follows), then the upload's
-        declarations (:func:`~flwr_select.wire.decode`: the image shape against
-        :meth:`expected_sample_shape`, the count against the budget, the decoded
+        declarations (:func:`~flwr_select.selection.wire.decode`: the image
+        shape against :meth:`expected_sample_shape`, the count against the budget,
+        the decoded
         size against :attr:`max_upload_bytes`), its bytes and values, and last
         that no id was accepted from this site before.
         """

@@ -12,7 +12,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from clients.site import make_select_handler
-from flwr_select.protocol import ACTION, CONFIG_KEY
+from flwr_select.selection.protocol import ACTION, CONFIG_KEY
 from simulations.mnist import DEFAULTS, check_config, server_app
 
 select_and_upload = make_select_handler()

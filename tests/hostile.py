@@ -25,12 +25,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flwr_select.buffer import TrainingBuffer
 from flwr_select.data import SiteData
 from flwr_select.models import build_model
-from flwr_select.protocol import METRICS_KEY, UPLOAD_KEY, SelectionConfig
+from flwr_select.selection.buffer import TrainingBuffer
+from flwr_select.selection.protocol import METRICS_KEY, UPLOAD_KEY, SelectionConfig
+from flwr_select.selection.wire import ZSTD, encode
 from flwr_select.trainer import TrainConfig
-from flwr_select.wire import ZSTD, encode
 from strategies.sample_selection import SampleSelection
 
 N, RHO, SENT = 100, 0.1, 10

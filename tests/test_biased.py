@@ -6,7 +6,7 @@ import pytest
 
 from flwr_select.files import read_json_lines
 from simulations.biased import CONFIGURATIONS, SHORT, run_experiment
-from simulations.paper import Data
+from simulations.experiments import Data
 
 ROUNDS = 30
 RUN = {

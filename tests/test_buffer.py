@@ -4,8 +4,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flwr_select.buffer import TrainingBuffer
 from flwr_select.data import SiteData
+from flwr_select.selection.buffer import TrainingBuffer
 
 NUM_CLASSES = 10
 BIG_SITE = 2**63 + 12_345  # Flower node ids are uint64, often above 2**63

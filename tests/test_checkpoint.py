@@ -19,11 +19,16 @@ from flwr.app import ArrayRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flwr_select.buffer import TrainingBuffer
-from flwr_select.checkpoint import CHECKPOINT, Checkpoint, CheckpointError, latest
 from flwr_select.data import SiteData
 from flwr_select.models import build_model
-from flwr_select.protocol import SelectionConfig
+from flwr_select.selection.buffer import TrainingBuffer
+from flwr_select.selection.checkpoint import (
+    CHECKPOINT,
+    Checkpoint,
+    CheckpointError,
+    latest,
+)
+from flwr_select.selection.protocol import SelectionConfig
 from strategies.sample_selection import SampleSelection
 from tests.hostile import make_strategy
 

@@ -8,7 +8,7 @@ from flwr.app import Context, RecordDict
 
 from flwr_select.config import ConfigError, RunConfigFields, check, check_name, convert
 from flwr_select.data import SiteData
-from flwr_select.wire import encode, wire_bytes
+from flwr_select.selection.wire import encode, wire_bytes
 from simulations import data_parallel, fashion_mnist, mnist, mnist_data_parallel
 from simulations.runner import check_config, defaults
 

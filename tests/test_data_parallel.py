@@ -21,7 +21,9 @@ from torch import nn
 
 from clients.worker import make_gradient_handler
 from flwr_select.data import SiteData
-from flwr_select.data_parallel import (
+from flwr_select.models import build_model
+from flwr_select.parallel.batches import Sampling
+from flwr_select.parallel.gradients import (
     GRADIENT_KEY,
     MESSAGE_TYPE,
     DataParallelConfig,
@@ -29,9 +31,7 @@ from flwr_select.data_parallel import (
     num_parameters,
     worker_gradient,
 )
-from flwr_select.models import build_model
-from flwr_select.protocol import CONFIG_KEY, METRICS_KEY, MODEL_KEY
-from flwr_select.sampling import Sampling
+from flwr_select.selection.protocol import CONFIG_KEY, METRICS_KEY, MODEL_KEY
 from flwr_select.trainer import TrainConfig
 from strategies.data_parallel import BiasedDataParallel
 from tests.hostile import npy_header

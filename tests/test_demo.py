@@ -1,6 +1,6 @@
 import re
 
-from flwr_select.demo import main
+from flwr_select.selection.demo import main
 
 
 def test_demo_on_real_mnist_sends_what_the_paper_predicts(mnist_dir, capsys):

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 from deployment_keys import make_supernode_key, make_tls_files
 
-from flwr_select.checkpoint import latest
 from flwr_select.data import load_mnist
 from flwr_select.files import read_json_lines
+from flwr_select.selection.checkpoint import latest
 from simulations.deployment import AuthKeys, LocalDeployment, still_running
 
 SITES, SITE_SIZE, ROUNDS, RHO = 2, 1500, 2, 0.1

@@ -8,8 +8,8 @@ import time
 import numpy as np
 import torch
 
-from flwr_select.checkpoint import latest
 from flwr_select.files import read_json_lines
+from flwr_select.selection.checkpoint import latest
 
 SITES, FOLD, RHO = 2, 1000, 0.1
 SENT = int(RHO * FOLD)  # 100 per site and round

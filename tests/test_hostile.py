@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
-from flwr_select.checkpoint import latest
 from flwr_select.files import read_json_lines
-from flwr_select.protocol import CONFIG_KEY, MESSAGE_TYPE, MODEL_KEY
+from flwr_select.selection.checkpoint import latest
+from flwr_select.selection.protocol import CONFIG_KEY, MESSAGE_TYPE, MODEL_KEY
 from tests.hostile import (
     SENT,
     attacks,

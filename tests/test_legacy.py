@@ -13,10 +13,10 @@ from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.simulation import run_simulation
 
 from clients.legacy import SelectNumPyClient
-from flwr_select.buffer import TrainingBuffer
 from flwr_select.data import SiteData
 from flwr_select.models import build_model
-from flwr_select.protocol import SelectionConfig
+from flwr_select.selection.buffer import TrainingBuffer
+from flwr_select.selection.protocol import SelectionConfig
 from strategies.legacy import LegacySampleSelection, site_key
 from strategies.sample_selection import SampleSelection
 

@@ -1,4 +1,4 @@
-"""Tests of flwr_select.monitors: per-class error rates, filter redundancy, norm gap.
+"""Tests of flwr_select.parallel.monitors: per-class error rates, filter redundancy, norm gap.
 
 ``monitor`` itself is tested elsewhere (tests/test_biased.py checks its records).
 """
@@ -8,7 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from flwr_select.monitors import class_error_rates, filter_redundancy, grad_norm_gap
+from flwr_select.parallel.monitors import (
+    class_error_rates,
+    filter_redundancy,
+    grad_norm_gap,
+)
 
 
 def test_class_error_rates_on_three_classes_with_one_absent():

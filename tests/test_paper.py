@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from flwr_select.files import read_json_lines
+from simulations.experiments import Data
 from simulations.measures import bandwidth_equivalence, rounds_to
-from simulations.paper import EXPERIMENTS, SHORT, SHORT_RHOS, Data, run_experiment
+from simulations.paper import EXPERIMENTS, SHORT, SHORT_RHOS, run_experiment
 
 SEEDS = [0, 1, 2, 3]
 

@@ -3,18 +3,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flwr_select.policies import (
+from flwr_select.selection.ledger import SentLedger
+from flwr_select.selection.policies import (
     GROUPS,
     POLICIES,
     Budget,
     Candidates,
-    SentLedger,
     make_policy,
     rank,
     select,
 )
-from flwr_select.scores import CONFIDENCE_METRICS, combine_proxy
-from flwr_select.trial import TrialResult
+from flwr_select.selection.scores import CONFIDENCE_METRICS, combine_proxy
+from flwr_select.selection.trial import TrialResult
 
 NUM_CLASSES = 4
 OPTIONS = {

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from flwr_select.config import ConfigError
-from flwr_select.policies import (
+from flwr_select.selection.policies import (
     GROUPS,
     POLICIES,
     Budget,
@@ -16,8 +16,8 @@ from flwr_select.policies import (
     Stochastic,
     Uniform,
 )
-from flwr_select.protocol import SelectionConfig
-from flwr_select.scores import CONFIDENCE_METRICS
+from flwr_select.selection.protocol import SelectionConfig
+from flwr_select.selection.scores import CONFIDENCE_METRICS
 
 CUSTOM = SelectionConfig(
     rho=0.2,

@@ -1,4 +1,4 @@
-"""Tests of flwr_select.reductions: the nine reductions, their options and checks.
+"""Tests of flwr_select.parallel.reductions: the nine reductions, their options and checks.
 
 Expected values are computed by hand from small stacks (workers x parameters).
 """
@@ -8,7 +8,12 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flwr_select.reductions import REDUCTIONS, make_reduction, reduce, trimmed_mean
+from flwr_select.parallel.reductions import (
+    REDUCTIONS,
+    make_reduction,
+    reduce,
+    trimmed_mean,
+)
 
 GRADS = [[1.0, 2.0], [3.0, -4.0], [5.0, 0.0]]
 WEIGHTS = [1.0, 1.0, 2.0]

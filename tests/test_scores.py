@@ -6,7 +6,13 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flwr_select.scores import CONFIDENCE_METRICS, SCORES, combine_proxy, proxy, score
+from flwr_select.selection.scores import (
+    CONFIDENCE_METRICS,
+    SCORES,
+    combine_proxy,
+    proxy,
+    score,
+)
 
 # Row 0: p = (0.5, 0.25, 0.25), label 0 -> right.  Row 1: p = (0.1, 0.6, 0.3), label 2 -> wrong.
 PROBS = torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.6, 0.3]], dtype=torch.float64)

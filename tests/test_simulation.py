@@ -8,11 +8,11 @@ import pytest
 import tomllib
 import torch
 
-from flwr_select.checkpoint import latest
 from flwr_select.data import SiteData, load_mnist
 from flwr_select.files import read_json_lines
 from flwr_select.partition import paper_split, partition_pool, round_fold
-from flwr_select.wire import encode, wire_bytes
+from flwr_select.selection.checkpoint import latest
+from flwr_select.selection.wire import encode, wire_bytes
 from simulations.mnist import DEFAULTS
 
 ROOT = Path(__file__).resolve().parents[1]

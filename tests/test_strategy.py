@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from clients.site import load_ledger, make_select_handler
 from flwr_select.data import SiteData
-from flwr_select.protocol import (
+from flwr_select.selection.protocol import (
     CONFIG_KEY,
     MESSAGE_TYPE,
     METRICS_KEY,
@@ -27,7 +27,7 @@ from flwr_select.protocol import (
     UNDELIVERED_KEY,
     UPLOAD_KEY,
 )
-from flwr_select.wire import ZSTD, encode, wire_bytes
+from flwr_select.selection.wire import ZSTD, encode, wire_bytes
 from strategies.sample_selection import SampleSelection
 from tests.hostile import N, make_strategy  # a site offers N, sends 10 of them
 

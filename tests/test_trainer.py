@@ -6,9 +6,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from flwr_select.buffer import TrainingBuffer
 from flwr_select.data import SiteData
 from flwr_select.models import build_model
+from flwr_select.selection.buffer import TrainingBuffer
 from flwr_select.trainer import TrainConfig, TrainResult, batch_order, train
 
 

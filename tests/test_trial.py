@@ -5,8 +5,8 @@ from torch import nn
 
 from flwr_select.data import SiteData
 from flwr_select.models import build_model
-from flwr_select.scores import CONFIDENCE_METRICS, score
-from flwr_select.trial import trial_test
+from flwr_select.selection.scores import CONFIDENCE_METRICS, score
+from flwr_select.selection.trial import trial_test
 
 
 def random_site(n=50, seed=0):

@@ -7,7 +7,14 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 
 from flwr_select.data import SiteData
-from flwr_select.wire import ZSTD, UploadError, decode, encode, pack, wire_bytes
+from flwr_select.selection.wire import (
+    ZSTD,
+    UploadError,
+    decode,
+    encode,
+    pack,
+    wire_bytes,
+)
 
 SHAPE = (28, 28)
 

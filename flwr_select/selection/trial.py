@@ -1,22 +1,21 @@
 """The trial test: a site runs the current model once over its own labelled samples.
 
-One batched forward pass under inference mode on the site's device yields every
-score of :mod:`flwr_select.scores` for every sample. Only ``batch_size`` images
-are ever converted to floats at once, so memory is bounded by the batch size
-whatever the site holds.
+One batched forward pass (:func:`flwr_select.evaluation.batched_logits`: inference
+mode, on the site's device, ``batch_size`` images at a time) yields every score of
+:mod:`flwr_select.selection.scores` for every sample.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from flwr_select.data import SiteData
-from flwr_select.scores import (
+from flwr_select.evaluation import BatchTransform, batched_logits
+from flwr_select.selection.scores import (
     CONFIDENCE_METRICS,
     DEFAULT_EPS,
     check_confidence,
@@ -38,8 +37,9 @@ class TrialResult:
     predictions : np.ndarray
         int64 top-1 predictions.
     confidence : dict of str to np.ndarray
-        Each confidence metric of :data:`~flwr_select.scores.CONFIDENCE_METRICS`
-        (float64, higher = less confident).
+        Each confidence metric of
+        :data:`~flwr_select.selection.scores.CONFIDENCE_METRICS` (float64, higher
+        = less confident).
     """
 
     ids: np.ndarray
@@ -63,7 +63,7 @@ class TrialResult:
     def score(
         self, name: str, *, confidence: str = "cross-entropy", eps: float = DEFAULT_EPS
     ) -> np.ndarray:
-        """Return the score called ``name`` (see :data:`~flwr_select.scores.SCORES`).
+        """Return the score called ``name`` (see :data:`.scores.SCORES`).
 
         ``confidence`` and ``eps`` configure ``"proxy"``; higher is more worth
         sending, as for every score.
@@ -77,10 +77,6 @@ class TrialResult:
         return self.confidence[name]
 
 
-BatchTransform = Callable[[Tensor], Tensor]
-
-
-@torch.inference_mode()
 def trial_test(
     model: nn.Module,
     site: SiteData,
@@ -113,8 +109,6 @@ def trial_test(
     """
     if len(site) == 0:
         raise ValueError("the site has no samples to trial-test")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if device is None:
         device = next(model.parameters()).device
     labels = site.labels.to(device)
@@ -123,20 +117,15 @@ def trial_test(
         name: torch.empty(len(site), dtype=torch.float64, device=device)
         for name in CONFIDENCE_METRICS
     }
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(site), batch_size):
-            rows = slice(start, start + batch_size)
-            batch = site.images[rows].to(device, non_blocking=True)
-            logits = model(batch if transform is None else transform(batch))
-            if start == 0:  # shapes and classes; later batches cannot differ
-                check_logits(logits, labels[rows])
-            predictions[rows] = logits.argmax(dim=1)
-            for name, metric in CONFIDENCE_METRICS.items():
-                confidence[name][rows] = metric(logits, labels[rows])
-    finally:
-        model.train(was_training)
+    batches = batched_logits(
+        model, site.images, batch_size=batch_size, device=device, transform=transform
+    )
+    for rows, logits in batches:
+        if rows.start == 0:  # shapes and classes; later batches cannot differ
+            check_logits(logits, labels[rows])
+        predictions[rows] = logits.argmax(dim=1)
+        for name, metric in CONFIDENCE_METRICS.items():
+            confidence[name][rows] = metric(logits, labels[rows])
     # Non-finite logits make entropy NaN; one check here avoids a device sync per batch.
     if not all(bool(torch.isfinite(values).all()) for values in confidence.values()):
         raise ValueError(

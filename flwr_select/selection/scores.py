@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flwr_select import evaluation
+
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 Values = TypeVar("Values", Tensor, np.ndarray)
 
@@ -83,7 +85,7 @@ def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     Range [0, inf); higher (the model gives the true label less mass) is more
     worth sending.
     """
-    return -_log_probs(logits).gather(1, labels.long().unsqueeze(1)).squeeze(1)
+    return evaluation.cross_entropy(logits, labels)
 
 
 def entropy(logits: Tensor, labels: Tensor) -> Tensor:

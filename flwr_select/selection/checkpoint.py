@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flwr_select.buffer import NPZ_DTYPES, TrainingBuffer
 from flwr_select.files import write_atomically
 from flwr_select.npy import read_npz
+from flwr_select.selection.buffer import NPZ_DTYPES, TrainingBuffer
 
 CHECKPOINT = "checkpoint.npz"
 """The checkpoint's file name in a run folder."""

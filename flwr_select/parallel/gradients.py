@@ -1,11 +1,11 @@
 """Synchronous data-parallel SGD with biased batches and a chosen reduction.
 
 Each round every worker receives the model, draws ``local_steps`` batches with
-its :class:`~flwr_select.sampling.Sampling` distribution and returns one
+its :class:`~flwr_select.parallel.batches.Sampling` distribution and returns one
 gradient: with one local step, the gradient of its batch loss at the received
 parameters (classic synchronous data parallelism); with more, the
 pseudo-gradient ``(w_0 - w_k) / local_lr`` of ``k`` plain SGD steps. The server
-combines the gradients with a reduction from :mod:`flwr_select.reductions` and
+combines the gradients with a reduction from :mod:`flwr_select.parallel.reductions` and
 takes one optimizer step. Both sides live here so the Flower strategy, the
 worker handler and the in-process experiment share one implementation.
 """
@@ -19,8 +19,13 @@ import torch
 from torch import Tensor, nn
 
 from flwr_select.config import RunConfigFields, check, check_name
-from flwr_select.reductions import REDUCTIONS, Reduction, make_reduction, reduce
-from flwr_select.sampling import Sampling
+from flwr_select.parallel.batches import Sampling
+from flwr_select.parallel.reductions import (
+    REDUCTIONS,
+    Reduction,
+    make_reduction,
+    reduce,
+)
 
 ACTION = "gradient"
 """The ClientApp action: messages of type ``train.gradient`` reach the worker."""
@@ -36,7 +41,7 @@ class DataParallelConfig(RunConfigFields):
     Parameters
     ----------
     reduction : str (default: "mean")
-        A name from :data:`~flwr_select.reductions.REDUCTIONS`.
+        A name from :data:`~flwr_select.parallel.reductions.REDUCTIONS`.
     trim : float (default: 0.1)
         Share trimmed at each end by ``trimmed-mean``.
     clip_norm : float (default: 0.0)

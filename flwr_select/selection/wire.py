@@ -307,7 +307,8 @@ def pack(
     site : SiteData
         The site's samples.
     positions : np.ndarray
-        Positions into ``site``, best first (from :func:`flwr_select.policies.select`).
+        Positions into ``site``, best first (from
+        :func:`flwr_select.selection.policies.select`).
     max_bytes : int, optional
         Cap on :func:`wire_bytes` of the result; the head is found by bisection on
         exact encoded sizes, so compression buys more samples under the same cap.

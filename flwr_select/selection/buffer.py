@@ -19,7 +19,7 @@ from torch import Tensor
 from flwr_select.data import SiteData
 from flwr_select.files import write_atomically
 from flwr_select.npy import read_npz
-from flwr_select.policies import SentLedger
+from flwr_select.selection.ledger import SentLedger
 
 DTYPES = {
     "num_classes": np.dtype(np.int64),

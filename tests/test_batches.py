@@ -1,4 +1,4 @@
-"""Tests of flwr_select.sampling: class mixes of drawn batches, bias schedules, config.
+"""Tests of flwr_select.parallel.batches: class mixes of drawn batches, bias schedules, config.
 
 Frequencies are measured over 400 seeded draws of 160 samples (64,000 labels); the
 tolerance 0.01 is at least 5 standard errors (sqrt(0.25 / 64000) = 0.002).
@@ -7,7 +7,7 @@ tolerance 0.01 is at least 5 standard errors (sqrt(0.25 / 64000) = 0.002).
 import numpy as np
 import pytest
 
-from flwr_select.sampling import Sampling
+from flwr_select.parallel.batches import Sampling
 
 # 100 samples over 10 classes, unbalanced: class c has COUNTS[c] samples
 COUNTS = [30, 10, 20, 10, 10, 5, 5, 5, 3, 2]

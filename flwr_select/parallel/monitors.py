@@ -3,7 +3,7 @@
 Output predictions: per-class type I and type II error rates. Network
 structure: redundancy among each convolutional layer's filters, and the largest
 distance between the workers' gradient norms. Accuracy and loss come from
-:func:`~flwr_select.trial.trial_test`.
+:func:`~flwr_select.evaluation.evaluate`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from flwr_select.data import SiteData
-from flwr_select.trial import trial_test
+from flwr_select.evaluation import evaluate
 
 
 def class_error_rates(
@@ -78,14 +78,14 @@ def monitor(model: nn.Module, samples: SiteData) -> dict[str, float | list[float
     ``filter_redundancy`` and ``filter_redundancy_max`` (one value per conv
     layer).
     """
-    trial = trial_test(model, samples)
+    result = evaluate(model, samples)
     type1, type2 = class_error_rates(
-        trial.predictions, trial.labels, samples.num_classes
+        result.predictions, samples.labels.numpy(), samples.num_classes
     )
     redundancy, redundancy_max = filter_redundancy(model)
     return {
-        "accuracy": trial.accuracy,
-        "loss": float(trial.confidence["cross-entropy"].mean()),
+        "accuracy": result.accuracy,
+        "loss": result.loss,
         "type1_error": type1,
         "type2_error": type2,
         "filter_redundancy": redundancy,

@@ -3,7 +3,7 @@
 Trains LeNet-5 briefly on 5,000 samples (the paper's initial model), then plays a
 site holding the next 5,000: trial test, selection of the best fraction ``rho``
 by each of the paper's three schemes, and the upload packed as Flower would send
-it, raw and compressed. Run ``python -m flwr_select.demo --help``.
+it, raw and compressed. Run ``python -m flwr_select.selection.demo --help``.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from torch import nn
 
 from flwr_select.data import SiteData, add_data_dir_option, load_mnist
 from flwr_select.models import build_model
-from flwr_select.policies import Budget, select
-from flwr_select.trial import trial_test
-from flwr_select.wire import decode, pack, wire_bytes
+from flwr_select.selection.policies import Budget, select
+from flwr_select.selection.trial import trial_test
+from flwr_select.selection.wire import decode, pack, wire_bytes
 
 INITIAL, FOLD = 5_000, 5_000
 

@@ -22,8 +22,14 @@ from typing import ClassVar, Protocol
 
 import numpy as np
 
-from flwr_select.scores import DEFAULT_EPS, check_confidence, check_eps, combine_proxy
-from flwr_select.trial import TrialResult
+from flwr_select.selection.ledger import SentLedger
+from flwr_select.selection.scores import (
+    DEFAULT_EPS,
+    check_confidence,
+    check_eps,
+    combine_proxy,
+)
+from flwr_select.selection.trial import TrialResult
 
 Seed = int | Sequence[int]
 
@@ -279,7 +285,8 @@ class Budget:
         At most this many samples.
     max_bytes : int, optional
         At most this many bytes on the wire; applied when the upload is packed
-        (:func:`flwr_select.wire.pack`), since only the wire format knows sizes.
+        (:func:`~flwr_select.selection.wire.pack`), since only the wire format
+        knows sizes.
     """
 
     rho: float | None = None
@@ -305,34 +312,6 @@ class Budget:
         if self.count is not None:
             limit = min(limit, int(self.count))
         return limit
-
-
-class SentLedger:
-    """The ids a site has already uploaded, so that none is offered twice.
-
-    Parameters
-    ----------
-    ids : array-like of int (default: empty)
-        Ids sent before (a ledger restored from a node's state or from disk).
-    """
-
-    def __init__(self, ids: Sequence[int] | np.ndarray = ()) -> None:
-        self._ids = np.unique(np.asarray(ids, dtype=np.int64))
-
-    def __len__(self) -> int:
-        return len(self._ids)
-
-    def contains(self, ids: np.ndarray) -> np.ndarray:
-        """Return a bool mask, True where an id was sent before."""
-        return np.isin(ids, self._ids)
-
-    def add(self, ids: Sequence[int] | np.ndarray) -> None:
-        """Record ``ids`` as sent."""
-        self._ids = np.union1d(self._ids, np.asarray(ids, dtype=np.int64))
-
-    def to_array(self) -> np.ndarray:
-        """Return the sent ids, sorted, as int64 (to store the ledger)."""
-        return self._ids.copy()
 
 
 def select(

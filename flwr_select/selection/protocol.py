@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flwr_select.config import RunConfigFields, check, check_name
-from flwr_select.policies import GROUPS, POLICIES, Budget, Policy, make_policy
-from flwr_select.scores import CONFIDENCE_METRICS
+from flwr_select.selection.policies import GROUPS, POLICIES, Budget, Policy, make_policy
+from flwr_select.selection.scores import CONFIDENCE_METRICS
 
 ACTION = "select"
 """The ClientApp action: messages of type ``train.select`` reach the handler."""
@@ -34,7 +34,7 @@ class SelectionConfig(RunConfigFields):
     rho : float (default: 0.05)
         Fraction of a site's samples this round it may send (0 < rho <= 1).
     selection_policy : str (default: "proxy")
-        A name from :data:`flwr_select.policies.POLICIES`.
+        A name from :data:`flwr_select.selection.policies.POLICIES`.
     confidence : str (default: "cross-entropy")
         The confidence metric of the policy and of eq. (6).
     max_count : int (default: 0)
@@ -44,8 +44,9 @@ class SelectionConfig(RunConfigFields):
     compress : bool (default: False)
         Compress the image block (Zstandard).
     group : str (default: "")
-        The group of the ``group`` policy: one of :data:`~flwr_select.policies.GROUPS`
-        ("" only when another policy is chosen).
+        The group of the ``group`` policy: one of
+        :data:`~flwr_select.selection.policies.GROUPS` ("" only when another
+        policy is chosen).
     temperature : float (default: 1.0)
         The temperature of the ``stochastic`` policy; > 0.
     seed : int (default: 0)
