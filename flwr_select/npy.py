@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import math
 import struct
+import warnings
 import zipfile
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
@@ -65,7 +66,9 @@ def parse_header(read: Callable[[int], bytes]) -> tuple[np.dtype, tuple[int, ...
     if len(text) != length:
         raise NpyError("the .npy header is cut short")
     try:
-        header = ast.literal_eval(text.decode("latin1"))
+        with warnings.catch_warnings():  # a hostile header may hold bad escapes
+            warnings.simplefilter("ignore")
+            header = ast.literal_eval(text.decode("latin1"))
     except Exception:  # literal_eval raises many kinds on malformed input
         raise NpyError("the .npy header is not a Python literal") from None
     if not isinstance(header, dict) or set(header) != {

@@ -6,7 +6,7 @@ Compares uniform batches with the weighted mean (conventional data parallelism)
 against class-biased batches with every reduction, on MNIST. Runs in-process
 with the same worker and server code as ``simulations.mnist_data_parallel``
 (:func:`~flwr_select.parallel.gradients.worker_gradient` for each worker,
-:meth:`~strategies.data_parallel.BiasedDataParallel.step` on the server), so
+:meth:`~flwr_select.parallel.server.DataParallelServer.step` on the server), so
 hundreds of iterations cost no per-round messaging. Each run is one JSON-lines
 file under ``out-dir/biased/runs``; a run on disk is not run again, so the
 command resumes. It ends by writing ``summary-<dataset>.json`` and a figure.
@@ -32,11 +32,11 @@ from flwr_select.models import build_model
 from flwr_select.parallel.batches import Sampling
 from flwr_select.parallel.gradients import DataParallelConfig, worker_gradient
 from flwr_select.parallel.reductions import REDUCTIONS
+from flwr_select.parallel.server import DataParallelServer
 from flwr_select.partition import paper_split, site_partition
 from flwr_select.trainer import TrainConfig
 from simulations.data_parallel import IterationsToTarget, round_record
 from simulations.experiments import Data, mean_std, write_run
-from strategies.data_parallel import BiasedDataParallel
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ def run_configuration(
         bias_schedule=configuration.schedule,
         seed=seed,
     )
-    strategy = BiasedDataParallel(
+    server = DataParallelServer(
         functools.partial(build_model, DATASETS[data.dataset].model),
         config=config,
         sampling=sampling,
@@ -118,7 +118,7 @@ def run_configuration(
 
     def record(server_round: int, metrics: dict[str, Any]) -> dict[str, Any]:
         return round_record(
-            strategy.model,
+            server.model,
             validation,
             server_round=server_round,
             iterations=server_round,
@@ -131,7 +131,7 @@ def run_configuration(
     for server_round in range(1, setup.iterations + 1):
         updates = [
             worker_gradient(
-                copy.deepcopy(strategy.model),
+                copy.deepcopy(server.model),
                 share.images,
                 share.labels,
                 config,
@@ -144,7 +144,7 @@ def run_configuration(
             )
             for worker, share in enumerate(shares)
         ]
-        metrics = strategy.step(server_round, updates)
+        metrics = server.step(server_round, updates)
         if server_round % setup.eval_every == 0 or server_round == setup.iterations:
             records.append(record(server_round, metrics))
     return records

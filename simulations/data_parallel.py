@@ -140,8 +140,9 @@ def round_record(
 ) -> dict[str, Any]:
     """Return one ``rounds.jsonl`` record: the monitors and the strategy's metrics.
 
-    ``metrics`` are what :meth:`BiasedDataParallel.step` returned for the round
-    (empty for round 0); ``test``, if given, adds ``test_accuracy`` and
+    ``metrics`` are what
+    :meth:`~flwr_select.parallel.server.DataParallelServer.step` returned for
+    the round (empty for round 0); ``test``, if given, adds ``test_accuracy`` and
     ``test_loss``.
     """
     record: dict[str, Any] = {

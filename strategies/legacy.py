@@ -1,4 +1,4 @@
-"""LegacySampleSelection: sample selection behind Flower's legacy ``Strategy`` API."""
+"""LegacySampleSelection: the sample-selection server behind Flower's legacy API."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from flwr_select.npy import NpyError, header_of
+from flwr_select.selection.server import SelectionServer, candidates_in
 from flwr_select.selection.wire import IDS, IMAGES, LABELS, UploadError
-from strategies.sample_selection import SampleSelection, candidates_in
 
 EvaluateFn = Callable[
     [int, NDArrays, dict[str, Scalar]], tuple[float, dict[str, Scalar]] | None
@@ -80,24 +80,27 @@ def unpack_fit_res(res: FitRes) -> tuple[ArrayRecord, object]:
 
 
 class LegacySampleSelection(Strategy):
-    """A :class:`SampleSelection` for ``ServerApp(config=..., strategy=...)``.
+    """The sample-selection server for ``ServerApp(config=..., strategy=...)``.
 
-    Every round all available clients (per ``fraction_train`` and the minimums
-    of the wrapped strategy) get the current model and the selection config in
-    a ``FitIns``; each ``FitRes`` carries an upload as parameters
+    Every round the sampled clients get the current model and the selection
+    config in a ``FitIns``; each ``FitRes`` carries an upload as parameters
     ``[images, labels, ids]`` and ``num-candidates`` in its metrics (see
-    :class:`clients.legacy.SelectNumPyClient`). Uploads are validated by the
-    wrapped strategy's ``check_upload`` and buffered under the client's
-    :func:`site_key`; the model is trained by its ``train_on_buffer``. Round
-    metrics land in the wrapped strategy's ``rounds`` as well.
+    :class:`clients.legacy.SelectNumPyClient`). The server core checks and
+    buffers every upload under the client's :func:`site_key` and trains the
+    model (:meth:`~flwr_select.selection.server.SelectionServer.accept_uploads`);
+    round metrics land in its ``rounds``.
 
     Parameters
     ----------
-    strategy : SampleSelection
-        Holds the model, buffer, selection and training config.
+    server : SelectionServer
+        The server core (a :class:`~strategies.sample_selection.SampleSelection`
+        is one): the model, buffer, selection and training config.
     evaluate_fn : callable, optional
         ``(server_round, ndarrays, config) -> (loss, metrics) | None``, as for the
         legacy ``FedAvg``: centralized evaluation.
+    fraction_train, min_train_nodes, min_available_nodes
+        As for the legacy ``FedAvg``'s ``fraction_fit``, ``min_fit_clients`` and
+        ``min_available_clients``.
 
     Notes
     -----
@@ -107,42 +110,50 @@ class LegacySampleSelection(Strategy):
     """
 
     def __init__(
-        self, strategy: SampleSelection, *, evaluate_fn: EvaluateFn | None = None
+        self,
+        server: SelectionServer,
+        *,
+        evaluate_fn: EvaluateFn | None = None,
+        fraction_train: float = 1.0,
+        min_train_nodes: int = 2,
+        min_available_nodes: int = 2,
     ) -> None:
-        if strategy.selection.compress:
+        if server.selection.compress:
             raise ValueError("the legacy API carries plain ndarrays: set compress off")
-        self.strategy = strategy
+        self.server = server
         self.evaluate_fn = evaluate_fn
+        self.fraction_train = fraction_train
+        self.min_train_nodes = min_train_nodes
+        self.min_available_nodes = min_available_nodes
 
     def __repr__(self) -> str:
-        return f"LegacySampleSelection({self.strategy.selection})"
+        return f"LegacySampleSelection({self.server.selection})"
 
     def _parameters(self) -> Parameters:
-        state = self.strategy.model.state_dict()
+        state = self.server.model.state_dict()
         return ndarrays_to_parameters([v.cpu().numpy() for v in state.values()])
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters:
-        """Return the wrapped model's weights (state_dict values in order).
+        """Return the server's model weights (state_dict values in order).
 
-        Called once before round 1: a strategy that does not know the shape of
-        a sample is refused here (see ``SampleSelection.expected_sample_shape``).
+        Called once before round 1: a server that does not know the shape of a
+        sample is refused here (see ``SelectionServer.expected_sample_shape``).
         """
-        self.strategy.expected_sample_shape()
+        self.server.expected_sample_shape()
         return self._parameters()
 
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
         """Send the model and the selection config to the sampled clients."""
-        s = self.strategy
-        if s.fraction_train == 0.0:
+        if self.fraction_train == 0.0:
             return []
-        size = int(client_manager.num_available() * s.fraction_train)
+        size = int(client_manager.num_available() * self.fraction_train)
         clients = client_manager.sample(
-            num_clients=max(size, s.min_train_nodes),
-            min_num_clients=s.min_available_nodes,
+            num_clients=max(size, self.min_train_nodes),
+            min_num_clients=self.min_available_nodes,
         )
-        config: dict[str, Scalar] = dict(s.round_config(server_round))
+        config: dict[str, Scalar] = dict(self.server.round_config(server_round))
         return [(client, FitIns(parameters, config)) for client in clients]
 
     def aggregate_fit(
@@ -151,12 +162,12 @@ class LegacySampleSelection(Strategy):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """Validate and buffer every upload, then train the model on the buffer."""
+        """Check and buffer every upload, then train the model on the buffer."""
         uploads = [
             (site_key(client.cid), functools.partial(unpack_fit_res, res))
             for client, res in results
         ]
-        metrics = self.strategy.aggregate_uploads(
+        metrics = self.server.accept_uploads(
             server_round, uploads, failures=len(failures)
         )
         trained = "train-loss" in metrics

@@ -396,13 +396,13 @@ def fuzz(
 
 def submit_upload(strategy: SampleSelection, record: ArrayRecord) -> dict:
     """Hand ``record`` to the strategy as site 3's upload of round 2."""
-    return strategy.aggregate_uploads(2, [(3, lambda: (record, N))])
+    return strategy.accept_uploads(2, [(3, lambda: (record, N))])
 
 
 def peak_rss_growth(max_examples: int) -> dict[str, int]:
     """Fuzz a warmed-up strategy; return the examples run and the peak RSS growth."""
     strategy = make_strategy()
-    strategy.aggregate_uploads(1, [(1, lambda: (good_upload(1), N))])  # trains once
+    strategy.accept_uploads(1, [(1, lambda: (good_upload(1), N))])  # trains once
     for record in (good_upload(2), good_upload(2, compress=True)):
         submit_upload(strategy, record)  # warms every code path up (rejected twice)
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

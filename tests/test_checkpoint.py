@@ -125,7 +125,7 @@ def test_resume_restores_the_model_the_buffer_and_the_records(tmp_path):
     first.buffer.add(5, samples([10, 11]))
     first.rounds = {1: {"samples-received": 2}}
     first.records = {0: {"accuracy": 0.5}}
-    first._finish_round(2, None, None)
+    first.finish_round(2, None)
     # Execute: a new process builds the same strategy and resumes
     second = strategy(tmp_path, rho=0.2)
     torch.nn.init.zeros_(next(second.model.parameters()))
@@ -145,7 +145,7 @@ def test_resume_restores_the_model_the_buffer_and_the_records(tmp_path):
 
 
 def test_a_run_with_other_settings_is_refused_not_mixed_in(tmp_path):
-    strategy(tmp_path, rho=0.2)._finish_round(0, None, None)
+    strategy(tmp_path, rho=0.2).finish_round(0, None)
     with pytest.raises(ValueError, match=r"other settings \(rho\)"):
         strategy(tmp_path, rho=0.1).resume()
 
@@ -531,7 +531,7 @@ def test_a_damaged_checkpoint_comes_back_whole_or_is_refused(pristine, data):
 def test_a_run_on_a_damaged_checkpoint_starts_nothing(tmp_path):
     # Prepare: a strategy checkpoints its round 0; then the file loses its tail
     first = make_strategy(run_dir=tmp_path)
-    first._finish_round(0, ArrayRecord(first.model.state_dict()), None)
+    first.finish_round(0, None)
     path = tmp_path / "checkpoint.npz"
     path.write_bytes(path.read_bytes()[:-100])
     damaged = path.read_bytes()

@@ -40,7 +40,7 @@ def reply(node: int, reply_content: RecordDict) -> Message:
 def holding_strategy():
     """A strategy whose buffer already holds one site's accepted upload."""
     strategy = make_strategy()
-    strategy.aggregate_uploads(1, [(1, lambda: (good_upload(1), 100))])
+    strategy.accept_uploads(1, [(1, lambda: (good_upload(1), 100))])
     return strategy
 
 

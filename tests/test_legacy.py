@@ -139,9 +139,9 @@ def test_a_malformed_fitres_is_rejected_and_leaves_buffer_and_model_unchanged(
         1, [(client, fit_res(head(LIMIT, 0), SITE_SIZE))], []
     )
     assert params is not None
-    buffer = legacy.strategy.buffer
+    buffer = legacy.server.buffer
     before = (len(buffer), buffer.ids.copy(), buffer.sites.copy())
-    weights = {k: v.clone() for k, v in legacy.strategy.model.state_dict().items()}
+    weights = {k: v.clone() for k, v in legacy.server.model.state_dict().items()}
     arrays, candidates, reason = MALFORMED[case]
     # Execute
     params, metrics = legacy.aggregate_fit(
@@ -154,12 +154,12 @@ def test_a_malformed_fitres_is_rejected_and_leaves_buffer_and_model_unchanged(
         metrics["sites-rejected"],
         metrics["sites-failed"],
     ) == (0, 1, 1)
-    assert legacy.strategy.rounds[2] == metrics
+    assert legacy.server.rounds[2] == metrics
     assert reason in caplog.text and "rejected the upload of node 7" in caplog.text
     assert len(buffer) == before[0]
     np.testing.assert_array_equal(buffer.ids, before[1])
     np.testing.assert_array_equal(buffer.sites, before[2])
-    state = legacy.strategy.model.state_dict()
+    state = legacy.server.model.state_dict()
     assert all(torch.equal(weights[k], state[k]) for k in weights)
 
 

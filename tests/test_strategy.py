@@ -425,7 +425,7 @@ def test_no_corrupted_upload_touches_the_buffer_or_the_model(data, accepted_stra
     arrays, candidates = corrupted(dict(good_upload(3).items()), data)
     record = ArrayRecord(arrays)
     # Execute
-    metrics = strategy.aggregate_uploads(2, [(3, lambda: (record, candidates))])
+    metrics = strategy.accept_uploads(2, [(3, lambda: (record, candidates))])
     # Assert
     assert metrics["sites-rejected"] == 1 and metrics["sites-accepted"] == 0
     assert "train-loss" not in metrics
@@ -440,6 +440,6 @@ def test_no_corrupted_upload_touches_the_buffer_or_the_model(data, accepted_stra
 @pytest.fixture(scope="module")
 def accepted_strategy():
     strategy = make_strategy()
-    strategy.aggregate_uploads(1, [(3, lambda: (good_upload(3, 5), N))])
+    strategy.accept_uploads(1, [(3, lambda: (good_upload(3, 5), N))])
     assert len(strategy.buffer) == 5
     return strategy

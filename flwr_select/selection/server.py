@@ -1,0 +1,391 @@
+"""The sample-selection server without Flower: check uploads, buffer, train, resume.
+
+:class:`SelectionServer` is what the central site of Jiang et al. does with the
+uploads of a round, whoever carries them: it checks each one (without trusting a
+byte: :meth:`~SelectionServer.check_upload`), adds the accepted samples to its
+training buffer, trains the central model on the buffer, keeps each round's
+metrics and records, and checkpoints all of it so that a crashed run resumes.
+The Flower strategies (``strategies.sample_selection``, ``strategies.legacy``)
+add messages and node sampling on top; the in-process experiments drive it
+directly. Messages go to the ``flwr.select`` logger, under Flower's own.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+from torch import nn
+
+from flwr_select.data import SiteData
+from flwr_select.selection.buffer import TrainingBuffer
+from flwr_select.selection.checkpoint import Checkpoint, latest
+from flwr_select.selection.protocol import SelectionConfig
+from flwr_select.selection.wire import UploadError, decode, wire_bytes
+from flwr_select.trainer import TrainConfig, TrainResult, train
+
+logger = logging.getLogger("flwr.select")
+
+Upload = tuple[int, Callable[[], tuple[ArrayRecord, object]]]
+"""A site key and a function that returns its upload and ``num-candidates``."""
+
+SERVER_SITE = 0
+"""The buffer's site key for samples the server holds itself (the initial set)."""
+
+SITE_METRICS = frozenset(
+    {
+        "num-candidates",
+        "num-wrong",
+        "num-selected",
+        "num-selected-wrong",
+        "trial-accuracy",
+        "upload-bytes",
+    }
+)
+"""The metrics a site's reply may carry (see :func:`clients.site.site_round`)."""
+
+Settings = dict[str, bool | int | float | str]
+
+
+def candidates_in(metrics: Mapping[str, object]) -> object:
+    """Return a site's ``num-candidates``; refuse metrics beyond :data:`SITE_METRICS`.
+
+    Raises
+    ------
+    UploadError
+        If a key is unknown or ``num-candidates`` is missing (its value is
+        checked with the upload, by :meth:`SelectionServer.check_upload`).
+    """
+    if not set(metrics) <= SITE_METRICS or "num-candidates" not in metrics:
+        raise UploadError(
+            f"the metrics hold num-candidates and some of {sorted(SITE_METRICS)}; "
+            f"got {sorted(metrics)}"
+        )
+    return metrics["num-candidates"]
+
+
+class SelectionServer:
+    """The central site: every accepted upload in one buffer, one model trained on it.
+
+    Parameters
+    ----------
+    model_fn : callable
+        Returns a fresh model (the architecture the arrays belong to).
+    num_classes : int
+        Uploaded labels must lie in ``[0, num_classes)``.
+    selection : SelectionConfig (default: SelectionConfig())
+        What every site is asked to send; its budget bounds every upload.
+    train_config : TrainConfig (default: TrainConfig())
+        How the server trains on its buffer each round.
+    from_scratch : bool (default: False)
+        Retrain a fresh model on the whole buffer each round instead of continuing
+        from the current one.
+    buffer : TrainingBuffer, optional
+        Where accepted samples go (default: a new one on CUDA if available).
+    site_config : mapping, optional
+        Extra settings every site is told (e.g. which data set fold); part of
+        the settings a checkpoint must share with the run resuming it.
+    run_dir : str or Path, optional
+        Checkpoint the model, the buffer and the records here after every round
+        (:meth:`finish_round`), and resume from the last complete one
+        (:meth:`resume`).
+    sample_shape : tuple of int, optional
+        The shape of one image (``(28, 28)`` for MNIST, ``(3, 32, 32)`` for
+        CIFAR-10); uploads of any other shape are rejected. Default: the shape
+        of the server's own samples (:meth:`train_initial`) or of a resumed buffer;
+        never a site's word (see :meth:`expected_sample_shape`).
+    max_upload_bytes : int (default: 256 MiB)
+        Reject an upload larger than this on the wire, or whose images would be
+        larger decoded, whatever the site claims, before anything in it is
+        decoded or decompressed.
+    """
+
+    def __init__(
+        self,
+        model_fn: Callable[[], nn.Module],
+        num_classes: int,
+        *,
+        selection: SelectionConfig | None = None,
+        train_config: TrainConfig | None = None,
+        from_scratch: bool = False,
+        buffer: TrainingBuffer | None = None,
+        site_config: Mapping[str, bool | int | float | str] | None = None,
+        run_dir: str | Path | None = None,
+        sample_shape: tuple[int, ...] | None = None,
+        max_upload_bytes: int = 256 * 2**20,
+    ) -> None:
+        self.model_fn = model_fn
+        self.num_classes = num_classes
+        self.selection = selection or SelectionConfig()
+        self.train_config = train_config or TrainConfig()
+        self.from_scratch = from_scratch
+        self.buffer = buffer or TrainingBuffer(num_classes)
+        self.site_config = dict(site_config or {})
+        self.run_dir = None if run_dir is None else Path(run_dir)
+        self.sample_shape = None if sample_shape is None else tuple(sample_shape)
+        self.max_upload_bytes = max_upload_bytes
+        self.model = model_fn().to(self.buffer.device)
+        self.rounds: dict[int, dict[str, float | int]] = {}
+        """Metrics of every round whose uploads were handled (``accept_uploads``)."""
+        self.records: dict[int, dict[str, float | int]] = {}
+        """The evaluation record of every finished round, round 0 included."""
+        self.completed_round: int | None = None
+        """The last finished round; None before the initial evaluation."""
+        self.undelivered: dict[int, list[int]] = {}
+        """Per site, the rounds whose upload was not kept (failed, rejected or never
+        came). Each request tells the site, which offers those samples again."""
+
+    def seed(self, *parts: int) -> int:
+        """Return a seed derived from the selection seed and ``parts`` (a round...)."""
+        return int(
+            np.random.SeedSequence([self.selection.seed, *parts]).generate_state(1)[0]
+        )
+
+    def run_settings(self) -> Settings:
+        """Return the settings a checkpoint must share with the run resuming it."""
+        return {
+            **self.site_config,
+            **self.selection.to_config(),
+            "num-classes": self.num_classes,
+        }
+
+    def round_config(self, server_round: int) -> Settings:
+        """Return what every site is told this round (the run-config spellings)."""
+        return {**self.run_settings(), "server-round": server_round}
+
+    def expected_sample_shape(self) -> tuple[int, ...]:
+        """Return the shape every uploaded image must have; never a site's word.
+
+        :attr:`sample_shape` if given, else the shape of the server's own
+        samples in the buffer (its initial set, or a resumed buffer).
+
+        Raises
+        ------
+        ValueError
+            If neither is known: the operator must say it.
+        """
+        shape = self.sample_shape or self.buffer.image_shape
+        if shape is None:
+            raise ValueError(
+                "SampleSelection does not know the shape of one sample: pass "
+                "sample_shape=(28, 28) (or your images' shape), or pretrain() on "
+                "the server's own samples first; it is never taken from an upload"
+            )
+        return shape
+
+    def check_upload(
+        self, site: int, record: ArrayRecord, candidates: object
+    ) -> tuple[SiteData, int]:
+        """Return the samples of site's upload and its wire bytes, or ``UploadError``.
+
+        Cheap checks come first, so that nothing large is decoded or decompressed
+        before it is known to be within bounds: the bytes on the wire against
+        :attr:`max_upload_bytes` and the budget's ``max-bytes``, then
+        ``num-candidates`` (an int >= 0: the site's number of samples this
+        round, from which its ``rho`` budget follows), then the upload's
+        declarations (:func:`~flwr_select.selection.wire.decode`: the image
+        shape against :meth:`expected_sample_shape`, the count against the
+        budget, the decoded size against :attr:`max_upload_bytes`), its bytes
+        and values, and last that no id was accepted from this site before.
+        """
+        size = wire_bytes(record)
+        budget = self.selection.budget()
+        cap = min(self.max_upload_bytes, budget.max_bytes or self.max_upload_bytes)
+        if size > cap:
+            raise UploadError(f"{size} bytes exceed the cap of {cap} bytes")
+        if type(candidates) is not int or candidates < 0:
+            raise UploadError(f"num-candidates must be an int >= 0, got {candidates!r}")
+        samples, _ = decode(
+            record,
+            self.num_classes,
+            sample_shape=self.expected_sample_shape(),
+            max_samples=budget.sample_limit(candidates),
+            max_bytes=self.max_upload_bytes,
+        )
+        repeated = self.buffer.seen(site, samples.ids.numpy())
+        if repeated.any():
+            raise UploadError(
+                f"{int(repeated.sum())} ids were already accepted from this site"
+            )
+        return samples, size
+
+    def accept_uploads(
+        self,
+        server_round: int,
+        uploads: Iterable[Upload],
+        *,
+        failures: int = 0,
+        asked: Iterable[int] = (),
+    ) -> dict[str, int | float]:
+        """Check and buffer each site's upload, then train if anything was accepted.
+
+        Whatever goes wrong with one upload (a check refusing it, or anything
+        else raising) rejects that upload only: it is logged with the site and
+        the reason, and the buffer and the model are as they were.
+
+        Parameters
+        ----------
+        server_round : int
+        uploads : iterable of (site, unpack)
+            ``unpack()`` returns the upload's ArrayRecord and the site's
+            ``num-candidates``.
+        failures : int (default: 0)
+            Sites that failed instead of replying (``sites-failed``).
+        asked : iterable of int (default: ())
+            The sites asked this round: each whose upload was not accepted is
+            noted in :attr:`undelivered`, so it is told to offer it again.
+
+        Returns
+        -------
+        dict
+            The round's metrics, also kept in :attr:`rounds`; ``train-loss`` is
+            there only if the model was trained (else it is unchanged).
+        """
+        metrics: dict[str, int | float] = {
+            "samples-received": 0,
+            "bytes-received": 0,
+            "sites-accepted": 0,
+            "sites-rejected": 0,
+            "sites-failed": failures,
+        }
+        self.expected_sample_shape()  # the operator's error, not a site's: raise
+        for site, unpack in uploads:
+            try:
+                record, candidates = unpack()
+                samples, size = self.check_upload(site, record, candidates)
+                self.buffer.add(site, samples)
+            except Exception as err:  # whatever one reply does, it rejects only itself
+                reason = str(err) if isinstance(err, UploadError) else repr(err)
+                logger.warning(
+                    "round %s: rejected the upload of node %s: %s",
+                    server_round,
+                    site,
+                    reason,
+                )
+                metrics["sites-rejected"] += 1
+                continue
+            metrics["sites-accepted"] += 1
+            metrics["samples-received"] += len(samples)
+            metrics["bytes-received"] += size
+            metrics[f"samples-received.{site}"] = len(samples)
+            metrics[f"bytes-received.{site}"] = size
+        for site in asked:
+            if f"samples-received.{site}" not in metrics:
+                self.undelivered.setdefault(site, []).append(server_round)
+        if metrics["sites-accepted"]:
+            result = self.train_on_buffer(server_round)
+            metrics.update({"train-loss": result.loss, "train-seconds": result.seconds})
+        else:
+            logger.warning(
+                "round %s: no upload accepted; the model is unchanged", server_round
+            )
+        metrics.update(
+            {"buffer-size": len(self.buffer), "buffer-bytes": self.buffer.nbytes}
+        )
+        self.rounds[server_round] = metrics
+        return metrics
+
+    def train_on_buffer(
+        self, server_round: int, train_config: TrainConfig | None = None
+    ) -> TrainResult:
+        """Train the central model on the whole buffer (from scratch if configured)."""
+        if self.from_scratch:
+            torch.manual_seed(self.seed(server_round, 1))
+            self.model = self.model_fn().to(self.buffer.device)
+        assert self.buffer.images is not None
+        return train(
+            self.model,
+            self.buffer.images,
+            self.buffer.labels,
+            train_config or self.train_config,
+            seed=self.seed(server_round, 2),
+        )
+
+    def train_initial(
+        self, samples: SiteData, train_config: TrainConfig | None = None
+    ) -> TrainResult:
+        """Put the server's own samples in the buffer and train the model on them.
+
+        The paper's initial model: 5k samples the central site already holds.
+        """
+        self.buffer.add(SERVER_SITE, samples)
+        return self.train_on_buffer(0, train_config)
+
+    def finish_round(
+        self, server_round: int, record: Mapping[str, float | int] | None
+    ) -> None:
+        """Keep the round's evaluation record and checkpoint everything.
+
+        After this a crash loses nothing of the round: :meth:`resume` continues
+        with the next one.
+        """
+        if record is not None:
+            self.records[server_round] = dict(record)
+        self.completed_round = server_round
+        if self.run_dir is not None:
+            Checkpoint(
+                round=server_round,
+                model_state=self.model.state_dict(),
+                buffer=self.buffer,
+                train_metrics=self.rounds,
+                records=self.records,
+                undelivered=self.undelivered,
+                config=self.run_settings(),
+            ).save(self.run_dir)
+
+    def resume(self) -> int | None:
+        """Load the checkpoint in :attr:`run_dir`, if any; return its round.
+
+        The model, the buffer (with its ledger of accepted ids), the metrics and
+        the records come back as they were after that round, so a run continues
+        with the next one. Returns None when there is nothing to resume.
+
+        Raises
+        ------
+        CheckpointError
+            If the file is damaged, or holds another model, class count or
+            sample shape (:func:`~flwr_select.selection.checkpoint.latest`
+            checks it whole before anything is loaded).
+        ValueError
+            If the checkpoint was written by a run with other settings (it names
+            them): resuming it would mix two experiments.
+        """
+        checkpoint = None
+        if self.run_dir is not None:
+            checkpoint = latest(
+                self.run_dir,
+                device=self.buffer.device,
+                num_classes=self.num_classes,
+                sample_shape=self.sample_shape,
+                model_state=self.model.state_dict(),
+            )
+        if checkpoint is None:
+            return None
+        settings = self.run_settings()
+        differing = sorted(
+            key
+            for key in settings.keys() | checkpoint.config.keys()
+            if settings.get(key) != checkpoint.config.get(key)
+        )
+        if differing:
+            raise ValueError(
+                f"{self.run_dir} holds a run with other settings "
+                f"({', '.join(differing)}): resume it with the same settings or "
+                "start the new run in another folder"
+            )
+        self.model.load_state_dict(checkpoint.model_state)
+        self.buffer = checkpoint.buffer
+        self.rounds, self.records = checkpoint.train_metrics, checkpoint.records
+        self.undelivered = checkpoint.undelivered
+        self.completed_round = checkpoint.round
+        logger.info(
+            "Resuming %s after round %s, %s samples in the buffer",
+            self.run_dir,
+            checkpoint.round,
+            len(self.buffer),
+        )
+        return checkpoint.round
