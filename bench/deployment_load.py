@@ -1,7 +1,7 @@
 """Deployment load: many large uploads through a real SuperLink on loopback.
 
 Starts one ``flower-superlink`` and ``--sites`` ``flower-supernode`` processes
-(:class:`simulations.deployment.LocalDeployment`, insecure loopback) and submits
+(:class:`tests.loopback.LocalDeployment`, insecure loopback) and submits
 ``simulations.mnist`` with ``flwr run``. Each site's data folder holds
 ``--site-size`` MNIST training images (a seeded random draw per site, so sites
 overlap; ids are MNIST indices, unique within a site), and every round every
@@ -40,9 +40,9 @@ hour). The site then counts as undelivered for that round: the server tells it
 so, and it offers those samples again in its next round (so the run ends with
 fewer than per-round x rounds from it, each once).
 
-Run from the repository root (5-6 minutes on this project's 2-core machine at
-the default size; ``--sites 3 --site-size 3000 --per-round 1000 --rounds 2``
-for a quick look)::
+Run from the repository root with the ``test`` or ``experiments`` extra installed
+(5-6 minutes on this project's 2-core machine at the default size; ``--sites 3
+--site-size 3000 --per-round 1000 --rounds 2`` for a quick look)::
 
     python bench/deployment_load.py --data-dir ../shared/data/mnist
     python bench/deployment_load.py --data-dir ../shared/data/mnist --in-memory-state
@@ -63,7 +63,11 @@ import numpy as np
 from flwr_select.data import add_data_dir_option, load_mnist
 from flwr_select.files import read_json_lines
 from flwr_select.selection.checkpoint import latest
-from simulations.deployment import LocalDeployment
+
+# The loopback harness is test code (tests/loopback.py), not installed: python puts
+# only bench/ on the path of a script.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.loopback import LocalDeployment
 
 RAW_PER_SAMPLE = 28 * 28 + 1  # pixels + one label byte
 INITIAL_SIZE, VALIDATION_SIZE = 1000, 1000

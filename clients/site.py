@@ -10,41 +10,35 @@ file beside its data on an edge box, so that a restarted site sends nothing twic
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import (
-    Array,
-    ArrayRecord,
-    ConfigRecord,
-    Context,
-    Message,
-    MetricRecord,
-    RecordDict,
-)
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
-from flwr_select.data import (
-    SiteData,
-    load_dataset,
-    load_local_site,
-    resolve_data_dir,
+from clients.common import (
+    Handler,
+    ModelBuilder,
+    SiteLoader,
+    cached_training_set,
+    edge_box_data,
+    make_handler,
+    model_from_config,
+    simulated_partition,
 )
+from flwr_select.data import SiteData
 from flwr_select.files import write_atomically
-from flwr_select.models import build_model
 from flwr_select.npy import read_npz
-from flwr_select.partition import paper_split, partition_pool, round_fold
+from flwr_select.partition import SiteShareConfig, partition_pool, round_fold
 from flwr_select.selection.buffer import default_device
 from flwr_select.selection.ledger import SiteLedger
 from flwr_select.selection.policies import select
 from flwr_select.selection.protocol import (
     ACTION,
-    CONFIG_KEY,
     METRICS_KEY,
-    MODEL_KEY,
     UNDELIVERED_KEY,
     UPLOAD_KEY,
     SelectionConfig,
@@ -57,54 +51,26 @@ LEDGER_KEY = "flwr_select.sent-ids"
 LEDGER_FILE = "sent-ids.npz"
 """The ledger's file in an edge box's ``state-dir`` (default: its ``data-dir``)."""
 
-SiteLoader = Callable[[Context, ConfigRecord], SiteData]
-ModelBuilder = Callable[[ConfigRecord], nn.Module]
-
-
-@functools.lru_cache(maxsize=2)
-def cached_training_set(
-    dataset: str, data_dir: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return a data set's training images and labels, loaded once per process."""
-    return load_dataset(dataset, resolve_data_dir(dataset, data_dir), "train")
-
-
-@functools.lru_cache(maxsize=2)
-def cached_local_site(data_dir: str, num_classes: int) -> SiteData:
-    """Return everything in an edge box's data folder, loaded once per process."""
-    return load_local_site(data_dir, num_classes)
-
 
 @functools.lru_cache(maxsize=4)
 def _site_share(
-    dataset: str,
-    data_dir: str,
-    seed: int,
-    sizes: tuple[int, int, int | None],
-    partitioner: str,
-    alpha: float,
-    partition_id: int,
-    num_partitions: int,
-    num_rounds: int,
+    share: SiteShareConfig, partition_id: int, num_partitions: int
 ) -> np.ndarray:
-    images, labels = cached_training_set(dataset, data_dir)
-    validation, initial, pool = sizes
-    split = paper_split(
-        len(images), seed=seed, validation=validation, initial=initial, pool=pool
-    )
-    share = partition_pool(
+    images, labels = cached_training_set(share.dataset, share.data_dir)
+    split = share.split(len(images))
+    partition = partition_pool(
         split.pool,
         labels.numpy()[split.pool],
         partition_id,
         num_partitions,
-        partitioner=partitioner,
-        alpha=alpha,
-        seed=seed,
+        partitioner=share.partitioner,
+        alpha=share.dirichlet_alpha,
+        seed=share.seed,
         # at least one sample per round (and Flower Datasets' default of 10)
-        min_partition_size=max(10, num_rounds),
+        min_partition_size=max(10, share.num_server_rounds),
     )
-    share.setflags(write=False)
-    return share
+    partition.setflags(write=False)
+    return partition
 
 
 def load_site(context: Context, config: ConfigRecord) -> SiteData:
@@ -113,53 +79,24 @@ def load_site(context: Context, config: ConfigRecord) -> SiteData:
     On an edge box (node config ``data-dir``): everything in that folder (see
     :func:`~flwr_select.data.load_local_site`); the ledger keeps sent samples
     from being offered again. In a simulation: the site's share
-    (``partition-id`` of ``num-partitions``) of the pool of the paper split of
-    ``dataset``, by the run config's ``partitioner`` (``"iid"``, the default,
-    or ``"dirichlet"`` with ``dirichlet-alpha``; see
-    :func:`~flwr_select.partition.partition_pool`), and of that the fold of
-    this ``server-round``. Ids are positions in the training set.
+    (``partition-id`` of ``num-partitions``) of the pool of the paper split
+    that the config's :class:`~flwr_select.partition.SiteShareConfig`
+    describes, by its ``partitioner`` (``"iid"`` or ``"dirichlet"`` with
+    ``dirichlet-alpha``; see :func:`~flwr_select.partition.partition_pool`),
+    and of that the fold of this ``server-round``. Ids are positions in the
+    training set.
     """
     num_classes = int(config["num-classes"])
-    if "data-dir" in context.node_config:
-        return cached_local_site(str(context.node_config["data-dir"]), num_classes)
-    images, labels = cached_training_set(
-        str(config["dataset"]), str(config.get("data-dir", ""))
-    )
-    num_rounds = int(config["num-server-rounds"])
-    partition = _site_share(
-        str(config["dataset"]),
-        str(config.get("data-dir", "")),
-        int(config["seed"]),
-        (
-            int(config["validation-size"]),
-            int(config["initial-size"]),
-            int(config.get("pool-size", 0)) or None,
-        ),
-        str(config.get("partitioner", "iid")),
-        float(config.get("dirichlet-alpha", 0.5)),
-        int(context.node_config["partition-id"]),
-        int(context.node_config["num-partitions"]),
-        num_rounds,
-    )
-    fold = torch.from_numpy(
-        round_fold(partition, int(config["server-round"]), num_rounds).copy()
-    )
-    return SiteData(images[fold], labels[fold], num_classes, ids=fold)
-
-
-def model_from_config(config: ConfigRecord) -> nn.Module:
-    """Build the built-in model named by the config's ``model`` key."""
-    return build_model(str(config["model"]), num_classes=int(config["num-classes"]))
-
-
-def received_model(
-    msg: Message, model_fn: ModelBuilder
-) -> tuple[ConfigRecord, nn.Module]:
-    """Return the server's config and its model, built by ``model_fn`` and loaded."""
-    config = msg.content.config_records[CONFIG_KEY]
-    model = model_fn(config)
-    model.load_state_dict(msg.content.array_records[MODEL_KEY].to_torch_state_dict())
-    return config, model
+    local = edge_box_data(context, num_classes)
+    if local is not None:
+        return local
+    share = SiteShareConfig.from_config(config)
+    images, labels = cached_training_set(share.dataset, share.data_dir)
+    partition = _site_share(share, *simulated_partition(context))
+    server_round = int(config["server-round"])
+    fold = round_fold(partition, server_round, share.num_server_rounds)
+    ids = torch.from_numpy(fold.copy())
+    return SiteData(images[ids], labels[ids], num_classes, ids=ids)
 
 
 def ledger_file(context: Context) -> Path | None:
@@ -256,34 +193,35 @@ def site_round(
 
 def make_select_handler(
     load_site: SiteLoader = load_site, model_fn: ModelBuilder = model_from_config
-) -> Callable[[Message, Context], Message]:
-    """Return the ``train.select`` handler, reading data and models as given.
+) -> Handler:
+    """Return the ``train.select`` handler: :func:`select_and_upload`.
 
     Parameters
     ----------
-    load_site : callable (default: :func:`load_site`)
-        ``(context, config) -> SiteData``: the samples this site offers this round.
-    model_fn : callable (default: :func:`model_from_config`)
-        ``config -> nn.Module``: the architecture the received arrays belong to.
+    load_site : SiteLoader (default: :func:`load_site`)
+        The samples this site offers this round.
+    model_fn : ModelBuilder (default: :func:`~clients.common.model_from_config`)
+        The architecture the received arrays belong to.
     """
+    return make_handler(select_and_upload, load_site, model_fn)
 
-    def select_and_upload(msg: Message, context: Context) -> Message:
-        config, model = received_model(msg, model_fn)
-        ledger = load_ledger(context)
-        upload, metrics = site_round(
-            model,
-            load_site(context, config),
-            SelectionConfig.from_config(config),
-            server_round=int(config["server-round"]),
-            site_key=int(context.node_config.get("partition-id", context.node_id)),
-            ledger=ledger,
-            undelivered=list(config.get(UNDELIVERED_KEY, [])),
-        )
-        save_ledger(context, ledger)
-        content = RecordDict({UPLOAD_KEY: upload, METRICS_KEY: MetricRecord(metrics)})
-        return Message(content, reply_to=msg)
 
-    return select_and_upload
+def select_and_upload(
+    model: nn.Module, site: SiteData, config: ConfigRecord, context: Context
+) -> RecordDict:
+    """Answer a ``train.select`` message: :func:`site_round`, the ledger kept."""
+    ledger = load_ledger(context)
+    upload, metrics = site_round(
+        model,
+        site,
+        SelectionConfig.from_config(config),
+        server_round=int(config["server-round"]),
+        site_key=int(context.node_config.get("partition-id", context.node_id)),
+        ledger=ledger,
+        undelivered=list(config.get(UNDELIVERED_KEY, [])),
+    )
+    save_ledger(context, ledger)
+    return RecordDict({UPLOAD_KEY: upload, METRICS_KEY: MetricRecord(metrics)})
 
 
 def add_select_handler(
@@ -291,7 +229,11 @@ def add_select_handler(
     load_site: SiteLoader = load_site,
     model_fn: ModelBuilder = model_from_config,
 ) -> None:
-    """Register the ``train.select`` handler on an existing ClientApp."""
+    """Register the ``train.select`` handler on an existing ClientApp.
+
+    It answers beside the app's other handlers (a user's own ``@app.train()``);
+    ``load_site`` and ``model_fn`` are :func:`make_select_handler`'s.
+    """
     app.train(ACTION)(make_select_handler(load_site, model_fn))
 
 

@@ -9,28 +9,13 @@ this module's ``app``, or add the handler to an existing ClientApp with
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 
 import torch
-from flwr.app import (
-    Array,
-    ArrayRecord,
-    ConfigRecord,
-    Context,
-    Message,
-    MetricRecord,
-    RecordDict,
-)
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from torch import nn
 
-from clients.site import (
-    ModelBuilder,
-    SiteLoader,
-    cached_local_site,
-    cached_training_set,
-    model_from_config,
-    received_model,
-)
+from clients import common
 from flwr_select.data import SiteData
 from flwr_select.parallel.batches import Sampling
 from flwr_select.parallel.gradients import (
@@ -39,28 +24,19 @@ from flwr_select.parallel.gradients import (
     DataParallelConfig,
     worker_gradient,
 )
-from flwr_select.partition import paper_split, site_partition
+from flwr_select.partition import ShareConfig, site_partition
 from flwr_select.selection.protocol import METRICS_KEY
 
 
 @functools.lru_cache(maxsize=4)
 def cached_worker_share(
-    dataset: str,
-    data_dir: str,
-    seed: int,
-    validation: int,
-    pool: int | None,
-    partition_id: int,
-    num_partitions: int,
-    num_classes: int,
+    share: ShareConfig, partition_id: int, num_partitions: int, num_classes: int
 ) -> SiteData:
     """Return a simulated worker's share, built once per process (it never changes)."""
-    images, labels = cached_training_set(dataset, data_dir)
-    split = paper_split(
-        len(images), seed=seed, validation=validation, initial=0, pool=pool
-    )
-    share = torch.from_numpy(site_partition(split.pool, partition_id, num_partitions))
-    return SiteData(images[share], labels[share], num_classes, ids=share)
+    images, labels = common.cached_training_set(share.dataset, share.data_dir)
+    pool = share.split(len(images)).pool
+    ids = torch.from_numpy(site_partition(pool, partition_id, num_partitions))
+    return SiteData(images[ids], labels[ids], num_classes, ids=ids)
 
 
 def load_worker_data(context: Context, config: ConfigRecord) -> SiteData:
@@ -70,68 +46,65 @@ def load_worker_data(context: Context, config: ConfigRecord) -> SiteData:
     :func:`~flwr_select.data.load_local_site`). In a simulation: the worker's
     IID share (``partition-id`` of ``num-partitions``) of the training set
     without the server's ``validation-size`` held-out samples (and cut to
-    ``pool-size`` if set); the bias is in how batches are drawn, not in the data.
+    ``pool-size`` if set), as the config's
+    :class:`~flwr_select.partition.ShareConfig` describes; the bias is in how
+    batches are drawn, not in the data.
     """
     num_classes = int(config["num-classes"])
-    if "data-dir" in context.node_config:
-        return cached_local_site(str(context.node_config["data-dir"]), num_classes)
-    return cached_worker_share(
-        str(config["dataset"]),
-        str(config.get("data-dir", "")),
-        int(config["seed"]),
-        int(config["validation-size"]),
-        int(config.get("pool-size", 0)) or None,
-        int(context.node_config["partition-id"]),
-        int(context.node_config["num-partitions"]),
-        num_classes,
-    )
+    local = common.edge_box_data(context, num_classes)
+    if local is not None:
+        return local
+    share = ShareConfig.from_config(config)
+    return cached_worker_share(share, *common.simulated_partition(context), num_classes)
 
 
 def make_gradient_handler(
-    load_data: SiteLoader = load_worker_data,
-    model_fn: ModelBuilder = model_from_config,
-) -> Callable[[Message, Context], Message]:
-    """Return the ``train.gradient`` handler, reading data and models as given.
+    load_data: common.SiteLoader = load_worker_data,
+    model_fn: common.ModelBuilder = common.model_from_config,
+) -> common.Handler:
+    """Return the ``train.gradient`` handler: :func:`gradient_reply`.
 
     Parameters
     ----------
-    load_data : callable (default: :func:`load_worker_data`)
-        ``(context, config) -> SiteData``: the samples batches are drawn from.
-    model_fn : callable (default: :func:`~clients.site.model_from_config`)
-        ``config -> nn.Module``: the architecture the received arrays belong to.
+    load_data : SiteLoader (default: :func:`load_worker_data`)
+        The samples the worker draws its batches from.
+    model_fn : ModelBuilder (default: :func:`~clients.common.model_from_config`)
+        The architecture the received arrays belong to.
     """
+    return common.make_handler(gradient_reply, load_data, model_fn)
 
-    def compute_gradient(msg: Message, context: Context) -> Message:
-        config, model = received_model(msg, model_fn)
-        data = load_data(context, config)
-        result = worker_gradient(
-            model,
-            data.images,
-            data.labels,
-            DataParallelConfig.from_config(config),
-            Sampling.from_config(config),
-            num_classes=data.num_classes,
-            worker=int(config["worker-index"]),
-            num_workers=int(config["num-workers"]),
-            server_round=int(config["server-round"]),
-            num_rounds=int(config["num-server-rounds"]),
-        )
-        gradient = ArrayRecord({GRADIENT_KEY: Array(result.gradient.numpy())})
-        metrics = MetricRecord(
-            {"loss": result.loss, "num-examples": result.num_examples}
-        )
-        content = RecordDict({GRADIENT_KEY: gradient, METRICS_KEY: metrics})
-        return Message(content, reply_to=msg)
 
-    return compute_gradient
+def gradient_reply(
+    model: nn.Module, data: SiteData, config: ConfigRecord, context: Context
+) -> RecordDict:
+    """Answer a ``train.gradient`` message: the gradient of the worker's batches."""
+    result = worker_gradient(
+        model,
+        data.images,
+        data.labels,
+        DataParallelConfig.from_config(config),
+        Sampling.from_config(config),
+        num_classes=data.num_classes,
+        worker=int(config["worker-index"]),
+        num_workers=int(config["num-workers"]),
+        server_round=int(config["server-round"]),
+        num_rounds=int(config["num-server-rounds"]),
+    )
+    gradient = ArrayRecord({GRADIENT_KEY: Array(result.gradient.numpy())})
+    metrics = MetricRecord({"loss": result.loss, "num-examples": result.num_examples})
+    return RecordDict({GRADIENT_KEY: gradient, METRICS_KEY: metrics})
 
 
 def add_gradient_handler(
     app: ClientApp,
-    load_data: SiteLoader = load_worker_data,
-    model_fn: ModelBuilder = model_from_config,
+    load_data: common.SiteLoader = load_worker_data,
+    model_fn: common.ModelBuilder = common.model_from_config,
 ) -> None:
-    """Register the ``train.gradient`` handler on an existing ClientApp."""
+    """Register the ``train.gradient`` handler on an existing ClientApp.
+
+    It answers beside the app's other handlers; ``load_data`` and ``model_fn``
+    are :func:`make_gradient_handler`'s.
+    """
     app.train(ACTION)(make_gradient_handler(load_data, model_fn))
 
 

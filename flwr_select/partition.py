@@ -6,7 +6,9 @@ server and every site compute the same split from the same seed, so no index
 list ever crosses the wire. How the pool is shared among the sites (IID, or
 non-IID by label with a Dirichlet prior) is done by Flower Datasets'
 partitioners on a small local table of pool entries and labels
-(:func:`partition_pool`; ``pip install 'flwr-select[experiments]'``).
+(:func:`partition_pool`; ``pip install 'flwr-select[experiments]'``). What a
+simulated site or worker is told to find its share is :class:`SiteShareConfig`
+or :class:`ShareConfig`: the ServerApp sends it, the node reads it back.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from flwr_select.config import check, check_name
+from flwr_select.config import RunConfigFields, check, check_name
 
 PARTITIONERS = ("iid", "dirichlet")
 """Names :func:`partition_pool` accepts (the run-config key ``partitioner``)."""
@@ -83,6 +85,90 @@ def paper_split(
         order[validation : validation + initial],
         order[validation + initial : end],
     )
+
+
+@dataclass(frozen=True)
+class ShareConfig(RunConfigFields):
+    """The run-config keys a simulated worker needs to find its share of the data.
+
+    The ServerApp builds it from its checked settings and sends its
+    :meth:`~flwr_select.config.RunConfigFields.to_config`; the worker reads it
+    back with :meth:`~flwr_select.config.RunConfigFields.from_config`, so the
+    two cannot disagree. No defaults: the server's settings are the only ones
+    (``from_config`` of a config that lacks one of these keys raises TypeError).
+
+    Parameters
+    ----------
+    dataset : str
+        The data set's name (see :data:`flwr_select.data.DATASETS`).
+    data_dir : str
+        Its folder; empty: ``$FLWR_SELECT_DATA_DIR``, else the cache.
+    model : str
+        The model the received arrays belong to.
+    seed : int
+        The run's seed: the same :func:`paper_split` on every process.
+    validation_size : int
+        Samples the server holds out.
+    pool_size : int
+        Samples the nodes share; 0: the rest.
+    num_server_rounds : int
+        Rounds of the run.
+    """
+
+    dataset: str
+    data_dir: str
+    model: str
+    seed: int
+    validation_size: int
+    pool_size: int
+    num_server_rounds: int
+
+    def split(self, num_samples: int) -> PaperSplit:
+        """Return the :func:`paper_split` of the training set these keys describe.
+
+        The server's is the same. A worker's has no initial part: the
+        data-parallel server trains no initial model.
+        """
+        return self._split(num_samples, initial=0)
+
+    def _split(self, num_samples: int, *, initial: int) -> PaperSplit:
+        return paper_split(
+            num_samples,
+            seed=self.seed,
+            validation=self.validation_size,
+            initial=initial,
+            pool=self.pool_size or None,
+        )
+
+
+@dataclass(frozen=True)
+class SiteShareConfig(ShareConfig):
+    """The run-config keys a simulated site needs to find its fold of the data.
+
+    :class:`ShareConfig`'s, and how the server's initial part and the sites'
+    shares are cut (sent, and read back, the same way).
+
+    Parameters
+    ----------
+    initial_size : int
+        Samples the server trains the initial model on.
+    partitioner : str
+        A name from :data:`PARTITIONERS` (see :func:`partition_pool`).
+    dirichlet_alpha : float
+        The ``dirichlet`` partitioner's concentration.
+    """
+
+    initial_size: int
+    partitioner: str
+    dirichlet_alpha: float
+
+    def split(self, num_samples: int) -> PaperSplit:
+        """Return the :func:`paper_split` of the training set these keys describe.
+
+        The server's is the same: ``initial-size`` samples train its initial
+        model, and the sites share the pool.
+        """
+        return self._split(num_samples, initial=self.initial_size)
 
 
 def site_partition(

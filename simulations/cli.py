@@ -24,11 +24,10 @@ import sys
 
 from click import ClickException
 from flwr.app import Context, RecordDict
-from flwr.common.config import fuse_dicts, parse_config_args
-from flwr.simulation.run_simulation import _run_simulation
-from flwr.supercore.telemetry import EventType
+from flwr.common import EventType
 
 from flwr_select.config import ConfigError, check
+from flwr_select.flower_private import _run_simulation, fuse_dicts, parse_config_args
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -30,21 +30,10 @@ from flwr_select.models import build_model
 from flwr_select.parallel.batches import Sampling
 from flwr_select.parallel.gradients import DataParallelConfig
 from flwr_select.parallel.monitors import monitor
-from flwr_select.partition import paper_split
+from flwr_select.partition import ShareConfig, paper_split
 from flwr_select.trainer import TrainConfig
 from simulations.runner import RoundLog, ServerConfig
 from strategies.data_parallel import BiasedDataParallel
-
-WORKER_KEYS = (
-    "dataset",
-    "data-dir",
-    "model",
-    "seed",
-    "validation-size",
-    "pool-size",
-    "num-server-rounds",
-)
-"""Run-config keys the workers need to find their share of the data."""
 
 
 @dataclass(frozen=True)
@@ -184,7 +173,7 @@ def run(grid: Grid, config: Mapping[str, Any]) -> None:
     test = SiteData(test_images, test_labels, num_classes)
     torch.manual_seed(sampling.seed)
     model_fn = functools.partial(build_model, server.model, num_classes=num_classes)
-    settings = {**server.to_config(), **sampling.to_config()}
+    workers = ShareConfig.from_config({**server.to_config(), **sampling.to_config()})
     strategy = BiasedDataParallel(
         model_fn,
         config=dp_config,
@@ -192,10 +181,7 @@ def run(grid: Grid, config: Mapping[str, Any]) -> None:
         optimizer=TrainConfig(
             optimizer=server.optimizer, lr=server.lr, momentum=server.momentum
         ),
-        worker_config={
-            **{key: settings[key] for key in WORKER_KEYS},
-            "num-classes": num_classes,
-        },
+        worker_config={**workers.to_config(), "num-classes": num_classes},
         fraction_train=server.fraction_train,
         min_train_nodes=server.min_nodes,
         min_available_nodes=server.min_nodes,

@@ -30,25 +30,11 @@ from flwr_select.data import DATASETS, SiteData, load_dataset, resolve_data_dir
 from flwr_select.evaluation import held_out_metrics
 from flwr_select.files import write_json_lines
 from flwr_select.models import MODELS, build_model
-from flwr_select.partition import check_partitioner, paper_split
+from flwr_select.partition import SiteShareConfig, check_partitioner, paper_split
 from flwr_select.selection.protocol import SelectionConfig
 from flwr_select.selection.wire import encode, wire_bytes
 from flwr_select.trainer import OPTIMIZERS, TrainConfig
 from strategies.sample_selection import SampleSelection
-
-SITE_KEYS = (
-    "dataset",
-    "data-dir",
-    "model",
-    "seed",
-    "validation-size",
-    "initial-size",
-    "pool-size",
-    "num-server-rounds",
-    "partitioner",
-    "dirichlet-alpha",
-)
-"""Run-config keys the sites need to find their fold of the data."""
 
 
 @dataclass(frozen=True)
@@ -289,7 +275,7 @@ def run(grid: Grid, config: Mapping[str, Any]) -> None:
         "": SiteData(images[split.validation], labels[split.validation], num_classes),
         "test_": SiteData(test_images, test_labels, num_classes),
     }
-    settings = {**server.to_config(), **selection.to_config()}
+    sites = SiteShareConfig.from_config({**server.to_config(), **selection.to_config()})
     torch.manual_seed(selection.seed)
     strategy = SampleSelection(
         functools.partial(build_model, server.model, num_classes=num_classes),
@@ -297,7 +283,7 @@ def run(grid: Grid, config: Mapping[str, Any]) -> None:
         selection=selection,
         train_config=server.train_config(server.server_epochs),
         from_scratch=server.from_scratch,
-        site_config={key: settings[key] for key in SITE_KEYS},
+        site_config=sites.to_config(),
         run_dir=server.out_dir,
         sample_shape=DATASETS[server.dataset].sample_shape,
         max_upload_bytes=server.max_upload_bytes,

@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore import log
 from torch import nn
 
 from flwr_select.parallel.gradients import GRADIENT_KEY, MESSAGE_TYPE, WorkerGradient

@@ -7,10 +7,11 @@ from collections.abc import Iterable
 from logging import INFO, WARNING
 
 from flwr.app import Message
+from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
-from flwr.supercore import log
+
+from flwr_select.flower_private import sample_nodes
 
 
 def sample_round_nodes(strategy: FedAvg, grid: Grid, seed: int) -> list[int]:

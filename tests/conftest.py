@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
+from flwr_select import flower_private
+
 # Derandomized: CI runs the same examples every time, so a failure is reproducible.
 settings.register_profile("project", deadline=None, derandomize=True, max_examples=150)
 settings.load_profile("project")
@@ -29,16 +31,9 @@ def mnist_dir() -> Path:
 
 @pytest.fixture
 def task_identity():
-    """Let tests build Flower Messages outside a running app (Flower checks who sends).
-
-    ``TaskIdentity`` is private Flower API; it is touched here and nowhere else.
-    """
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+    """Let tests build Flower Messages outside a running app (Flower checks who sends)."""
+    with flower_private.task_identity():
+        yield
 
 
 @pytest.fixture(scope="session")

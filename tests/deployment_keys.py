@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from simulations.deployment import TLSFiles, public_key_path
+from tests.loopback import TLSFiles, public_key_path
 
 VALIDITY = datetime.timedelta(days=2)
 

@@ -1,12 +1,13 @@
 """The app on real Flower processes: one SuperLink, two SuperNodes, TLS and auth.
 
-Everything runs on loopback through :class:`simulations.deployment.LocalDeployment`:
-certificates and SuperNode keys are made here (``deployment_keys``), each site
-reads its own ``data.npz`` of real MNIST samples (node config ``data-dir``), and
-the app is submitted with ``flwr run``. One deployment serves the whole module
-(starting it costs about 10 s); its teardown checks that no process it started,
-or that those spawned, is left running. A failing test prints every process's
-log tail.
+Everything runs on loopback through :class:`tests.loopback.LocalDeployment`:
+certificates and SuperNode keys are made here (:mod:`tests.deployment_keys`),
+each site reads its own ``data.npz`` of real MNIST samples (node config
+``data-dir``), and the app is submitted with ``flwr run``. One deployment serves
+the whole module (starting it costs about 10 s); its teardown checks that no
+process it started, or that those spawned, is left running. A failing test
+prints every process's log tail. First, without processes: the app that
+``flwr run`` packs holds every module the apps import, and no test code.
 """
 
 import contextlib
@@ -14,20 +15,75 @@ import http.client
 import math
 import socket
 import ssl
+import subprocess
+import sys
+import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
-from deployment_keys import make_supernode_key, make_tls_files
 
 from flwr_select.data import load_mnist
 from flwr_select.files import read_json_lines
 from flwr_select.selection.checkpoint import latest
-from simulations.deployment import AuthKeys, LocalDeployment, still_running
+from tests.deployment_keys import make_supernode_key, make_tls_files
+from tests.loopback import (
+    PROJECT_DIR,
+    AuthKeys,
+    LocalDeployment,
+    packed_files,
+    still_running,
+)
 
 SITES, SITE_SIZE, ROUNDS, RHO = 2, 1500, 2, 0.1
 INITIAL_SIZE = 1000
 PER_SITE_ROUND = math.floor(RHO * SITE_SIZE)  # each site offers all it has not sent
+APPS = [
+    "simulations.mnist",
+    "simulations.fashion_mnist",
+    "simulations.mnist_data_parallel",
+]
+PROJECT_PACKAGES = (
+    "flwr_select",
+    "strategies",
+    "clients",
+    "simulations",
+    "tests",
+    "bench",
+)
+
+
+def test_the_app_packs_every_module_the_apps_import_and_no_test_code():
+    # Prepare: the project's files that the apps import, in a fresh interpreter
+    script = textwrap.dedent(
+        f"""
+        import sys
+        import {", ".join(APPS)}
+        for name, module in sys.modules.items():
+            if name.split(".")[0] in {PROJECT_PACKAGES!r}:
+                print(module.__file__)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=PROJECT_DIR,
+    )
+    imported = {
+        Path(line).relative_to(PROJECT_DIR).as_posix()
+        for line in done.stdout.splitlines()
+    }
+
+    # Execute
+    packed = set(packed_files())
+
+    # Assert
+    assert "simulations/runner.py" in imported
+    assert imported <= packed, f"not packed by fab-include: {imported - packed}"
+    assert not [name for name in packed if name.startswith(("tests/", "bench/"))]
 
 
 @pytest.fixture(scope="module")

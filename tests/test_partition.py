@@ -3,7 +3,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flwr_select.partition import PaperSplit, paper_split, round_fold, site_partition
+from flwr_select.config import ConfigError
+from flwr_select.partition import (
+    PaperSplit,
+    ShareConfig,
+    SiteShareConfig,
+    paper_split,
+    round_fold,
+    site_partition,
+)
 
 
 def test_paper_split_parts_are_disjoint_and_sized():
@@ -187,3 +195,77 @@ def test_every_sample_reaches_exactly_one_site_in_exactly_one_round():
 def test_round_fold_errors_name_the_bad_value(server_round, num_rounds, message):
     with pytest.raises(ValueError, match=message):
         round_fold(np.arange(10), server_round, num_rounds)
+
+
+WORKER_SHARE = {
+    "dataset": "mnist",
+    "data-dir": "",
+    "model": "lenet5",
+    "seed": 3,
+    "validation-size": 1000,
+    "pool-size": 0,
+    "num-server-rounds": 4,
+}
+SITE_SHARE = {
+    **WORKER_SHARE,
+    "initial-size": 500,
+    "partitioner": "dirichlet",
+    "dirichlet-alpha": 0.2,
+}
+
+
+def test_share_configs_read_back_what_they_write():
+    # Prepare: what a server sends, among keys these classes do not know
+    sent = {**SITE_SHARE, "server-round": 2, "num-classes": 10, "rho": 0.05}
+    # Execute
+    site, worker = SiteShareConfig.from_config(sent), ShareConfig.from_config(sent)
+    # Assert: a site's keys are a worker's and three more, each declared once
+    assert site.to_config() == SITE_SHARE
+    assert worker.to_config() == WORKER_SHARE
+    assert SiteShareConfig.from_config(site.to_config()) == site
+    assert isinstance(site, ShareConfig)
+    assert type(site.dirichlet_alpha) is float
+    # TOML writes 1 for 1.0: still a float
+    assert SiteShareConfig.from_config({**SITE_SHARE, "dirichlet-alpha": 1}) == (
+        SiteShareConfig.from_config({**SITE_SHARE, "dirichlet-alpha": 1.0})
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "allowed"),
+    [
+        ("pool-size", 2.5, "an integer"),
+        ("seed", True, "an integer"),
+        ("dataset", 1, "a string"),
+        ("dirichlet-alpha", "0.5", "a finite number"),
+    ],
+)
+def test_share_configs_convert_strictly_naming_the_key(key, value, allowed):
+    with pytest.raises(ConfigError, match=f"{key} must be {allowed}"):
+        SiteShareConfig.from_config({**SITE_SHARE, key: value})
+
+
+def test_a_share_config_has_no_defaults_of_its_own():
+    # the server's settings are the only defaults: a missing key is refused
+    with pytest.raises(TypeError, match="partitioner"):
+        SiteShareConfig.from_config(
+            {k: v for k, v in SITE_SHARE.items() if k != "partitioner"}
+        )
+    with pytest.raises(TypeError, match="pool_size"):
+        ShareConfig.from_config(
+            {k: v for k, v in WORKER_SHARE.items() if k != "pool-size"}
+        )
+
+
+def test_a_share_config_cuts_the_split_the_server_cuts():
+    # Prepare
+    site = SiteShareConfig.from_config({**SITE_SHARE, "pool-size": 3000})
+    worker = ShareConfig.from_config(WORKER_SHARE)
+    # Execute / Assert: a site's split has the initial part; a worker's has none
+    expected = paper_split(6000, seed=3, validation=1000, initial=500, pool=3000)
+    split = site.split(6000)
+    for part in ("validation", "initial", "pool"):
+        np.testing.assert_array_equal(getattr(split, part), getattr(expected, part))
+    no_initial = paper_split(6000, seed=3, validation=1000, initial=0)
+    np.testing.assert_array_equal(worker.split(6000).pool, no_initial.pool)
+    assert len(worker.split(6000).initial) == 0

@@ -176,8 +176,8 @@ def test_a_simulated_site_gets_its_dirichlet_share_fold_by_fold(mnist_dir):
 
     from clients.site import load_site
     from flwr_select.data import load_mnist
-    from flwr_select.partition import paper_split
-    from simulations.runner import SITE_KEYS, defaults
+    from flwr_select.partition import SiteShareConfig, paper_split
+    from simulations.runner import defaults
 
     rounds, sites = 3, 3
     config = {
@@ -191,7 +191,7 @@ def test_a_simulated_site_gets_its_dirichlet_share_fold_by_fold(mnist_dir):
         "dirichlet-alpha": 0.1,
         "num-classes": 10,
     }
-    site_config = {key: config[key] for key in (*SITE_KEYS, "num-classes")}
+    site_config = {**SiteShareConfig.from_config(config).to_config(), "num-classes": 10}
     _, labels = load_mnist(mnist_dir)
     delivered, top_shares = [], []
     for site in range(sites):

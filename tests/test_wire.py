@@ -3,10 +3,12 @@ import pytest
 import torch
 import zstandard
 from flwr.app import Array, ArrayRecord
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
-from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 
 from flwr_select.data import SiteData
+from flwr_select.flower_private import (
+    get_all_nested_objects,
+    inflate_object_from_contents,
+)
 from flwr_select.selection.wire import (
     ZSTD,
     UploadError,

@@ -9,7 +9,9 @@ per-upload cost. With ``compress=True`` the image block is compressed with
 Zstandard; it stays an ``Array`` whose ``dtype`` and ``shape`` describe the
 decompressed images and whose ``stype`` is :data:`ZSTD`.
 
-This is the only module of the core that imports Flower.
+Flower's record types are the wire format: besides this module, only the server
+cores (:mod:`flwr_select.selection.server`, :mod:`flwr_select.parallel.server`),
+which take uploads as records, and :mod:`flwr_select.flower_private` import Flower.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ import numpy as np
 import torch
 import zstandard
 from flwr.app import Array, ArrayRecord
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from flwr_select.data import SiteData
+from flwr_select.flower_private import get_all_nested_objects
 from flwr_select.npy import NpyError, array_from_bytes
 
 IMAGES, LABELS, IDS, SCORES = "images", "labels", "ids", "scores"

@@ -4,9 +4,11 @@ A deployment is what an edge installation runs, all on 127.0.0.1: one
 ``flower-superlink`` and one ``flower-supernode`` per site, each site reading its
 own data folder (node config ``data-dir``), and the app submitted with
 ``flwr run <project> <connection> --stream``. Tests, the load benchmark and a user
-who wants to try deployment before touching an edge box use it the same way::
+who wants to try deployment before touching an edge box use it the same way, from
+the repository root with the ``test`` extra installed (it is test code, not part of
+the app that travels to the sites)::
 
-    from simulations.deployment import LocalDeployment
+    from tests.loopback import LocalDeployment
 
     sites = [{"data-dir": "/data/site-a"}, {"data-dir": "/data/site-b"}]
     with LocalDeployment("/tmp/deploy", sites) as deployment:
@@ -72,7 +74,8 @@ from pathlib import Path
 from types import TracebackType
 
 import tomli_w
-from flwr.cli.build import build_fab_from_disk
+
+from flwr_select.flower_private import build_fab_from_disk
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 """The repository root: the Flower app ``flwr run`` packs (``pyproject.toml``)."""

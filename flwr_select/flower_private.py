@@ -1,0 +1,92 @@
+"""The only place this project touches Flower's private API.
+
+Flower may move or change these names in any release; the rest of the project
+imports them from here, so such a release breaks this one file, and
+``tests/test_flower_private.py`` says which name. Each is Flower 1.42's own object,
+with a comment saying what it is for and where Flower keeps it. Users:
+:func:`flwr_select.selection.wire.wire_bytes` (``get_all_nested_objects``),
+``strategies.nodes`` (``sample_nodes``), the ``flower-simulation`` command
+(``simulations.cli``: ``parse_config_args``, ``fuse_dicts``, ``_run_simulation``),
+the wire tests (``inflate_object_from_contents``), the tests' ``task_identity``
+fixture and their loopback deployment harness
+(``tests/loopback.py``: ``build_fab_from_disk``).
+
+The simulation engine (it imports Ray) and the FAB builder are imported on first
+use, so a site that imports the wire format does not pay for them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from importlib import import_module
+from typing import Any
+
+# fuse_dicts: lay --run-config over an app's defaults (flwr/common/config.py)
+from flwr.common.config import fuse_dicts as fuse_dicts
+
+# parse_config_args: read --run-config like `flwr run` (flwr/common/config.py)
+from flwr.common.config import parse_config_args as parse_config_args
+
+# sample_nodes: FedAvg's node sampling (flwr/serverapp/strategy/strategy_utils.py)
+from flwr.serverapp.strategy.strategy_utils import sample_nodes as sample_nodes
+
+# get_all_nested_objects: the objects a record is sent as (flwr/supercore/inflatable/)
+from flwr.supercore.inflatable.inflatable_object import (
+    get_all_nested_objects as get_all_nested_objects,
+)
+
+# inflate_object_from_contents: rebuild a record from them, as a receiver does
+# (flwr/supercore/inflatable/inflatable_utils.py; the wire tests only)
+from flwr.supercore.inflatable.inflatable_utils import (
+    inflate_object_from_contents as inflate_object_from_contents,
+)
+
+# TaskIdentity: whom a new Message is from (flwr/supercore/task_identity.py)
+from flwr.supercore.task_identity import TaskIdentity
+
+_IMPORTED_ON_USE = {
+    # _run_simulation: the engine under `flwr run` (flwr/simulation/run_simulation.py)
+    "_run_simulation": "flwr.simulation.run_simulation",
+    # build_fab_from_disk: the app package `flwr run` sends (flwr/cli/build.py)
+    "build_fab_from_disk": "flwr.cli.build",
+}
+"""Names imported on first use, and the Flower module of each."""
+
+
+def __getattr__(name: str) -> Any:
+    """Import a name of ``_IMPORTED_ON_USE`` from its Flower module on first use."""
+    if name not in _IMPORTED_ON_USE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(_IMPORTED_ON_USE[name]), name)
+    globals()[name] = value
+    return value
+
+
+@contextlib.contextmanager
+def task_identity(
+    *, run_id: int = 1, node_id: int = 0, task_id: int = 1
+) -> Iterator[None]:
+    """Act as task ``task_id`` of run ``run_id`` on node ``node_id`` in the body.
+
+    Outside a running app Flower refuses to build a ``Message``
+    ("TaskIdentity.run_id is not set"); tests that call a ClientApp or a
+    strategy's ``configure_train`` directly run inside this. The identity the
+    process had before, set or not, is restored on exit.
+
+    Parameters
+    ----------
+    run_id : int (default: 1)
+        The run new messages belong to (``metadata.run_id``).
+    node_id : int (default: 0)
+        The node they come from (``metadata.src_node_id``).
+    task_id : int (default: 1)
+        The task that sends them (``metadata.src_task_id``).
+    """
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id = run_id, node_id
+    TaskIdentity.task_id = task_id
+    try:
+        yield
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved

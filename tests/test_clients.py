@@ -1,0 +1,90 @@
+"""The site's and the worker's handlers: one ClientApp, beside a user's own."""
+
+import ast
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients.common import model_from_config
+from clients.site import add_select_handler
+from clients.worker import add_gradient_handler
+from flwr_select.data import SiteData
+from flwr_select.models import build_model
+from flwr_select.parallel.batches import Sampling
+from flwr_select.parallel.gradients import GRADIENT_KEY, DataParallelConfig
+from flwr_select.selection.protocol import (
+    CONFIG_KEY,
+    METRICS_KEY,
+    MODEL_KEY,
+    UPLOAD_KEY,
+    SelectionConfig,
+)
+
+CLIENTS = Path(__file__).resolve().parents[1] / "clients"
+
+
+def samples(_context, _config) -> SiteData:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8, generator=g)
+    return SiteData(images, torch.arange(64) % 10, 10, ids=torch.arange(64))
+
+
+def message(message_type: str, config: dict) -> Message:
+    arrays = ArrayRecord(build_model("lenet5").state_dict())
+    shared = {"server-round": 1, "num-classes": 10, "model": "lenet5"}
+    content = RecordDict(
+        {MODEL_KEY: arrays, CONFIG_KEY: ConfigRecord({**shared, **config})}
+    )
+    return Message(content, message_type=message_type, dst_node_id=1)
+
+
+def test_both_handlers_answer_beside_a_users_own_train(task_identity):
+    # Prepare: a user's ClientApp with its own @app.train(), then both handlers
+    app = ClientApp()
+
+    @app.train()
+    def own(msg, context):
+        return Message(RecordDict({"own": ConfigRecord({"ok": True})}), reply_to=msg)
+
+    add_select_handler(app, load_site=samples, model_fn=model_from_config)
+    add_gradient_handler(app, samples)  # positional, as the arguments always were
+    context = Context(
+        run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}
+    )
+    gradient_config = {
+        **DataParallelConfig(batch_size=8).to_config(),
+        **Sampling().to_config(),
+        "num-server-rounds": 2,
+        "num-workers": 1,
+        "worker-index": 0,
+    }
+    # Execute
+    mine = app(message("train", {}), context)
+    selected = app(message("train.select", SelectionConfig().to_config()), context)
+    gradient = app(message("train.gradient", gradient_config), context)
+    # Assert: each message reached its own handler
+    assert mine.content.config_records["own"]["ok"] is True
+    assert UPLOAD_KEY in selected.content.array_records
+    assert selected.content.metric_records[METRICS_KEY]["num-candidates"] == 64
+    assert GRADIENT_KEY in gradient.content.array_records
+    assert gradient.content.metric_records[METRICS_KEY]["num-examples"] == 8
+
+
+def client_modules_imported(name: str) -> set[str]:
+    """The modules of ``clients`` that ``clients/<name>`` imports."""
+    modules = set()
+    for node in ast.walk(ast.parse((CLIENTS / name).read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module == "clients":
+            modules |= {f"clients.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            modules.add(node.module)
+        elif isinstance(node, ast.Import):
+            modules |= {alias.name for alias in node.names}
+    return {module for module in modules if module.split(".")[0] == "clients"}
+
+
+def test_neither_client_imports_the_other_only_what_they_share():
+    assert client_modules_imported("site.py") == {"clients.common"}
+    assert client_modules_imported("worker.py") == {"clients.common"}
