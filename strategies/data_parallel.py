@@ -10,16 +10,20 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
 from flwr_select.parallel.gradients import GRADIENT_KEY, MESSAGE_TYPE, WorkerGradient
 from flwr_select.parallel.server import DataParallelServer, GradientError
 from flwr_select.selection.protocol import CONFIG_KEY, METRICS_KEY, MODEL_KEY
-from strategies.nodes import replies_without_failures, sample_round_nodes
+from strategies.nodes import (
+    TrainOnlyFedAvg,
+    exact_content,
+    replies_without_failures,
+    sample_round_nodes,
+)
 
 
-class BiasedDataParallel(FedAvg, DataParallelServer):
+class BiasedDataParallel(TrainOnlyFedAvg, DataParallelServer):
     """Synchronous data-parallel SGD: biased batches, a chosen reduction.
 
     Drop-in where a ``FedAvg(...)`` was. Each round every sampled node gets the
@@ -56,13 +60,8 @@ class BiasedDataParallel(FedAvg, DataParallelServer):
         min_available_nodes: int = 2,
         **server: Any,
     ) -> None:
-        FedAvg.__init__(
-            self,
-            fraction_train=fraction_train,
-            fraction_evaluate=0.0,  # workers do not evaluate the model
-            min_train_nodes=min_train_nodes,
-            min_evaluate_nodes=0,
-            min_available_nodes=min_available_nodes,
+        TrainOnlyFedAvg.__init__(
+            self, fraction_train, min_train_nodes, min_available_nodes
         )
         DataParallelServer.__init__(self, model_fn, **server)
         self.worker_config = dict(worker_config or {})
@@ -122,13 +121,11 @@ class BiasedDataParallel(FedAvg, DataParallelServer):
         :meth:`~flwr_select.parallel.server.DataParallelServer.check_gradient`.
         """
         content = reply.content
-        kinds = {key: type(record) for key, record in content.items()}
-        if kinds != {GRADIENT_KEY: ArrayRecord, METRICS_KEY: MetricRecord}:
-            raise GradientError(
-                f"a reply holds ArrayRecord {GRADIENT_KEY!r} and MetricRecord "
-                f"{METRICS_KEY!r} only; got "
-                + ", ".join(f"{k!r} ({t.__name__})" for k, t in sorted(kinds.items()))
-            )
+        exact_content(
+            content,
+            {GRADIENT_KEY: ArrayRecord, METRICS_KEY: MetricRecord},
+            GradientError,
+        )
         return self.check_gradient(content[GRADIENT_KEY], content[METRICS_KEY])
 
     def aggregate_train(

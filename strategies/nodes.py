@@ -1,12 +1,12 @@
-"""Node sampling and reply triage shared by this project's strategies."""
+"""What this project's strategies share: FedAvg minus evaluation, sampling, replies."""
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from logging import INFO, WARNING
 
-from flwr.app import Message
+from flwr.app import Message, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -51,3 +51,40 @@ def replies_without_failures(
         else:
             good.append(reply)
     return good, failed
+
+
+class TrainOnlyFedAvg(FedAvg):
+    """``FedAvg``'s node sampling and loop, with no evaluation round at the nodes.
+
+    The base of this project's strategies: sites and workers do not evaluate the
+    model (the server does, with ``evaluate_fn``).
+    """
+
+    def __init__(
+        self,
+        fraction_train: float = 1.0,
+        min_train_nodes: int = 2,
+        min_available_nodes: int = 2,
+    ) -> None:
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=0.0,
+            min_train_nodes=min_train_nodes,
+            min_evaluate_nodes=0,
+            min_available_nodes=min_available_nodes,
+        )
+
+
+def exact_content(
+    content: RecordDict, expected: Mapping[str, type], error: type[Exception]
+) -> None:
+    """Raise ``error`` unless ``content`` holds exactly the ``expected`` records.
+
+    ``expected`` maps each record's key to its type (``ArrayRecord``,
+    ``MetricRecord``...); an extra, missing or other-typed record is refused.
+    """
+    kinds = {key: type(record) for key, record in content.items()}
+    if kinds != dict(expected):
+        wanted = " and ".join(f"{t.__name__} {k!r}" for k, t in expected.items())
+        got = ", ".join(f"{k!r} ({t.__name__})" for k, t in sorted(kinds.items()))
+        raise error(f"a reply holds {wanted} only; got {got}")

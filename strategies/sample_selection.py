@@ -10,7 +10,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Result
+from flwr.serverapp.strategy import Result
 from torch import nn
 
 from flwr_select.data import SiteData
@@ -25,12 +25,17 @@ from flwr_select.selection.protocol import (
 from flwr_select.selection.server import SelectionServer, candidates_in
 from flwr_select.selection.wire import UploadError
 from flwr_select.trainer import TrainConfig
-from strategies.nodes import replies_without_failures, sample_round_nodes
+from strategies.nodes import (
+    TrainOnlyFedAvg,
+    exact_content,
+    replies_without_failures,
+    sample_round_nodes,
+)
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 
 
-class SampleSelection(FedAvg, SelectionServer):
+class SampleSelection(TrainOnlyFedAvg, SelectionServer):
     """Sites upload their most informative raw samples; the server trains on them.
 
     Drop-in where a ``FedAvg(...)`` was: ``strategy.start(grid, initial_arrays,
@@ -71,13 +76,8 @@ class SampleSelection(FedAvg, SelectionServer):
         min_available_nodes: int = 2,
         **server: Any,
     ) -> None:
-        FedAvg.__init__(
-            self,
-            fraction_train=fraction_train,
-            fraction_evaluate=0.0,  # sites do not evaluate the model
-            min_train_nodes=min_train_nodes,
-            min_evaluate_nodes=0,
-            min_available_nodes=min_available_nodes,
+        TrainOnlyFedAvg.__init__(
+            self, fraction_train, min_train_nodes, min_available_nodes
         )
         SelectionServer.__init__(self, model_fn, num_classes, **server)
         self.round_nodes: list[int] = []
@@ -187,13 +187,9 @@ class SampleSelection(FedAvg, SelectionServer):
         The upload itself is checked by :meth:`check_upload`.
         """
         content = reply.content
-        kinds = {key: type(record) for key, record in content.items()}
-        if kinds != {UPLOAD_KEY: ArrayRecord, METRICS_KEY: MetricRecord}:
-            raise UploadError(
-                f"a reply holds ArrayRecord {UPLOAD_KEY!r} and MetricRecord "
-                f"{METRICS_KEY!r} only; got "
-                + ", ".join(f"{k!r} ({t.__name__})" for k, t in sorted(kinds.items()))
-            )
+        exact_content(
+            content, {UPLOAD_KEY: ArrayRecord, METRICS_KEY: MetricRecord}, UploadError
+        )
         return content[UPLOAD_KEY], candidates_in(content[METRICS_KEY])
 
     def aggregate_train(
