@@ -38,18 +38,13 @@ EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 class SampleSelection(TrainOnlyFedAvg, SelectionServer):
     """Sites upload their most informative raw samples; the server trains on them.
 
-    Drop-in where a ``FedAvg(...)`` was: ``strategy.start(grid, initial_arrays,
-    num_rounds, evaluate_fn=...)`` is Flower's own loop. Each round the sampled
-    nodes get the current model and the
-    :class:`~flwr_select.selection.protocol.SelectionConfig` as a
+    Drop-in where a ``FedAvg(...)`` was; ``start`` is Flower's own loop. Each
+    round the sampled nodes get the model and the
+    :class:`~flwr_select.selection.protocol.SelectionConfig` in a
     ``train.select`` message; the server core
-    (:class:`~flwr_select.selection.server.SelectionServer`) checks every upload
-    before it touches the training buffer, trains the central model on the
-    buffer and returns the new model. A rejected upload is logged with its node
-    and reason and the round goes on with the others; a round with nothing
-    accepted leaves the model unchanged. With ``run_dir`` every round is
-    checkpointed after its server-side evaluation and a restarted run resumes
-    after the last complete one.
+    (:class:`~flwr_select.selection.server.SelectionServer`) checks, buffers and
+    trains on their uploads. With ``run_dir`` every round is checkpointed and a
+    restarted run resumes after the last complete one.
 
     Parameters
     ----------
@@ -86,12 +81,8 @@ class SampleSelection(TrainOnlyFedAvg, SelectionServer):
     def summary(self) -> None:
         """Log the selection config beside FedAvg's sampling summary."""
         super().summary()
-        log(
-            INFO,
-            "\t└──> Selection: %s, from_scratch=%s",
-            self.selection,
-            self.from_scratch,
-        )
+        log(INFO, "\t└──> Selection: %s", self.selection)
+        log(INFO, "\t└──> Retrain from scratch: %s", self.from_scratch)
 
     def start(
         self,
@@ -106,13 +97,10 @@ class SampleSelection(TrainOnlyFedAvg, SelectionServer):
     ) -> Result:
         """Run Flower's ``start``, durably: resume first, checkpoint every round.
 
-        A run that finds a checkpoint in ``run_dir`` starts from its model (not
-        ``initial_arrays``) and buffer; the rounds it already completed are
-        passed through without messages, their stored metrics and records
-        returned as they were. After the server-side evaluation of each new
-        round (round 0 is the initial model) everything is checkpointed.
-        ``options`` go to Flower's ``start`` as they are (``should_stop`` from
-        Flower 1.43 on).
+        A resumed run starts from the checkpoint's model and buffer (not
+        ``initial_arrays``); its done rounds pass without messages, returning
+        what they returned. ``options`` go to Flower's ``start`` as they are
+        (``should_stop`` from Flower 1.43 on).
         """
         if self.completed_round is None:
             self.resume()
@@ -132,14 +120,10 @@ class SampleSelection(TrainOnlyFedAvg, SelectionServer):
             **options,
         )
 
-    def _done_before(self, server_round: int) -> bool:
-        """Say whether ``server_round`` was completed before this run resumed."""
-        return self.completed_round is not None and server_round <= self.completed_round
-
     def _evaluate_and_keep(
         self, evaluate_fn: EvaluateFn | None, server_round: int, arrays: ArrayRecord
     ) -> MetricRecord | None:
-        if self._done_before(server_round):
+        if self.is_finished(server_round):
             kept = self.records.get(server_round)
             return None if kept is None else MetricRecord(kept)
         record = None if evaluate_fn is None else evaluate_fn(server_round, arrays)
@@ -150,7 +134,7 @@ class SampleSelection(TrainOnlyFedAvg, SelectionServer):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Send the current model and the selection config to the sampled nodes."""
-        if self._done_before(server_round):
+        if self.is_finished(server_round):
             log(INFO, "round %s was completed before the restart", server_round)
             return []
         if self.fraction_train == 0.0:  # as FedAvg: no training round
@@ -196,7 +180,7 @@ class SampleSelection(TrainOnlyFedAvg, SelectionServer):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Check and buffer every upload, then train the central model on the buffer."""
-        if self._done_before(server_round):
+        if self.is_finished(server_round):
             kept = self.rounds.get(server_round)
             return None, None if kept is None else MetricRecord(kept)
         replies, failures = replies_without_failures(server_round, replies)
@@ -218,8 +202,6 @@ class SampleSelection(TrainOnlyFedAvg, SelectionServer):
         """Put the server's own samples in the buffer, train on them, return the model.
 
         The paper's initial model: 5k samples the central site already holds.
-        Without them (a random model) the method learns little: the first
-        rounds' uploads are chosen by a model that knows nothing.
         """
         self.train_initial(samples, train_config)
         return ArrayRecord(self.model.state_dict())

@@ -139,6 +139,10 @@ class SelectionServer:
         """Per site, the rounds whose upload was not kept (failed, rejected or never
         came). Each request tells the site, which offers those samples again."""
 
+    def is_finished(self, server_round: int) -> bool:
+        """Say whether ``server_round`` is done (in this run or before a resume)."""
+        return self.completed_round is not None and server_round <= self.completed_round
+
     def seed(self, *parts: int) -> int:
         """Return a seed derived from the selection seed and ``parts`` (a round...)."""
         return int(
