@@ -54,10 +54,10 @@ LEDGER_FILE = "sent-ids.npz"
 
 @functools.lru_cache(maxsize=4)
 def _site_share(
-    share: SiteShareConfig, partition_id: int, num_partitions: int
+    share: SiteShareConfig, seed: int, partition_id: int, num_partitions: int
 ) -> np.ndarray:
     images, labels = cached_training_set(share.dataset, share.data_dir)
-    split = share.split(len(images))
+    split = share.split(len(images), seed=seed)
     partition = partition_pool(
         split.pool,
         labels.numpy()[split.pool],
@@ -65,7 +65,7 @@ def _site_share(
         num_partitions,
         partitioner=share.partitioner,
         alpha=share.dirichlet_alpha,
-        seed=share.seed,
+        seed=seed,
         # at least one sample per round (and Flower Datasets' default of 10)
         min_partition_size=max(10, share.num_server_rounds),
     )
@@ -92,7 +92,8 @@ def load_site(context: Context, config: ConfigRecord) -> SiteData:
         return local
     share = SiteShareConfig.from_config(config)
     images, labels = cached_training_set(share.dataset, share.data_dir)
-    partition = _site_share(share, *simulated_partition(context))
+    seed = SelectionConfig.from_config(config).seed
+    partition = _site_share(share, seed, *simulated_partition(context))
     server_round = int(config["server-round"])
     fold = round_fold(partition, server_round, share.num_server_rounds)
     ids = torch.from_numpy(fold.copy())

@@ -30,11 +30,15 @@ from flwr_select.selection.protocol import METRICS_KEY
 
 @functools.lru_cache(maxsize=4)
 def cached_worker_share(
-    share: ShareConfig, partition_id: int, num_partitions: int, num_classes: int
+    share: ShareConfig,
+    seed: int,
+    partition_id: int,
+    num_partitions: int,
+    num_classes: int,
 ) -> SiteData:
     """Return a simulated worker's share, built once per process (it never changes)."""
     images, labels = common.cached_training_set(share.dataset, share.data_dir)
-    pool = share.split(len(images)).pool
+    pool = share.split(len(images), seed=seed).pool
     ids = torch.from_numpy(site_partition(pool, partition_id, num_partitions))
     return SiteData(images[ids], labels[ids], num_classes, ids=ids)
 
@@ -54,8 +58,10 @@ def load_worker_data(context: Context, config: ConfigRecord) -> SiteData:
     local = common.edge_box_data(context, num_classes)
     if local is not None:
         return local
-    share = ShareConfig.from_config(config)
-    return cached_worker_share(share, *common.simulated_partition(context), num_classes)
+    share, seed = ShareConfig.from_config(config), Sampling.from_config(config).seed
+    return cached_worker_share(
+        share, seed, *common.simulated_partition(context), num_classes
+    )
 
 
 def make_gradient_handler(

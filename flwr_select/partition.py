@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 
 from flwr_select.config import RunConfigFields, check, check_name
+from flwr_select.data import DATASETS
+from flwr_select.models import MODELS
 
 PARTITIONERS = ("iid", "dirichlet")
 """Names :func:`partition_pool` accepts (the run-config key ``partitioner``)."""
@@ -89,52 +91,60 @@ def paper_split(
 
 @dataclass(frozen=True)
 class ShareConfig(RunConfigFields):
-    """The run-config keys a simulated worker needs to find its share of the data.
+    """The run-config keys of the data a simulation's nodes share; checked when built.
 
-    The ServerApp builds it from its checked settings and sends its
-    :meth:`~flwr_select.config.RunConfigFields.to_config`; the worker reads it
-    back with :meth:`~flwr_select.config.RunConfigFields.from_config`, so the
-    two cannot disagree. No defaults: the server's settings are the only ones
-    (``from_config`` of a config that lacks one of these keys raises TypeError).
+    Declared here once: the ServerApps' settings build on it
+    (``simulations.runner.ServerConfig``), send its
+    :meth:`~flwr_select.config.RunConfigFields.to_config` to every node, and the
+    nodes read it back with
+    :meth:`~flwr_select.config.RunConfigFields.from_config`, so the two cannot
+    disagree. The seed comes with each engine's own config (the selection's or
+    the sampling's), and :meth:`split` takes it.
 
     Parameters
     ----------
-    dataset : str
-        The data set's name (see :data:`flwr_select.data.DATASETS`).
-    data_dir : str
+    dataset : str (default: "mnist")
+        A name from :data:`flwr_select.data.DATASETS`.
+    data_dir : str (default: "")
         Its folder; empty: ``$FLWR_SELECT_DATA_DIR``, else the cache.
-    model : str
-        The model the received arrays belong to.
-    seed : int
-        The run's seed: the same :func:`paper_split` on every process.
-    validation_size : int
-        Samples the server holds out.
-    pool_size : int
+    model : str (default: "lenet5")
+        A name from :data:`flwr_select.models.MODELS`: what the arrays belong to.
+    validation_size : int (default: 5000)
+        Samples the server holds out; >= 1.
+    pool_size : int (default: 0)
         Samples the nodes share; 0: the rest.
-    num_server_rounds : int
-        Rounds of the run.
+    num_server_rounds : int (default: 10)
+        Rounds of the run; >= 1.
     """
 
-    dataset: str
-    data_dir: str
-    model: str
-    seed: int
-    validation_size: int
-    pool_size: int
-    num_server_rounds: int
+    dataset: str = "mnist"
+    data_dir: str = ""
+    model: str = "lenet5"
+    validation_size: int = 5000
+    pool_size: int = 0
+    num_server_rounds: int = 10
 
-    def split(self, num_samples: int) -> PaperSplit:
+    def __post_init__(self) -> None:
+        rounds = self.num_server_rounds
+        check("num-server-rounds", rounds, rounds >= 1, ">= 1")
+        check_name("dataset", self.dataset, DATASETS)
+        check_name("model", self.model, MODELS)
+        size = self.validation_size
+        check("validation-size", size, size >= 1, ">= 1")
+        check("pool-size", self.pool_size, self.pool_size >= 0, ">= 0 (0: the rest)")
+
+    def split(self, num_samples: int, *, seed: int) -> PaperSplit:
         """Return the :func:`paper_split` of the training set these keys describe.
 
         The server's is the same. A worker's has no initial part: the
         data-parallel server trains no initial model.
         """
-        return self._split(num_samples, initial=0)
+        return self._split(num_samples, seed=seed, initial=0)
 
-    def _split(self, num_samples: int, *, initial: int) -> PaperSplit:
+    def _split(self, num_samples: int, *, seed: int, initial: int) -> PaperSplit:
         return paper_split(
             num_samples,
-            seed=self.seed,
+            seed=seed,
             validation=self.validation_size,
             initial=initial,
             pool=self.pool_size or None,
@@ -150,25 +160,31 @@ class SiteShareConfig(ShareConfig):
 
     Parameters
     ----------
-    initial_size : int
-        Samples the server trains the initial model on.
-    partitioner : str
+    initial_size : int (default: 5000)
+        Samples the server trains the initial model on; >= 1.
+    partitioner : str (default: "iid")
         A name from :data:`PARTITIONERS` (see :func:`partition_pool`).
-    dirichlet_alpha : float
-        The ``dirichlet`` partitioner's concentration.
+    dirichlet_alpha : float (default: 0.5)
+        The ``dirichlet`` partitioner's concentration; > 0, whatever the
+        partitioner.
     """
 
-    initial_size: int
-    partitioner: str
-    dirichlet_alpha: float
+    initial_size: int = 5000
+    partitioner: str = "iid"
+    dirichlet_alpha: float = 0.5
 
-    def split(self, num_samples: int) -> PaperSplit:
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check("initial-size", self.initial_size, self.initial_size >= 1, ">= 1")
+        check_partitioner(self.partitioner, self.dirichlet_alpha)
+
+    def split(self, num_samples: int, *, seed: int) -> PaperSplit:
         """Return the :func:`paper_split` of the training set these keys describe.
 
         The server's is the same: ``initial-size`` samples train its initial
         model, and the sites share the pool.
         """
-        return self._split(num_samples, initial=self.initial_size)
+        return self._split(num_samples, seed=seed, initial=self.initial_size)
 
 
 def site_partition(

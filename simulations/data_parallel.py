@@ -30,7 +30,7 @@ from flwr_select.models import build_model
 from flwr_select.parallel.batches import Sampling
 from flwr_select.parallel.gradients import DataParallelConfig
 from flwr_select.parallel.monitors import monitor
-from flwr_select.partition import ShareConfig, paper_split
+from flwr_select.partition import ShareConfig
 from flwr_select.trainer import TrainConfig
 from simulations.runner import RoundLog, ServerConfig
 from strategies.data_parallel import BiasedDataParallel
@@ -40,8 +40,8 @@ from strategies.data_parallel import BiasedDataParallel
 class DataParallelServerConfig(ServerConfig):
     """The data-parallel server's run-config keys; validated when built.
 
-    The keys of :class:`~simulations.runner.ServerConfig` (300 rounds by
-    default) and these; the workers' keys are
+    The keys of :class:`~simulations.runner.ServerConfig` (:func:`defaults`
+    sets 300 rounds) and these; the workers' keys are
     :class:`~flwr_select.parallel.gradients.DataParallelConfig`'s and
     :class:`~flwr_select.parallel.batches.Sampling`'s.
 
@@ -55,8 +55,6 @@ class DataParallelServerConfig(ServerConfig):
         The accuracy ``iterations_to_target`` counts to; in [0, 1].
     """
 
-    num_server_rounds: int = 300
-    out_dir: str = "runs/mnist-data-parallel"
     momentum: float = 0.9
     eval_every: int = 10
     target_accuracy: float = 0.95
@@ -74,6 +72,7 @@ def defaults(dataset: str) -> dict[str, Any]:
     server = DataParallelServerConfig(
         dataset=dataset,
         model=DATASETS[dataset].model,
+        num_server_rounds=300,
         out_dir=f"runs/{dataset}-data-parallel",
     )
     return {
@@ -160,20 +159,14 @@ def run(grid: Grid, config: Mapping[str, Any]) -> None:
     images, labels = load_dataset(server.dataset, data_dir, "train")
     test_images, test_labels = load_dataset(server.dataset, data_dir, "test")
     num_classes = DATASETS[server.dataset].num_classes
+    workers = ShareConfig.from_config(server.to_config())
     held_out = torch.from_numpy(
-        paper_split(
-            len(images),
-            seed=sampling.seed,
-            validation=server.validation_size,
-            initial=0,
-            pool=server.pool_size or None,
-        ).validation
+        workers.split(len(images), seed=sampling.seed).validation
     )
     validation = SiteData(images[held_out], labels[held_out], num_classes)
     test = SiteData(test_images, test_labels, num_classes)
     torch.manual_seed(sampling.seed)
     model_fn = functools.partial(build_model, server.model, num_classes=num_classes)
-    workers = ShareConfig.from_config({**server.to_config(), **sampling.to_config()})
     strategy = BiasedDataParallel(
         model_fn,
         config=dp_config,

@@ -25,12 +25,12 @@ import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from flwr_select.config import RunConfigFields, check, check_name
+from flwr_select.config import check, check_name
 from flwr_select.data import DATASETS, SiteData, load_dataset, resolve_data_dir
 from flwr_select.evaluation import held_out_metrics
 from flwr_select.files import write_json_lines
-from flwr_select.models import MODELS, build_model
-from flwr_select.partition import SiteShareConfig, check_partitioner, paper_split
+from flwr_select.models import build_model
+from flwr_select.partition import ShareConfig, SiteShareConfig
 from flwr_select.selection.protocol import SelectionConfig
 from flwr_select.selection.wire import encode, wire_bytes
 from flwr_select.trainer import OPTIMIZERS, TrainConfig
@@ -38,25 +38,16 @@ from strategies.sample_selection import SampleSelection
 
 
 @dataclass(frozen=True)
-class ServerConfig(RunConfigFields):
+class ServerConfig(ShareConfig):
     """The run-config keys every ServerApp here reads; validated when built.
+
+    The data keys the nodes get too (:class:`~flwr_select.partition.ShareConfig`),
+    and these.
 
     Parameters
     ----------
-    num_server_rounds : int (default: 10)
-        Rounds; >= 1.
-    dataset : str (default: "mnist")
-        A name from :data:`~flwr_select.data.DATASETS`.
-    model : str (default: "lenet5")
-        A name from :data:`~flwr_select.models.MODELS`.
-    data_dir : str (default: "")
-        The data folder; empty: ``$FLWR_SELECT_DATA_DIR``, else the cache.
     out_dir : str (default: "runs/mnist")
         Where records go; not empty.
-    validation_size : int (default: 5000)
-        Held-out samples; >= 1.
-    pool_size : int (default: 0)
-        Samples the sites share; 0: the rest.
     optimizer : str (default: "sgd")
         A name from :data:`~flwr_select.trainer.OPTIMIZERS`.
     lr : float (default: 0.01)
@@ -72,28 +63,15 @@ class ServerConfig(RunConfigFields):
         If a value is not allowed, naming the run-config key.
     """
 
-    num_server_rounds: int = 10
-    dataset: str = "mnist"
-    model: str = "lenet5"
-    data_dir: str = ""
     out_dir: str = "runs/mnist"
-    validation_size: int = 5000
-    pool_size: int = 0
     optimizer: str = "sgd"
     lr: float = 0.01
     fraction_train: float = 1.0
     min_nodes: int = 2
 
     def __post_init__(self) -> None:
-        rounds = self.num_server_rounds
-        check("num-server-rounds", rounds, rounds >= 1, ">= 1")
-        check_name("dataset", self.dataset, DATASETS)
-        check_name("model", self.model, MODELS)
+        super().__post_init__()
         check("out-dir", self.out_dir, self.out_dir != "", "a folder, not empty")
-        check(
-            "validation-size", self.validation_size, self.validation_size >= 1, ">= 1"
-        )
-        check("pool-size", self.pool_size, self.pool_size >= 0, ">= 0 (0: the rest)")
         check_name("optimizer", self.optimizer, sorted(OPTIMIZERS))
         check("lr", self.lr, self.lr > 0, "> 0")
         fraction = self.fraction_train
@@ -102,20 +80,15 @@ class ServerConfig(RunConfigFields):
 
 
 @dataclass(frozen=True)
-class SelectionServerConfig(ServerConfig):
+class SelectionServerConfig(ServerConfig, SiteShareConfig):
     """The sample-selection server's run-config keys; validated when built.
 
-    The keys of :class:`ServerConfig` and these; the sites' keys are
-    :class:`~flwr_select.selection.protocol.SelectionConfig`'s.
+    :class:`ServerConfig`'s, the sites' data keys
+    (:class:`~flwr_select.partition.SiteShareConfig`), and these; what the sites
+    select by is :class:`~flwr_select.selection.protocol.SelectionConfig`.
 
     Parameters
     ----------
-    initial_size : int (default: 5000)
-        Samples the initial model trains on; >= 1.
-    partitioner : str (default: "iid")
-        A name from :data:`~flwr_select.partition.PARTITIONERS`.
-    dirichlet_alpha : float (default: 0.5)
-        The ``dirichlet`` partitioner's concentration; > 0.
     initial_epochs, server_epochs : int (default: 10, 5)
         Epochs of the initial model and of each round; >= 1.
     batch_size : int (default: 64)
@@ -128,9 +101,6 @@ class SelectionServerConfig(ServerConfig):
         Seconds a round waits for replies; > 0.
     """
 
-    initial_size: int = 5000
-    partitioner: str = "iid"
-    dirichlet_alpha: float = 0.5
     initial_epochs: int = 10
     server_epochs: int = 5
     batch_size: int = 64
@@ -140,8 +110,6 @@ class SelectionServerConfig(ServerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check("initial-size", self.initial_size, self.initial_size >= 1, ">= 1")
-        check_partitioner(self.partitioner, self.dirichlet_alpha)
         check("initial-epochs", self.initial_epochs, self.initial_epochs >= 1, ">= 1")
         check("server-epochs", self.server_epochs, self.server_epochs >= 1, ">= 1")
         check("batch-size", self.batch_size, self.batch_size >= 1, ">= 1")
@@ -264,18 +232,12 @@ def run(grid: Grid, config: Mapping[str, Any]) -> None:
     images, labels = load_dataset(server.dataset, data_dir, "train")
     test_images, test_labels = load_dataset(server.dataset, data_dir, "test")
     num_classes = DATASETS[server.dataset].num_classes
-    split = paper_split(
-        len(images),
-        seed=selection.seed,
-        validation=server.validation_size,
-        initial=server.initial_size,
-        pool=server.pool_size or None,
-    )
+    sites = SiteShareConfig.from_config(server.to_config())
+    split = sites.split(len(images), seed=selection.seed)  # the sites' own
     held_out = {
         "": SiteData(images[split.validation], labels[split.validation], num_classes),
         "test_": SiteData(test_images, test_labels, num_classes),
     }
-    sites = SiteShareConfig.from_config({**server.to_config(), **selection.to_config()})
     torch.manual_seed(selection.seed)
     strategy = SampleSelection(
         functools.partial(build_model, server.model, num_classes=num_classes),

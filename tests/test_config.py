@@ -8,6 +8,7 @@ from flwr.app import Context, RecordDict
 
 from flwr_select.config import ConfigError, RunConfigFields, check, check_name, convert
 from flwr_select.data import SiteData
+from flwr_select.partition import ShareConfig, SiteShareConfig
 from flwr_select.selection.wire import encode, wire_bytes
 from simulations import data_parallel, fashion_mnist, mnist, mnist_data_parallel
 from simulations.runner import check_config, defaults
@@ -295,3 +296,28 @@ def test_the_server_app_refuses_a_bad_value_before_loading_anything(app, key, va
     with pytest.raises(ConfigError) as error:
         app.server_app(None, context)
     assert error.value.key == key
+
+
+@pytest.mark.parametrize(
+    ("defaults_fn", "check_fn", "sent_to_nodes"),
+    [
+        (defaults, check_config, SiteShareConfig),
+        (data_parallel.defaults, data_parallel.check_config, ShareConfig),
+    ],
+)
+def test_every_key_of_an_app_is_declared_in_one_dataclass_field_only(
+    defaults_fn, check_fn, sent_to_nodes
+):
+    # Execute: the typed settings an app's check returns, and what nodes get
+    parts = check_fn(defaults_fn("mnist"))
+    # Assert: each run-config key is one field of one class, and together they
+    # are exactly the app's keys (so the pyproject table and the CLI's unknown-key
+    # check follow from them)
+    owners: dict[str, set[str]] = {}
+    for part_type in (*map(type, parts), sent_to_nodes):
+        for cls in part_type.__mro__:
+            for name in getattr(cls, "__annotations__", {}):
+                owners.setdefault(name.replace("_", "-"), set()).add(cls.__qualname__)
+    keys = [key for part in parts for key in part.to_config()]
+    assert len(keys) == len(set(keys)) and set(keys) == set(defaults_fn("mnist"))
+    assert all(len(classes) == 1 for key, classes in owners.items() if key in keys)

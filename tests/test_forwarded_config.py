@@ -80,9 +80,12 @@ def test_the_default_site_and_worker_keys_and_values_are_those_sent_before():
     # Execute
     sites = SiteShareConfig.from_config(settings).to_config()
     workers = ShareConfig.from_config(dp_settings).to_config()
-    # Assert: same names, same values, so a checkpoint's settings still match
-    assert sites == {key: settings[key] for key in SITE_KEYS}
-    assert workers == {key: dp_settings[key] for key in WORKER_KEYS}
+    # Assert: same names, same values, so a checkpoint's settings still match;
+    # the seed comes with the selection's and the sampling's own config
+    assert sites == {key: settings[key] for key in SITE_KEYS - {"seed"}}
+    assert workers == {key: dp_settings[key] for key in WORKER_KEYS - {"seed"}}
+    assert selection.to_config()["seed"] == settings["seed"]
+    assert sampling.to_config()["seed"] == dp_settings["seed"]
 
 
 def test_the_sites_get_the_checked_settings_share_config_and_read_it_back(
@@ -109,7 +112,7 @@ def test_the_sites_get_the_checked_settings_share_config_and_read_it_back(
     settings = {**server.to_config(), **selection.to_config()}
     expected = SiteShareConfig.from_config(settings)
     assert seen["site_config"] == expected.to_config()
-    assert seen["site_config"] == {key: settings[key] for key in SITE_KEYS}
+    assert seen["site_config"] == {key: settings[key] for key in SITE_KEYS - {"seed"}}
     assert type(seen["site_config"]["dirichlet-alpha"]) is float
     # Assert: a site reads the same back from its message, and finds its fold
     received = ConfigRecord(
@@ -149,7 +152,7 @@ def test_the_workers_get_the_checked_settings_share_config_and_read_it_back(
     settings = {**server.to_config(), **sampling.to_config()}
     expected = ShareConfig.from_config(settings)
     assert seen["worker_config"] == {**expected.to_config(), "num-classes": 10}
-    assert set(seen["worker_config"]) == {*WORKER_KEYS, "num-classes"}
+    assert set(seen["worker_config"]) == {*WORKER_KEYS - {"seed"}, "num-classes"}
     # Assert: a worker reads the same back and finds its share
     received = ConfigRecord(
         {**seen["worker_config"], **sampling.to_config(), "server-round": 1}

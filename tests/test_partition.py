@@ -201,7 +201,6 @@ WORKER_SHARE = {
     "dataset": "mnist",
     "data-dir": "",
     "model": "lenet5",
-    "seed": 3,
     "validation-size": 1000,
     "pool-size": 0,
     "num-server-rounds": 4,
@@ -216,7 +215,7 @@ SITE_SHARE = {
 
 def test_share_configs_read_back_what_they_write():
     # Prepare: what a server sends, among keys these classes do not know
-    sent = {**SITE_SHARE, "server-round": 2, "num-classes": 10, "rho": 0.05}
+    sent = {**SITE_SHARE, "server-round": 2, "num-classes": 10, "seed": 3}
     # Execute
     site, worker = SiteShareConfig.from_config(sent), ShareConfig.from_config(sent)
     # Assert: a site's keys are a worker's and three more, each declared once
@@ -235,7 +234,7 @@ def test_share_configs_read_back_what_they_write():
     ("key", "value", "allowed"),
     [
         ("pool-size", 2.5, "an integer"),
-        ("seed", True, "an integer"),
+        ("validation-size", True, "an integer"),
         ("dataset", 1, "a string"),
         ("dirichlet-alpha", "0.5", "a finite number"),
     ],
@@ -245,16 +244,20 @@ def test_share_configs_convert_strictly_naming_the_key(key, value, allowed):
         SiteShareConfig.from_config({**SITE_SHARE, key: value})
 
 
-def test_a_share_config_has_no_defaults_of_its_own():
-    # the server's settings are the only defaults: a missing key is refused
-    with pytest.raises(TypeError, match="partitioner"):
-        SiteShareConfig.from_config(
-            {k: v for k, v in SITE_SHARE.items() if k != "partitioner"}
-        )
-    with pytest.raises(TypeError, match="pool_size"):
-        ShareConfig.from_config(
-            {k: v for k, v in WORKER_SHARE.items() if k != "pool-size"}
-        )
+@pytest.mark.parametrize(
+    ("key", "value", "allowed"),
+    [
+        ("dataset", "emnist", "unknown dataset 'emnist'"),
+        ("num-server-rounds", 0, "num-server-rounds must be >= 1"),
+        ("dirichlet-alpha", 0.0, "dirichlet-alpha must be > 0"),
+        ("initial-size", 0, "initial-size must be >= 1"),
+    ],
+)
+def test_a_share_config_checks_its_values_naming_the_key(key, value, allowed):
+    # the keys are declared here once, with the server's defaults and ranges
+    assert ShareConfig.from_config({}) == ShareConfig()
+    with pytest.raises(ConfigError, match=allowed):
+        SiteShareConfig.from_config({**SITE_SHARE, key: value})
 
 
 def test_a_share_config_cuts_the_split_the_server_cuts():
@@ -263,9 +266,9 @@ def test_a_share_config_cuts_the_split_the_server_cuts():
     worker = ShareConfig.from_config(WORKER_SHARE)
     # Execute / Assert: a site's split has the initial part; a worker's has none
     expected = paper_split(6000, seed=3, validation=1000, initial=500, pool=3000)
-    split = site.split(6000)
+    split = site.split(6000, seed=3)
     for part in ("validation", "initial", "pool"):
         np.testing.assert_array_equal(getattr(split, part), getattr(expected, part))
     no_initial = paper_split(6000, seed=3, validation=1000, initial=0)
-    np.testing.assert_array_equal(worker.split(6000).pool, no_initial.pool)
-    assert len(worker.split(6000).initial) == 0
+    np.testing.assert_array_equal(worker.split(6000, seed=3).pool, no_initial.pool)
+    assert len(worker.split(6000, seed=3).initial) == 0
