@@ -117,6 +117,10 @@ def attacks() -> dict[str, tuple[Callable[[ArrayRecord], RecordDict], str]]:
     def array_attack(name: str, array: Array) -> Callable[[ArrayRecord], RecordDict]:
         return lambda upload: content(with_array(upload, name, array))
 
+    def frame_attack(frame: bytes) -> Callable[[ArrayRecord], RecordDict]:
+        """The upload with its images replaced by ``frame``, declared as 10 images."""
+        return array_attack("images", Array("uint8", images, ZSTD, frame))
+
     return {
         "an npz where an npy belongs": (
             array_attack(
@@ -139,10 +143,7 @@ def attacks() -> dict[str, tuple[Callable[[ArrayRecord], RecordDict], str]]:
             r"\(2305843009213693952,\)",
         ),
         "a 16-byte zstd frame claiming 2**50 bytes": (
-            array_attack(
-                "images",
-                Array("uint8", images, ZSTD, zstd_frame_header(2**50) + b"\1\0\0"),
-            ),
+            frame_attack(zstd_frame_header(2**50) + b"\1\0\0"),
             f"the frame declares {2**50} bytes, the shape needs {size}",
         ),
         "zstd images declared with a shape of 2**40 bytes": (
@@ -160,40 +161,21 @@ def attacks() -> dict[str, tuple[Callable[[ArrayRecord], RecordDict], str]]:
             r"images of shape \(18446744073709551616, 28\), expected \(28, 28\)",
         ),
         "34 KB declared as 10 images that decompress to 1 GiB": (
-            array_attack("images", Array("uint8", images, ZSTD, gibibyte_frame())),
+            frame_attack(gibibyte_frame()),
             f"the frame declares {2**30} bytes, the shape needs {size}",
         ),
         "a frame that lies about its content size": (
-            array_attack(
-                "images",
-                Array("uint8", images, ZSTD, with_content_size(gibibyte_frame(), size)),
-            ),
+            frame_attack(with_content_size(gibibyte_frame(), size)),
             "compressed images do not decompress",
         ),
         "a frame without its content size": (
-            array_attack(
-                "images",
-                Array(
-                    "uint8",
-                    images,
-                    ZSTD,
-                    zstandard.ZstdCompressor(write_content_size=False).compress(
-                        bytes(size)
-                    ),
-                ),
+            frame_attack(
+                zstandard.ZstdCompressor(write_content_size=False).compress(bytes(size))
             ),
             "the frame declares no content size",
         ),
         "junk after a zstd frame": (
-            array_attack(
-                "images",
-                Array(
-                    "uint8",
-                    images,
-                    ZSTD,
-                    zstandard.ZstdCompressor().compress(bytes(size)) + b"junk",
-                ),
-            ),
+            frame_attack(zstandard.ZstdCompressor().compress(bytes(size)) + b"junk"),
             "4 bytes follow the frame",
         ),
         "an extra ConfigRecord": (

@@ -175,9 +175,10 @@ class SelectionServer:
         shape = self.sample_shape or self.buffer.image_shape
         if shape is None:
             raise ValueError(
-                "SampleSelection does not know the shape of one sample: pass "
-                "sample_shape=(28, 28) (or your images' shape), or pretrain() on "
-                "the server's own samples first; it is never taken from an upload"
+                "the sample-selection server does not know the shape of one "
+                "sample: pass sample_shape=(28, 28) (or your images' shape), or "
+                "pretrain() on the server's own samples first; it is never taken "
+                "from an upload"
             )
         return shape
 
