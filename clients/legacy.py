@@ -10,9 +10,10 @@ from flwr.client import NumPyClient
 from flwr.common import NDArrays, Scalar
 from torch import nn
 
-from clients.site import load_ledger, save_ledger, site_round
+from clients.site import load_ledger, save_ledger
 from flwr_select.data import SiteData
 from flwr_select.selection.protocol import SelectionConfig
+from flwr_select.selection.site import site_round
 from flwr_select.selection.wire import IDS, IMAGES, LABELS
 
 
@@ -21,7 +22,8 @@ class SelectNumPyClient(NumPyClient):
 
     ``fit`` trial-tests the received model on the site's samples, selects, and
     returns the upload as ``[images, labels, ids]`` ndarrays with the site's
-    metrics (``num-candidates`` among them); see :func:`clients.site.site_round`.
+    metrics (``num-candidates`` among them); see
+    :func:`flwr_select.selection.site.site_round`.
 
     Parameters
     ----------

@@ -10,7 +10,6 @@ file beside its data on an edge box, so that a restarted site sends nothing twic
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +32,7 @@ from flwr_select.data import SiteData
 from flwr_select.files import write_atomically
 from flwr_select.npy import read_npz
 from flwr_select.partition import SiteShareConfig, partition_pool, round_fold
-from flwr_select.selection.buffer import default_device
 from flwr_select.selection.ledger import SiteLedger
-from flwr_select.selection.policies import select
 from flwr_select.selection.protocol import (
     ACTION,
     METRICS_KEY,
@@ -43,8 +40,7 @@ from flwr_select.selection.protocol import (
     UPLOAD_KEY,
     SelectionConfig,
 )
-from flwr_select.selection.trial import trial_test
-from flwr_select.selection.wire import pack, wire_bytes
+from flwr_select.selection.site import site_round
 
 LEDGER_KEY = "flwr_select.sent-ids"
 """Key of the ArrayRecord in the node's context state that holds the ledger."""
@@ -150,48 +146,6 @@ def save_ledger(context: Context, ledger: SiteLedger) -> None:
         write_atomically(path, lambda file: np.savez(file, **arrays))
 
 
-def site_round(
-    model: nn.Module,
-    site: SiteData,
-    selection: SelectionConfig,
-    *,
-    server_round: int,
-    site_key: int,
-    ledger: SiteLedger,
-    undelivered: Sequence[int] = (),
-) -> tuple[ArrayRecord, dict[str, int | float]]:
-    """One site's round: trial test, selection, upload; ``ledger`` records the ids.
-
-    ``undelivered`` are the rounds whose upload the server says it did not keep
-    (see :class:`SiteLedger`).
-
-    Returns the upload and the site's metrics: candidates, wrong predictions,
-    samples and wrong samples sent, trial accuracy and upload bytes. Shared by the
-    Message API handler and the legacy ``NumPyClient``.
-    """
-    trial = trial_test(model.to(default_device()), site)
-    budget = selection.budget()
-    chosen = select(
-        trial,
-        budget,
-        selection.policy(),
-        confidence=selection.confidence,
-        seed=(selection.seed, server_round, site_key),
-        sent=ledger.kept_by_server(server_round, undelivered),
-    )
-    upload = pack(site, chosen, max_bytes=budget.max_bytes, compress=selection.compress)
-    sent_ids = upload["ids"].numpy().astype(np.int64)
-    ledger.record(sent_ids, server_round)
-    return upload, {
-        "num-candidates": len(site),
-        "num-wrong": int(trial.wrong.sum()),
-        "num-selected": len(sent_ids),
-        "num-selected-wrong": int(trial.wrong[np.isin(trial.ids, sent_ids)].sum()),
-        "trial-accuracy": trial.accuracy,
-        "upload-bytes": wire_bytes(upload),
-    }
-
-
 def make_select_handler(
     load_site: SiteLoader = load_site, model_fn: ModelBuilder = model_from_config
 ) -> Handler:
@@ -210,7 +164,7 @@ def make_select_handler(
 def select_and_upload(
     model: nn.Module, site: SiteData, config: ConfigRecord, context: Context
 ) -> RecordDict:
-    """Answer a ``train.select`` message: :func:`site_round`, the ledger kept."""
+    """Answer a ``train.select`` message: one ``site_round``, the ledger kept."""
     ledger = load_ledger(context)
     upload, metrics = site_round(
         model,

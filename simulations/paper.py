@@ -15,6 +15,7 @@ stopped. Each command ends by writing ``summary.json`` and a PNG figure.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -28,13 +29,14 @@ from flwr_select.data import DATASETS, SiteData
 from flwr_select.evaluation import held_out_metrics
 from flwr_select.files import read_json_lines
 from flwr_select.models import build_model
-from flwr_select.partition import PaperSplit, paper_split, round_fold
-from flwr_select.selection.buffer import TrainingBuffer
-from flwr_select.selection.policies import GROUPS, Budget, Policy, make_policy, select
+from flwr_select.partition import paper_split, round_fold
+from flwr_select.selection.ledger import SiteLedger
+from flwr_select.selection.policies import GROUPS
+from flwr_select.selection.protocol import SelectionConfig
 from flwr_select.selection.scores import CONFIDENCE_METRICS
-from flwr_select.selection.trial import trial_test
-from flwr_select.selection.wire import decode, pack, wire_bytes
-from flwr_select.trainer import TrainConfig, train
+from flwr_select.selection.server import SelectionServer
+from flwr_select.selection.site import site_round
+from flwr_select.trainer import TrainConfig
 from simulations.experiments import Data, write_run
 
 
@@ -50,6 +52,10 @@ class Protocol:
     round_epochs: int = 2
     lr: float = 0.01
     batch_size: int = 64
+
+    def train_config(self, epochs: int) -> TrainConfig:
+        """Return the server's training for ``epochs`` epochs."""
+        return TrainConfig(epochs=epochs, batch_size=self.batch_size, lr=self.lr)
 
 
 PROTOCOLS = {
@@ -78,9 +84,15 @@ class Scheme:
     confidence: str = "cross-entropy"
     group: str = ""
 
-    def make(self) -> Policy:
-        """Return the policy object."""
-        return make_policy(self.policy, **({"group": self.group} if self.group else {}))
+    def selection(self, rho: float, seed: int) -> SelectionConfig:
+        """Return what the site is asked to do in a run at ``rho`` with ``seed``."""
+        return SelectionConfig(
+            rho=rho,
+            selection_policy=self.policy,
+            confidence=self.confidence,
+            group=self.group,
+            seed=seed,
+        )
 
 
 PAPER_SCHEMES = [
@@ -109,6 +121,8 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
 }
 """Each command: its schemes and rhos (and a data set or label noise it fixes)."""
 SHORT_RHOS = [0.05, 0.3]
+SITE = 1
+"""The single site's key in the server's buffer (0 is the server's own samples)."""
 
 
 def flip_labels(
@@ -134,9 +148,14 @@ def run_site(
     rho: float,
     seed: int,
     label_noise: float = 0.0,
-    initial_cache: dict | None = None,
 ) -> list[dict[str, Any]]:
-    """Run one single-site experiment; return its per-round records (round 0 first)."""
+    """Run one single-site experiment; return its per-round records (round 0 first).
+
+    The site and the server are the Flower app's own
+    (:func:`~flwr_select.selection.site.site_round` and
+    :class:`~flwr_select.selection.server.SelectionServer`), with the upload
+    handed over in memory instead of in a message.
+    """
     split = paper_split(
         len(data.images),
         seed=seed,
@@ -149,91 +168,57 @@ def run_site(
         labels, flipped = flip_labels(
             data.labels, split.pool, label_noise, seed, data.num_classes
         )
-    config = TrainConfig(
-        epochs=protocol.round_epochs, batch_size=protocol.batch_size, lr=protocol.lr
+    server = SelectionServer(
+        functools.partial(build_model, DATASETS[data.dataset].model, seed=seed),
+        data.num_classes,
+        selection=scheme.selection(rho, seed),
+        train_config=protocol.train_config(protocol.round_epochs),
     )
-    model, buffer = initial_model(data, protocol, split, seed, initial_cache)
+    started = time.perf_counter()
+    server.train_initial(
+        data.samples(split.initial), protocol.train_config(protocol.initial_epochs)
+    )
     held_out = {
         "": data.samples(split.validation),
         "test_": SiteData(data.test_images, data.test_labels, data.num_classes),
     }
-    records, total_bytes, total_samples = [], 0, 0
+    ledger = SiteLedger()
+    records: list[dict[str, Any]] = []
     for server_round in range(protocol.rounds + 1):
-        started = time.perf_counter()
-        record: dict[str, Any] = {
-            "round": server_round,
-            "samples": 0,
-            "bytes": 0,
-            "wrong_sent": 0,
-            "noisy_sent": 0,
-        }
+        record: dict[str, Any] = {"round": server_round, "samples": 0, "bytes": 0}
+        record.update(wrong_sent=0, noisy_sent=0)
         if server_round:
+            started = time.perf_counter()
             fold = round_fold(split.pool, server_round, protocol.rounds)
             site = data.samples(fold, labels)
-            trial = trial_test(model, site)
-            chosen = select(
-                trial,
-                Budget(rho=rho),
-                scheme.make(),
-                confidence=scheme.confidence,
-                seed=(seed, server_round),
+            upload, sent = site_round(
+                server.model,
+                site,
+                server.selection,
+                server_round=server_round,
+                site_key=SITE,
+                ledger=ledger,
             )
-            upload = pack(site, chosen)
-            buffer.add(
-                1,
-                decode(upload, data.num_classes, sample_shape=site.images.shape[1:])[0],
-            )  # what the server gets
-            train(
-                model,
-                buffer.images,
-                buffer.labels,
-                config,
-                seed=seed * 1000 + server_round,
+            handed = (upload, len(site))  # what a reply message would carry
+            received = server.accept_uploads(
+                server_round, [(SITE, lambda handed=handed: handed)], asked=[SITE]
             )
             record.update(
-                samples=len(chosen),
-                bytes=wire_bytes(upload),
-                wrong_sent=int(trial.wrong[chosen].sum()),
-                noisy_sent=int(np.isin(fold[chosen], flipped).sum()),
-                trial_accuracy=trial.accuracy,
+                samples=received["samples-received"],
+                bytes=received["bytes-received"],
+                wrong_sent=sent["num-selected-wrong"],
+                noisy_sent=int(np.isin(upload["ids"].numpy(), flipped).sum()),
+                trial_accuracy=sent["trial-accuracy"],
             )
-        record.update(held_out_metrics(model, held_out))
-        total_samples += record["samples"]
-        total_bytes += record["bytes"]
+        record.update(held_out_metrics(server.model, held_out))
         record.update(
-            samples_total=total_samples,
-            bytes_total=total_bytes,
-            buffer_size=len(buffer),
+            samples_total=sum(r["samples"] for r in records) + record["samples"],
+            bytes_total=sum(r["bytes"] for r in records) + record["bytes"],
+            buffer_size=len(server.buffer),
             seconds=round(time.perf_counter() - started, 3),
         )
         records.append(record)
     return records
-
-
-def initial_model(
-    data: Data,
-    protocol: Protocol,
-    split: PaperSplit,
-    seed: int,
-    cache: dict | None,
-) -> tuple[torch.nn.Module, TrainingBuffer]:
-    """Train (or reuse for the same seed and protocol) the initial model; new buffer."""
-    buffer = TrainingBuffer(data.num_classes)
-    buffer.add(0, data.samples(split.initial))
-    key = (data.dataset, seed, protocol)
-    model = build_model(DATASETS[data.dataset].model, seed=seed).to(buffer.device)
-    if cache is not None and key in cache:
-        model.load_state_dict(cache[key])
-    else:
-        config = TrainConfig(
-            epochs=protocol.initial_epochs,
-            batch_size=protocol.batch_size,
-            lr=protocol.lr,
-        )
-        train(model, buffer.images, buffer.labels, config, seed=seed)
-        if cache is not None:
-            cache[key] = {k: v.clone() for k, v in model.state_dict().items()}
-    return model, buffer
 
 
 def run_path(
@@ -265,7 +250,6 @@ def run_experiment(
     spec = EXPERIMENTS[name]
     runs_dir = out_dir / ("runs-short" if protocol == SHORT else "runs")
     runs_dir.mkdir(parents=True, exist_ok=True)
-    cache: dict = {}
     noise = spec.get("label_noise", 0.0)
     jobs = [
         (s, r, seed)
@@ -280,7 +264,7 @@ def run_experiment(
         if path.exists():
             continue
         started = time.perf_counter()
-        records = run_site(data, protocol, scheme, rho, seed, noise, cache)
+        records = run_site(data, protocol, scheme, rho, seed, noise)
         meta = {
             "experiment": name,
             "dataset": data.dataset,

@@ -46,7 +46,7 @@ SITE_METRICS = frozenset(
         "upload-bytes",
     }
 )
-"""The metrics a site's reply may carry (see :func:`clients.site.site_round`)."""
+"""The metrics a site's reply may carry (see ``selection.site.site_round``)."""
 
 Settings = dict[str, bool | int | float | str]
 
