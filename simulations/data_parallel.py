@@ -85,15 +85,10 @@ def defaults(dataset: str) -> dict[str, Any]:
 def check_config(
     config: Mapping[str, Any],
 ) -> tuple[DataParallelServerConfig, DataParallelConfig, Sampling]:
-    """Return the server's and the workers' settings; refuse any bad value.
+    """Return the server's and the workers' settings, as ``runner.check_config``.
 
-    ``flower-simulation`` calls this before the engine starts and :func:`run`
-    before anything is loaded.
-
-    Raises
-    ------
-    flwr_select.config.ConfigError
-        Naming the key, the value and what is allowed.
+    Refuses any bad value (``ConfigError``, naming the key, the value and what
+    is allowed) before the engine starts or anything is loaded.
     """
     return (
         DataParallelServerConfig.from_config(config),

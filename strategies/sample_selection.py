@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 from logging import INFO
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
@@ -15,12 +15,10 @@ from torch import nn
 
 from flwr_select.data import SiteData
 from flwr_select.selection.protocol import (
-    CONFIG_KEY,
     MESSAGE_TYPE,
     METRICS_KEY,
-    MODEL_KEY,
-    UNDELIVERED_KEY,
     UPLOAD_KEY,
+    request,
 )
 from flwr_select.selection.server import SelectionServer, candidates_in
 from flwr_select.selection.wire import UploadError
@@ -38,27 +36,21 @@ EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 class SampleSelection(TrainOnlyFedAvg, SelectionServer):
     """Sites upload their most informative raw samples; the server trains on them.
 
-    Drop-in where a ``FedAvg(...)`` was; ``start`` is Flower's own loop. Each
-    round the sampled nodes get the model and the
-    :class:`~flwr_select.selection.protocol.SelectionConfig` in a
-    ``train.select`` message; the server core
-    (:class:`~flwr_select.selection.server.SelectionServer`) checks, buffers and
-    trains on their uploads. With ``run_dir`` every round is checkpointed and a
-    restarted run resumes after the last complete one.
+    Drop-in where a ``FedAvg(...)`` was; ``start`` is Flower's own loop. The
+    sampled nodes get the model and the ``SelectionConfig`` in a ``train.select``
+    message; the server core (:class:`~flwr_select.selection.server.SelectionServer`)
+    checks, buffers, trains, and with ``run_dir`` checkpoints and resumes.
 
     Parameters
     ----------
-    model_fn : callable
-        Returns a fresh model (the architecture the arrays belong to).
-    num_classes : int
-        Uploaded labels must lie in ``[0, num_classes)``.
     fraction_train, min_train_nodes, min_available_nodes
         As for ``FedAvg``; nodes are sampled with a generator seeded by
         ``(selection.seed, round)``.
-    **server
-        ``selection``, ``train_config``, ``from_scratch``, ``buffer``,
-        ``site_config``, ``run_dir``, ``sample_shape``, ``max_upload_bytes``:
-        see :class:`~flwr_select.selection.server.SelectionServer`.
+    model_fn, num_classes, **server
+        The server core's: ``model_fn``, ``num_classes``, ``selection``,
+        ``train_config``, ``from_scratch``, ``buffer``, ``site_config``,
+        ``run_dir``, ``sample_shape``, ``max_upload_bytes`` (see
+        :class:`~flwr_select.selection.server.SelectionServer`).
     """
 
     def __init__(
@@ -102,16 +94,10 @@ class SampleSelection(TrainOnlyFedAvg, SelectionServer):
         what they returned. ``options`` go to Flower's ``start`` as they are
         (``should_stop`` from Flower 1.43 on).
         """
-        if self.completed_round is None:
-            self.resume()
-        self.expected_sample_shape()  # refuse to start without it, not in round 1
-        if self.completed_round is None:
-            self.model.load_state_dict(initial_arrays.to_torch_state_dict())
-        else:
-            initial_arrays = ArrayRecord(self.model.state_dict())
+        state = self.begin(initial_arrays.to_torch_state_dict())
         return super().start(
             grid,
-            initial_arrays,
+            ArrayRecord(state),
             num_rounds,
             timeout,
             train_config,
@@ -141,20 +127,10 @@ class SampleSelection(TrainOnlyFedAvg, SelectionServer):
             return []
         self.model.load_state_dict(arrays.to_torch_state_dict())
         self.round_nodes = sample_round_nodes(self, grid, self.seed(server_round))
-        site_config = {**dict(config), **self.round_config(server_round)}
+        extra = dict(config)
         return [
             Message(
-                content=RecordDict(
-                    {
-                        MODEL_KEY: arrays,
-                        CONFIG_KEY: ConfigRecord(
-                            {
-                                **site_config,
-                                UNDELIVERED_KEY: self.undelivered.get(node, []),
-                            }
-                        ),
-                    }
-                ),
+                request(arrays, {**extra, **self.round_config(server_round, node)}),
                 message_type=MESSAGE_TYPE,
                 dst_node_id=node,
             )
@@ -163,12 +139,10 @@ class SampleSelection(TrainOnlyFedAvg, SelectionServer):
 
     @staticmethod
     def unpack_reply(reply: Message) -> tuple[ArrayRecord, object]:
-        """Return a reply's upload and its ``num-candidates``, or raise ``UploadError``.
+        """Return a reply's upload and ``num-candidates``, or raise ``UploadError``.
 
-        A reply holds exactly the upload (an ArrayRecord) and the site's metrics
-        (a MetricRecord of :data:`~flwr_select.selection.server.SITE_METRICS`
-        keys, ``num-candidates`` among them); anything more or less is refused.
-        The upload itself is checked by :meth:`check_upload`.
+        Exactly an upload ArrayRecord and a MetricRecord of ``SITE_METRICS``
+        keys; the upload itself is checked by :meth:`check_upload`.
         """
         content = reply.content
         exact_content(

@@ -7,7 +7,7 @@ tolerance 0.01 is at least 5 standard errors (sqrt(0.25 / 64000) = 0.002).
 import numpy as np
 import pytest
 
-from flwr_select.parallel.batches import Sampling
+from flwr_select.parallel.batches import Sampling, WorkerStep
 
 # 100 samples over 10 classes, unbalanced: class c has COUNTS[c] samples
 COUNTS = [30, 10, 20, 10, 10, 5, 5, 5, 3, 2]
@@ -21,13 +21,7 @@ def frequencies(sampling, labels, num_classes, *, worker=0, num_workers=2):
     drawn = np.concatenate(
         [
             sampling.draw(
-                labels,
-                160,
-                num_classes,
-                worker=worker,
-                num_workers=num_workers,
-                step=step,
-                total_steps=400,
+                labels, 160, num_classes, WorkerStep(worker, num_workers, step, 400)
             )
             for step in range(400)
         ]
@@ -84,9 +78,7 @@ def test_a_worker_beyond_the_class_count_favours_a_uniform_mix():
 
 
 def mix_of(sampling, worker):
-    return sampling.class_mix(
-        LABELS, 10, worker=worker, num_workers=2, step=0, total_steps=1
-    )
+    return sampling.class_mix(LABELS, 10, WorkerStep(worker, 2, 0, 1))
 
 
 def test_dirichlet_batches_follow_the_workers_class_mix():
@@ -113,10 +105,10 @@ def test_bias_zero_draws_the_same_batches_as_uniform(name):
     biased = Sampling(sampling=name, bias=0.0, seed=5)
     uniform = Sampling(sampling="uniform", seed=5)
     for step in range(3):
-        options = dict(worker=1, num_workers=2, step=step, total_steps=3)
+        at = WorkerStep(1, 2, step, 3)
         np.testing.assert_array_equal(
-            biased.draw(LABELS, 32, 10, **options),
-            uniform.draw(LABELS, 32, 10, **options),
+            biased.draw(LABELS, 32, 10, at),
+            uniform.draw(LABELS, 32, 10, at),
         )
 
 
@@ -147,10 +139,10 @@ def test_uniform_sampling_has_bias_zero_whatever_the_bias_field():
 
 def test_linear_decay_draws_uniform_batches_at_the_last_step():
     decayed = Sampling(sampling="favoured", bias=1.0, bias_schedule="linear-decay")
-    options = dict(worker=0, num_workers=2, step=9, total_steps=10)
+    at = WorkerStep(0, 2, 9, 10)
     np.testing.assert_array_equal(
-        decayed.draw(LABELS, 32, 10, **options),
-        Sampling(sampling="uniform").draw(LABELS, 32, 10, **options),
+        decayed.draw(LABELS, 32, 10, at),
+        Sampling(sampling="uniform").draw(LABELS, 32, 10, at),
     )
 
 
@@ -162,7 +154,7 @@ def test_a_class_missing_from_the_data_is_never_drawn_and_the_mix_renormalised()
     labels = np.array([0, 0, 1, 1, 3, 3])
     sampling = Sampling(sampling="favoured", bias=0.9, seed=6)
     expected = [29 / 33, 2 / 33, 0.0, 2 / 33]
-    mix = sampling.class_mix(labels, 4, worker=0, num_workers=2, step=0, total_steps=1)
+    mix = sampling.class_mix(labels, 4, WorkerStep(0, 2, 0, 1))
     np.testing.assert_allclose(mix, expected)
     measured = frequencies(sampling, labels, 4, worker=0, num_workers=2)
     assert measured[2] == 0.0
@@ -172,23 +164,14 @@ def test_a_class_missing_from_the_data_is_never_drawn_and_the_mix_renormalised()
 def test_class_mix_refuses_a_worker_without_samples():
     sampling = Sampling(sampling="favoured")
     with pytest.raises(ValueError, match="no samples"):
-        sampling.class_mix(
-            np.array([], dtype=np.int64),
-            10,
-            worker=0,
-            num_workers=2,
-            step=0,
-            total_steps=1,
-        )
+        sampling.class_mix(np.array([], dtype=np.int64), 10, WorkerStep(0, 2, 0, 1))
 
 
 @pytest.mark.parametrize("name", ["uniform", "favoured", "dirichlet"])
 def test_draws_are_deterministic_in_seed_worker_and_step(name):
     def draw(seed=7, worker=0, step=3):
         sampling = Sampling(sampling=name, seed=seed)
-        return sampling.draw(
-            LABELS, 32, 10, worker=worker, num_workers=2, step=step, total_steps=10
-        )
+        return sampling.draw(LABELS, 32, 10, WorkerStep(worker, 2, step, 10))
 
     batch = draw()
     assert len(batch) == 32
@@ -200,7 +183,7 @@ def test_draws_are_deterministic_in_seed_worker_and_step(name):
 
 def test_draw_refuses_a_batch_size_below_one():
     with pytest.raises(ValueError, match="batch-size must be >= 1, got 0"):
-        Sampling().draw(LABELS, 0, 10, worker=0, num_workers=1, step=0, total_steps=1)
+        Sampling().draw(LABELS, 0, 10, WorkerStep(0, 1, 0, 1))
 
 
 def test_to_config_and_from_config_round_trip_with_run_config_names():
@@ -264,7 +247,7 @@ def test_full_bias_without_any_target_class_falls_back_to_the_data():
     # worker 0 of 2 favours {0, 2, 4, 6, 8}; it holds only classes 1 and 3
     sampling = Sampling(sampling="favoured", bias=1.0)
     labels = np.array([1, 1, 3])
-    mix = sampling.class_mix(labels, 10, worker=0, num_workers=2, step=0, total_steps=1)
+    mix = sampling.class_mix(labels, 10, WorkerStep(0, 2, 0, 1))
     assert mix[1] == pytest.approx(2 / 3) and mix[3] == pytest.approx(1 / 3)
-    batch = sampling.draw(labels, 4, 10, worker=0, num_workers=2, step=0, total_steps=1)
+    batch = sampling.draw(labels, 4, 10, WorkerStep(0, 2, 0, 1))
     assert set(labels[batch]) <= {1, 3}

@@ -22,7 +22,7 @@ from torch import nn
 from clients.worker import make_gradient_handler
 from flwr_select.data import SiteData
 from flwr_select.models import build_model
-from flwr_select.parallel.batches import Sampling
+from flwr_select.parallel.batches import Sampling, WorkerStep
 from flwr_select.parallel.gradients import (
     GRADIENT_KEY,
     MESSAGE_TYPE,
@@ -152,9 +152,7 @@ def test_one_local_step_returns_the_gradient_of_the_drawn_batch():
         num_rounds=5,
     )
     # the same batch, by hand: global step (3 - 1) * 1 = 2
-    idx = sampling.draw(
-        data.labels.numpy(), 16, 10, worker=1, num_workers=2, step=2, total_steps=5
-    )
+    idx = sampling.draw(data.labels.numpy(), 16, 10, WorkerStep(1, 2, 2, 5))
     loss = nn.functional.cross_entropy(model(data.images[idx]), data.labels[idx])
     expected = torch.autograd.grad(loss, list(model.parameters()))
     assert torch.allclose(
@@ -187,10 +185,7 @@ def test_several_local_steps_return_the_pseudo_gradient_of_local_sgd():
     # three plain SGD steps on the batches of global steps 3, 4 and 5
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     for step in (3, 4, 5):
-        idx = sampling.draw(
-            data.labels.numpy(), 8, 10, worker=0, num_workers=2, step=step,
-            total_steps=12,
-        )  # fmt: skip
+        idx = sampling.draw(data.labels.numpy(), 8, 10, WorkerStep(0, 2, step, 12))
         optimizer.zero_grad()
         nn.functional.cross_entropy(
             model(data.images[idx]), data.labels[idx]

@@ -7,7 +7,6 @@ import zstandard
 from flwr.app import (
     Array,
     ArrayRecord,
-    ConfigRecord,
     Context,
     Error,
     Message,
@@ -20,13 +19,12 @@ from hypothesis import strategies as st
 from clients.site import load_ledger, make_select_handler
 from flwr_select.data import SiteData
 from flwr_select.selection.protocol import (
-    CONFIG_KEY,
     MESSAGE_TYPE,
     METRICS_KEY,
-    MODEL_KEY,
     UNDELIVERED_KEY,
     UPLOAD_KEY,
 )
+from flwr_select.selection.protocol import request as selection_request
 from flwr_select.selection.wire import ZSTD, encode, wire_bytes
 from strategies.sample_selection import SampleSelection
 from tests.hostile import N, make_strategy  # a site offers N, sends 10 of them
@@ -40,18 +38,16 @@ def site_data(site: int) -> SiteData:
 
 
 def request(strategy: SampleSelection, node: int, server_round: int = 1) -> Message:
-    config = ConfigRecord(
-        {
-            **strategy.selection.to_config(),
-            "server-round": server_round,
-            "num-classes": 10,
-            "model": "lenet5",
-            UNDELIVERED_KEY: strategy.undelivered.get(node, []),
-        }
-    )
+    config = {
+        **strategy.selection.to_config(),
+        "server-round": server_round,
+        "num-classes": 10,
+        "model": "lenet5",
+        UNDELIVERED_KEY: strategy.undelivered.get(node, []),
+    }
     arrays = ArrayRecord(strategy.model.state_dict())
     return Message(
-        RecordDict({MODEL_KEY: arrays, CONFIG_KEY: config}),
+        selection_request(arrays, config),
         message_type=MESSAGE_TYPE,
         dst_node_id=node,
     )

@@ -25,6 +25,20 @@ SCHEDULES = ("constant", "linear-decay", "linear-growth")
 
 
 @dataclass(frozen=True)
+class WorkerStep:
+    """Whose batch, and when: a worker of ``num_workers`` at a step of ``total_steps``.
+
+    Steps count from 0 over the whole run (all rounds' local steps), so the
+    bias schedule and the draws' seeds follow the run, not the round.
+    """
+
+    worker: int
+    num_workers: int
+    step: int
+    total_steps: int
+
+
+@dataclass(frozen=True)
 class Sampling(RunConfigFields):
     """A worker's batch distribution over classes; validated when built.
 
@@ -109,16 +123,9 @@ class Sampling(RunConfigFields):
         return mix
 
     def class_mix(
-        self,
-        labels: np.ndarray,
-        num_classes: int,
-        *,
-        worker: int,
-        num_workers: int,
-        step: int,
-        total_steps: int,
+        self, labels: np.ndarray, num_classes: int, at: WorkerStep
     ) -> np.ndarray:
-        """Return the probability of each class in ``worker``'s batch at ``step``.
+        """Return the probability of each class in the batch of ``at``.
 
         Classes the worker has no sample of get probability 0 (the rest is
         renormalised; with none of its target classes at full bias, the data's
@@ -127,26 +134,18 @@ class Sampling(RunConfigFields):
         counts = np.bincount(labels, minlength=num_classes)[:num_classes]
         if counts.sum() == 0:
             raise ValueError("the worker has no samples to draw a batch from")
-        bias = self.bias_at(step, total_steps)
+        bias = self.bias_at(at.step, at.total_steps)
         mix = (1.0 - bias) * counts / counts.sum()
-        mix = mix + bias * self.target(worker, num_workers, num_classes)
+        mix = mix + bias * self.target(at.worker, at.num_workers, num_classes)
         mix[counts == 0] = 0.0
         if mix.sum() == 0:  # all bias, and none of the target classes here
             mix = counts.astype(np.float64)
         return mix / mix.sum()
 
     def draw(
-        self,
-        labels: np.ndarray,
-        batch_size: int,
-        num_classes: int,
-        *,
-        worker: int,
-        num_workers: int,
-        step: int,
-        total_steps: int,
+        self, labels: np.ndarray, batch_size: int, num_classes: int, at: WorkerStep
     ) -> np.ndarray:
-        """Return the positions (into ``labels``) of ``worker``'s batch at ``step``.
+        """Return the positions (into ``labels``) of the batch of ``at``.
 
         Class counts are drawn from :meth:`class_mix` (multinomial), then samples
         uniformly within each class, without replacement while a class has
@@ -155,17 +154,10 @@ class Sampling(RunConfigFields):
         labels = np.asarray(labels, dtype=np.int64)
         if batch_size < 1:
             raise ValueError(f"batch-size must be >= 1, got {batch_size}")
-        rng = np.random.default_rng([self.seed, worker, step])
-        if self.bias_at(step, total_steps) == 0.0:
+        rng = np.random.default_rng([self.seed, at.worker, at.step])
+        if self.bias_at(at.step, at.total_steps) == 0.0:
             return rng.choice(len(labels), batch_size, replace=batch_size > len(labels))
-        mix = self.class_mix(
-            labels,
-            num_classes,
-            worker=worker,
-            num_workers=num_workers,
-            step=step,
-            total_steps=total_steps,
-        )
+        mix = self.class_mix(labels, num_classes, at)
         counts = rng.multinomial(batch_size, mix)
         chosen = []
         for cls in np.flatnonzero(counts):

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from flwr_select.config import RunConfigFields, check, check_name
-from flwr_select.parallel.batches import Sampling
+from flwr_select.parallel.batches import Sampling, WorkerStep
 from flwr_select.parallel.reductions import (
     REDUCTIONS,
     Reduction,
@@ -132,10 +132,7 @@ def worker_gradient(
                 labels_np,
                 config.batch_size,
                 num_classes,
-                worker=worker,
-                num_workers=num_workers,
-                step=step,
-                total_steps=total_steps,
+                WorkerStep(worker, num_workers, step, total_steps),
             )
         )
         optimizer.zero_grad(set_to_none=True)

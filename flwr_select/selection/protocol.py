@@ -8,7 +8,10 @@ build their budget and policy from this one class, so they cannot disagree.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from flwr_select.config import RunConfigFields, check, check_name
 from flwr_select.selection.policies import GROUPS, POLICIES, Budget, Policy, make_policy
@@ -23,6 +26,11 @@ UPLOAD_KEY, METRICS_KEY = "upload", "metrics"
 """Keys of a site's reply: the upload's ArrayRecord and a MetricRecord."""
 UNDELIVERED_KEY = "undelivered-rounds"
 """Config key of the rounds whose upload from this node the server did not keep."""
+
+
+def request(arrays: ArrayRecord, config: Mapping[str, object]) -> RecordDict:
+    """Return the content of a ``train.select`` message: the model and the config."""
+    return RecordDict({MODEL_KEY: arrays, CONFIG_KEY: ConfigRecord(dict(config))})
 
 
 @dataclass(frozen=True)

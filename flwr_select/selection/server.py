@@ -24,7 +24,7 @@ from torch import nn
 from flwr_select.data import SiteData
 from flwr_select.selection.buffer import TrainingBuffer
 from flwr_select.selection.checkpoint import Checkpoint, latest
-from flwr_select.selection.protocol import SelectionConfig
+from flwr_select.selection.protocol import UNDELIVERED_KEY, SelectionConfig
 from flwr_select.selection.wire import UploadError, decode, wire_bytes
 from flwr_select.trainer import TrainConfig, TrainResult, train
 
@@ -157,9 +157,19 @@ class SelectionServer:
             "num-classes": self.num_classes,
         }
 
-    def round_config(self, server_round: int) -> Settings:
-        """Return what every site is told this round (the run-config spellings)."""
-        return {**self.run_settings(), "server-round": server_round}
+    def round_config(
+        self, server_round: int, site: int | None = None
+    ) -> dict[str, object]:
+        """Return what the sites are told this round (the run-config spellings).
+
+        Told to one ``site``, it also holds the rounds whose upload from that
+        site was not kept (:attr:`undelivered`), which it offers again.
+        """
+        config: dict[str, object] = {**self.run_settings()}
+        config["server-round"] = server_round
+        if site is not None:
+            config[UNDELIVERED_KEY] = self.undelivered.get(site, [])
+        return config
 
     def expected_sample_shape(self) -> tuple[int, ...]:
         """Return the shape every uploaded image must have; never a site's word.
@@ -341,6 +351,19 @@ class SelectionServer:
                 undelivered=self.undelivered,
                 config=self.run_settings(),
             ).save(self.run_dir)
+
+    def begin(self, initial_state: Mapping[str, torch.Tensor]) -> dict:
+        """Resume from :attr:`run_dir` if it holds a run, else load ``initial_state``.
+
+        Returns the model's state the run starts from. Refuses (``ValueError``)
+        to start without :meth:`expected_sample_shape`, before any round.
+        """
+        if self.completed_round is None:
+            self.resume()
+        self.expected_sample_shape()
+        if self.completed_round is None:
+            self.model.load_state_dict(initial_state)
+        return self.model.state_dict()
 
     def resume(self) -> int | None:
         """Load the checkpoint in :attr:`run_dir`, if any; return its round.
