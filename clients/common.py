@@ -21,8 +21,10 @@ from flwr_select.selection.protocol import CONFIG_KEY, MODEL_KEY
 
 SiteLoader = Callable[[Context, ConfigRecord], SiteData]
 """``(context, config) -> SiteData``: the samples a node offers or draws from."""
-ModelBuilder = Callable[[ConfigRecord], nn.Module]
-"""``config -> nn.Module``: the architecture the received arrays belong to."""
+ModelBuilder = Callable[[], nn.Module]
+"""``() -> nn.Module``: a fresh model of the architecture the arrays belong to,
+as for the strategies. None where accepted: the built-in model the server's
+config names (:func:`model_from_config`)."""
 Handler = Callable[[Message, Context], Message]
 """A ClientApp's message handler."""
 Answer = Callable[[nn.Module, SiteData, ConfigRecord, Context], RecordDict]
@@ -65,17 +67,20 @@ def model_from_config(config: ConfigRecord) -> nn.Module:
 
 
 def received_model(
-    msg: Message, model_fn: ModelBuilder
+    msg: Message, model_fn: ModelBuilder | None
 ) -> tuple[ConfigRecord, nn.Module]:
-    """Return the server's config and its model, built by ``model_fn`` and loaded."""
+    """Return the server's config and its model, built by ``model_fn`` and loaded.
+
+    ``model_fn`` None: the built-in model the config names (``model`` key).
+    """
     config = msg.content.config_records[CONFIG_KEY]
-    model = model_fn(config)
+    model = model_from_config(config) if model_fn is None else model_fn()
     model.load_state_dict(msg.content.array_records[MODEL_KEY].to_torch_state_dict())
     return config, model
 
 
 def make_handler(
-    answer: Answer, load_data: SiteLoader, model_fn: ModelBuilder
+    answer: Answer, load_data: SiteLoader, model_fn: ModelBuilder | None
 ) -> Handler:
     """Return a handler that replies with ``answer``'s content.
 
@@ -85,8 +90,9 @@ def make_handler(
         ``(model, data, config, context) -> RecordDict``: the reply's content.
     load_data : callable
         ``(context, config) -> SiteData``: the node's samples.
-    model_fn : callable
-        ``config -> nn.Module``: the architecture the received arrays belong to.
+    model_fn : callable or None
+        ``() -> nn.Module``: the architecture the received arrays belong to;
+        None: the built-in model the server's config names.
     """
 
     def handle(msg: Message, context: Context) -> Message:

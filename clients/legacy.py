@@ -12,6 +12,7 @@ from torch import nn
 
 from clients.site import load_ledger, save_ledger
 from flwr_select.data import SiteData
+from flwr_select.models import Transform
 from flwr_select.selection.protocol import SelectionConfig
 from flwr_select.selection.site import site_round
 from flwr_select.selection.wire import IDS, IMAGES, LABELS
@@ -37,6 +38,9 @@ class SelectNumPyClient(NumPyClient):
         ``ClientApp(client_fn=...)`` builds a new client for every message.
     site_key : int (default: 0)
         Seeds the site's choices with the round (e.g. its partition id).
+    transform : str or callable, optional
+        How raw samples become model input, the same as the server's (see
+        :func:`flwr_select.models.model_input`). Default: as stored.
 
     Notes
     -----
@@ -50,11 +54,13 @@ class SelectNumPyClient(NumPyClient):
         context: Context,
         *,
         site_key: int = 0,
+        transform: Transform = None,
     ) -> None:
         self.site = site
         self.model_fn = model_fn
         self.context = context
         self.site_key = site_key
+        self.transform = transform
 
     def fit(
         self, parameters: NDArrays, config: dict[str, Scalar]
@@ -71,6 +77,7 @@ class SelectNumPyClient(NumPyClient):
             server_round=int(config["server-round"]),
             site_key=self.site_key,
             ledger=ledger,
+            transform=self.transform,
         )
         save_ledger(self.context, ledger)
         arrays = [upload[name].numpy() for name in (IMAGES, LABELS, IDS)]

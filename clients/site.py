@@ -25,11 +25,11 @@ from clients.common import (
     cached_training_set,
     edge_box_data,
     make_handler,
-    model_from_config,
     simulated_partition,
 )
 from flwr_select.data import SiteData
 from flwr_select.files import write_atomically
+from flwr_select.models import Transform
 from flwr_select.npy import read_npz
 from flwr_select.partition import SiteShareConfig, partition_pool, round_fold
 from flwr_select.selection.ledger import SiteLedger
@@ -147,22 +147,38 @@ def save_ledger(context: Context, ledger: SiteLedger) -> None:
 
 
 def make_select_handler(
-    load_site: SiteLoader = load_site, model_fn: ModelBuilder = model_from_config
+    load_site: SiteLoader = load_site,
+    model_fn: ModelBuilder | None = None,
+    transform: Transform = None,
 ) -> Handler:
     """Return the ``train.select`` handler: :func:`select_and_upload`.
 
     Parameters
     ----------
     load_site : SiteLoader (default: :func:`load_site`)
-        The samples this site offers this round.
-    model_fn : ModelBuilder (default: :func:`~clients.common.model_from_config`)
-        The architecture the received arrays belong to.
+        ``(context, config) -> SiteData``: the samples this site offers this
+        round. ``config`` is the ConfigRecord the server sent: the selection,
+        ``server-round``, the strategy's ``site_config`` and whatever Flower's
+        ``start(train_config=...)`` held.
+    model_fn : callable, optional
+        ``() -> nn.Module``, the same as the strategy's: the architecture the
+        received arrays belong to. Default: the built-in model the server's
+        config names.
+    transform : str or callable, optional
+        How raw samples become model input, the same as the strategy's (see
+        :func:`flwr_select.models.model_input`). Default: as stored.
     """
-    return make_handler(select_and_upload, load_site, model_fn)
+    answer = functools.partial(select_and_upload, transform=transform)
+    return make_handler(answer, load_site, model_fn)
 
 
 def select_and_upload(
-    model: nn.Module, site: SiteData, config: ConfigRecord, context: Context
+    model: nn.Module,
+    site: SiteData,
+    config: ConfigRecord,
+    context: Context,
+    *,
+    transform: Transform = None,
 ) -> RecordDict:
     """Answer a ``train.select`` message: one ``site_round``, the ledger kept."""
     ledger = load_ledger(context)
@@ -174,6 +190,7 @@ def select_and_upload(
         site_key=int(context.node_config.get("partition-id", context.node_id)),
         ledger=ledger,
         undelivered=list(config.get(UNDELIVERED_KEY, [])),
+        transform=transform,
     )
     save_ledger(context, ledger)
     return RecordDict({UPLOAD_KEY: upload, METRICS_KEY: MetricRecord(metrics)})
@@ -182,14 +199,15 @@ def select_and_upload(
 def add_select_handler(
     app: ClientApp,
     load_site: SiteLoader = load_site,
-    model_fn: ModelBuilder = model_from_config,
+    model_fn: ModelBuilder | None = None,
+    transform: Transform = None,
 ) -> None:
     """Register the ``train.select`` handler on an existing ClientApp.
 
     It answers beside the app's other handlers (a user's own ``@app.train()``);
-    ``load_site`` and ``model_fn`` are :func:`make_select_handler`'s.
+    ``load_site``, ``model_fn`` and ``transform`` are :func:`make_select_handler`'s.
     """
-    app.train(ACTION)(make_select_handler(load_site, model_fn))
+    app.train(ACTION)(make_select_handler(load_site, model_fn, transform))
 
 
 app = ClientApp()

@@ -66,7 +66,7 @@ def load_worker_data(context: Context, config: ConfigRecord) -> SiteData:
 
 def make_gradient_handler(
     load_data: common.SiteLoader = load_worker_data,
-    model_fn: common.ModelBuilder = common.model_from_config,
+    model_fn: common.ModelBuilder | None = None,
 ) -> common.Handler:
     """Return the ``train.gradient`` handler: :func:`gradient_reply`.
 
@@ -74,8 +74,9 @@ def make_gradient_handler(
     ----------
     load_data : SiteLoader (default: :func:`load_worker_data`)
         The samples the worker draws its batches from.
-    model_fn : ModelBuilder (default: :func:`~clients.common.model_from_config`)
-        The architecture the received arrays belong to.
+    model_fn : callable, optional
+        ``() -> nn.Module``, as the strategy's: the architecture the received
+        arrays belong to. Default: the built-in model the server's config names.
     """
     return common.make_handler(gradient_reply, load_data, model_fn)
 
@@ -104,7 +105,7 @@ def gradient_reply(
 def add_gradient_handler(
     app: ClientApp,
     load_data: common.SiteLoader = load_worker_data,
-    model_fn: common.ModelBuilder = common.model_from_config,
+    model_fn: common.ModelBuilder | None = None,
 ) -> None:
     """Register the ``train.gradient`` handler on an existing ClientApp.
 

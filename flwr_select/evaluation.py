@@ -9,7 +9,7 @@ so memory is bounded by the batch size whatever the data holds.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,9 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from flwr_select.data import SiteData
-
-BatchTransform = Callable[[Tensor], Tensor]
-"""Maps a ``uint8`` batch on the device to what the model takes."""
+from flwr_select.models import BatchTransform
 
 
 def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:

@@ -1,9 +1,15 @@
-"""The paper's models, by name, taking raw ``uint8`` image batches.
+"""The paper's models, by name, taking raw ``uint8`` image batches; input transforms.
 
 Each model starts with :class:`Standardize`, so sites and the server feed it the
 ``uint8`` tensors they hold and normalisation happens per batch on the device,
 in exactly one place. Its mean and std are buffers, so they travel with the
 model's arrays.
+
+A model of the user's own (one that takes float batches with a channel axis,
+say) gets a *transform*: a name from :data:`INPUT_TRANSFORMS` or a callable,
+applied to every ``uint8`` batch on the device before the model sees it. Sites
+and the server must use the same one; :func:`check_model` tries the pair on a
+dummy batch so that a mismatch fails at once, naming the fix.
 """
 
 from __future__ import annotations
@@ -12,6 +18,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+
+BatchTransform = Callable[[Tensor], Tensor]
+"""Maps a ``uint8`` batch on the device to what the model takes."""
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -122,3 +131,97 @@ def build_model(name: str, *, seed: int | None = None, **options: object) -> nn.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return MODELS[name](**options)
+
+
+def _with_channel_axis(batch: Tensor) -> Tensor:
+    """Return a ``(B, H, W)`` batch as ``(B, 1, H, W)``; others as they are."""
+    return batch.unsqueeze(1) if batch.ndim == 3 else batch
+
+
+def raw_input(batch: Tensor) -> Tensor:
+    """Return the ``uint8`` batch as stored (the built-in models standardize it)."""
+    return batch
+
+
+def unit_input(batch: Tensor) -> Tensor:
+    """Return floats in [0, 1] with a channel axis (torchvision's ``ToTensor``)."""
+    return _with_channel_axis(batch).float() / 255.0
+
+
+def signed_input(batch: Tensor) -> Tensor:
+    """Return floats in [-1, 1] with a channel axis (``ToTensor`` + ``Normalize``).
+
+    As torchvision's ``Normalize((0.5,), (0.5,))`` after ``ToTensor``, the
+    transform of Flower's quickstart examples.
+    """
+    return _with_channel_axis(batch).float() / 127.5 - 1.0
+
+
+INPUT_TRANSFORMS: dict[str, BatchTransform] = {
+    "raw": raw_input,
+    "unit": unit_input,
+    "signed": signed_input,
+}
+"""How raw ``uint8`` samples become model input, by name (see :func:`model_input`)."""
+
+Transform = str | BatchTransform | None
+"""A name from :data:`INPUT_TRANSFORMS`, a callable, or None (``"raw"``)."""
+
+
+def model_input(transform: Transform) -> BatchTransform:
+    """Return the batch transform ``transform`` names (or is).
+
+    Examples
+    --------
+    >>> model_input("unit")(torch.full((2, 28, 28), 255, dtype=torch.uint8)).shape
+    torch.Size([2, 1, 28, 28])
+    """
+    if transform is None:
+        return raw_input
+    if callable(transform):
+        return transform
+    if transform not in INPUT_TRANSFORMS:
+        raise ValueError(
+            f"unknown transform {transform!r}: choose one of "
+            f"{sorted(INPUT_TRANSFORMS)} or pass a callable (uint8 batch -> input)"
+        )
+    return INPUT_TRANSFORMS[transform]
+
+
+def check_model(
+    model: nn.Module,
+    sample_shape: Sequence[int],
+    num_classes: int,
+    transform: Transform = None,
+) -> None:
+    """Raise ``ValueError`` unless ``model`` takes this data's batches as it will.
+
+    A dummy ``uint8`` batch of two samples of ``sample_shape`` goes through
+    ``transform`` and the model (in eval mode, on the model's device); the
+    logits must be ``(2, num_classes)``. The error says what failed and how to
+    fix it, before any round rather than at every site in every round.
+    """
+    device = next(model.parameters()).device
+    batch = torch.zeros((2, *sample_shape), dtype=torch.uint8, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            logits = model(model_input(transform)(batch))
+        problem = None
+        if not isinstance(logits, Tensor) or tuple(logits.shape) != (2, num_classes):
+            shape = tuple(logits.shape) if isinstance(logits, Tensor) else logits
+            problem = f"returned {shape!r}, not logits of shape (2, {num_classes})"
+    except Exception as err:  # whatever the user's model raises, explain it
+        problem = f"raised {err!r}"
+    finally:
+        model.train(was_training)
+    if problem is not None:
+        raise ValueError(
+            f"the model cannot take this data: a uint8 batch of shape "
+            f"(2, {', '.join(map(str, sample_shape))}) through transform "
+            f"{getattr(transform, '__name__', transform)!r} {problem}. Say how raw "
+            "samples become model input with transform= (one of "
+            f"{sorted(INPUT_TRANSFORMS)}, or a callable uint8 batch -> input), the "
+            "same on the server (SampleSelection) and the sites (add_select_handler)"
+        )

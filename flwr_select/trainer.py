@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from flwr_select.models import BatchTransform
+
 OPTIMIZERS = {"sgd", "adam"}
 
 
@@ -114,18 +116,23 @@ def train(
     config: TrainConfig,
     *,
     seed: int,
+    transform: BatchTransform | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``images``/``labels`` (on the model's device).
 
     Parameters
     ----------
     model : nn.Module
-        Takes ``uint8`` batches (the built-in models do); left in train mode.
+        Takes ``uint8`` batches (the built-in models do), or what ``transform``
+        makes of them; left in train mode.
     images, labels : Tensor
         The buffer's tensors, already on the training device.
     config : TrainConfig
     seed : int
         Seeds the batch order; the same seed, data and model give the same result.
+    transform : callable, optional
+        Applied to every ``uint8`` batch on the device before the model (see
+        :func:`flwr_select.models.model_input`).
     """
     started = time.perf_counter()
     generator = torch.Generator(device=images.device).manual_seed(seed)
@@ -136,7 +143,8 @@ def train(
     batches = batch_order(len(images), config, generator)
     for idx in batches:
         optimizer.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(model(images[idx]), labels[idx])
+        batch = images[idx] if transform is None else transform(images[idx])
+        loss = nn.functional.cross_entropy(model(batch), labels[idx])
         loss.backward()
         optimizer.step()
         total += loss.detach() * len(idx)

@@ -172,7 +172,7 @@ def run_site(
         functools.partial(build_model, DATASETS[data.dataset].model, seed=seed),
         data.num_classes,
         selection=scheme.selection(rho, seed),
-        train_config=protocol.train_config(protocol.round_epochs),
+        server_training=protocol.train_config(protocol.round_epochs),
     )
     started = time.perf_counter()
     server.train_initial(

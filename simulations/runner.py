@@ -243,7 +243,7 @@ def run(grid: Grid, config: Mapping[str, Any]) -> None:
         functools.partial(build_model, server.model, num_classes=num_classes),
         num_classes,
         selection=selection,
-        train_config=server.train_config(server.server_epochs),
+        server_training=server.train_config(server.server_epochs),
         from_scratch=server.from_scratch,
         site_config=sites.to_config(),
         run_dir=server.out_dir,
@@ -274,6 +274,11 @@ def run(grid: Grid, config: Mapping[str, Any]) -> None:
         }
         metrics = strategy.rounds.get(server_round, {})
         record["samples_received"] = int(metrics.get("samples-received", 0))
+        record["samples_received_by_site"] = {
+            key.split(".", 1)[1]: value
+            for key, value in metrics.items()
+            if key.startswith("samples-received.")
+        }
         record["bytes_received"] = int(metrics.get("bytes-received", 0))
         for key in ("sites-accepted", "sites-rejected", "sites-failed"):
             record[key.replace("-", "_")] = int(metrics.get(key, 0))

@@ -8,6 +8,7 @@ from logging import INFO, WARNING
 
 from flwr.app import Message, RecordDict
 from flwr.common import log
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -34,23 +35,36 @@ def sample_round_nodes(strategy: FedAvg, grid: Grid, seed: int) -> list[int]:
     return sorted(nodes)
 
 
+class EverySiteFailed(RuntimeError):
+    """Every node of a round raised the same error: every round would, so stop."""
+
+
 def replies_without_failures(
     server_round: int, replies: Iterable[Message]
 ) -> tuple[list[Message], int]:
     """Return the replies that carry content, and how many nodes failed instead.
 
-    Each failure is logged with its node and Flower's reason.
+    Each failure is logged with its node and Flower's reason. When there are
+    no replies with content and every node's app raised the same error (a model
+    that cannot take the data, a missing package), every round would end the
+    same: :class:`EverySiteFailed` stops the run with that reason. Failures of
+    another kind (a node gone, a timeout) or with different reasons do not.
     """
-    good = []
-    failed = 0
+    good, reasons = [], []
     for reply in replies:
         if reply.has_error():
-            failed += 1
             node, reason = reply.metadata.src_node_id, reply.error.reason
             log(WARNING, "round %s: node %s failed: %s", server_round, node, reason)
+            raised = reply.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+            reasons.append(reason if raised else None)
         else:
             good.append(reply)
-    return good, failed
+    if not good and reasons and None not in reasons and len(set(reasons)) == 1:
+        raise EverySiteFailed(
+            f"round {server_round}: all {len(reasons)} nodes failed the same way, "
+            f"so every round would: {reasons[0]}"
+        )
+    return good, len(reasons)
 
 
 class TrainOnlyFedAvg(FedAvg):
@@ -68,11 +82,12 @@ class TrainOnlyFedAvg(FedAvg):
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
-            fraction_evaluate=0.0,
             min_train_nodes=min_train_nodes,
-            min_evaluate_nodes=0,
             min_available_nodes=min_available_nodes,
         )
+        # Set after FedAvg's init, which warns at every start that 0.0 skips
+        # federated evaluation: here that is the design, not news.
+        self.fraction_evaluate, self.min_evaluate_nodes = 0.0, 0
 
 
 def exact_content(

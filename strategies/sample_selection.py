@@ -48,8 +48,8 @@ class SampleSelection(TrainOnlyFedAvg, SelectionServer):
         ``(selection.seed, round)``.
     model_fn, num_classes, **server
         The server core's: ``model_fn``, ``num_classes``, ``selection``,
-        ``train_config``, ``from_scratch``, ``buffer``, ``site_config``,
-        ``run_dir``, ``sample_shape``, ``max_upload_bytes`` (see
+        ``server_training``, ``from_scratch``, ``buffer``, ``site_config``,
+        ``run_dir``, ``sample_shape``, ``max_upload_bytes``, ``transform`` (see
         :class:`~flwr_select.selection.server.SelectionServer`).
     """
 
@@ -91,10 +91,12 @@ class SampleSelection(TrainOnlyFedAvg, SelectionServer):
 
         A resumed run starts from the checkpoint's model and buffer (not
         ``initial_arrays``); its done rounds pass without messages, returning
-        what they returned. ``options`` go to Flower's ``start`` as they are
-        (``should_stop`` from Flower 1.43 on).
+        what they returned. ``train_config`` is Flower's: sent to the sites
+        (their ``load_site`` sees it), never the server's training. ``options``
+        go to Flower's ``start`` as they are (``should_stop`` from Flower 1.43).
         """
-        state = self.begin(initial_arrays.to_torch_state_dict())
+        self.check_site_keys(train_config or {})
+        state = self.begin(initial_arrays.to_torch_state_dict(), num_rounds)
         return super().start(
             grid,
             ArrayRecord(state),
@@ -166,16 +168,17 @@ class SampleSelection(TrainOnlyFedAvg, SelectionServer):
             server_round, uploads, failures=failures, asked=self.round_nodes
         )
         trained = "train-loss" in metrics
+        totals = {k: v for k, v in metrics.items() if "." not in k}  # not per node
         return (
             ArrayRecord(self.model.state_dict()) if trained else None
-        ), MetricRecord(metrics)
+        ), MetricRecord(totals)
 
     def pretrain(
-        self, samples: SiteData, train_config: TrainConfig | None = None
+        self, samples: SiteData, training: TrainConfig | None = None
     ) -> ArrayRecord:
         """Put the server's own samples in the buffer, train on them, return the model.
 
         The paper's initial model: 5k samples the central site already holds.
         """
-        self.train_initial(samples, train_config)
+        self.train_initial(samples, training)
         return ArrayRecord(self.model.state_dict())

@@ -45,7 +45,7 @@ def make_strategy(**options) -> SampleSelection:
         functools.partial(build_model, "lenet5"),
         10,
         selection=SelectionConfig(rho=RHO),
-        train_config=TrainConfig(epochs=1, batch_size=8),
+        server_training=TrainConfig(epochs=1, batch_size=8),
         buffer=TrainingBuffer(10, device="cpu"),
         **{"sample_shape": SHAPE, **options},
     )

@@ -7,7 +7,6 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.common import model_from_config
 from clients.site import add_select_handler
 from clients.worker import add_gradient_handler
 from flwr_select.data import SiteData
@@ -48,7 +47,7 @@ def test_both_handlers_answer_beside_a_users_own_train(task_identity):
     def own(msg, context):
         return Message(RecordDict({"own": ConfigRecord({"ok": True})}), reply_to=msg)
 
-    add_select_handler(app, load_site=samples, model_fn=model_from_config)
+    add_select_handler(app, load_site=samples)
     add_gradient_handler(app, samples)  # positional, as the arguments always were
     context = Context(
         run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}

@@ -58,7 +58,7 @@ def test_each_attack_rejects_only_itself(
     arrays, metrics = strategy.aggregate_train(2, replies)
     # Assert: the honest upload is in and trained on; the attack left no trace
     assert (metrics["sites-rejected"], metrics["sites-accepted"]) == (1, 1)
-    assert arrays is not None and metrics["samples-received.2"] == SENT
+    assert arrays is not None and strategy.rounds[2]["samples-received.2"] == SENT
     assert not (strategy.buffer.sites == 3).any()
     assert len(strategy.buffer) == len(before[0]["labels"]) + SENT
     assert 3 in strategy.undelivered and 2 not in strategy.undelivered

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from flwr.app import ArrayRecord
 from torch import nn
 
 from flwr_select.data import SiteData
+from flwr_select.models import Transform, check_model, model_input
 from flwr_select.selection.buffer import TrainingBuffer
 from flwr_select.selection.checkpoint import Checkpoint, latest
 from flwr_select.selection.protocol import UNDELIVERED_KEY, SelectionConfig
@@ -49,6 +51,13 @@ SITE_METRICS = frozenset(
 """The metrics a site's reply may carry (see ``selection.site.site_round``)."""
 
 Settings = dict[str, bool | int | float | str]
+
+TRAINING_KEYS = frozenset(
+    spelling
+    for field in fields(TrainConfig)
+    for spelling in (field.name, field.name.replace("_", "-"))
+)
+"""Names of the server's training settings, as a Python or a run-config key."""
 
 
 def candidates_in(metrics: Mapping[str, object]) -> object:
@@ -79,8 +88,9 @@ class SelectionServer:
         Uploaded labels must lie in ``[0, num_classes)``.
     selection : SelectionConfig (default: SelectionConfig())
         What every site is asked to send; its budget bounds every upload.
-    train_config : TrainConfig (default: TrainConfig())
-        How the server trains on its buffer each round.
+    server_training : TrainConfig (default: TrainConfig())
+        How the server trains on its buffer each round (not Flower's
+        ``train_config``, which is what the sites are sent).
     from_scratch : bool (default: False)
         Retrain a fresh model on the whole buffer each round instead of continuing
         from the current one.
@@ -102,6 +112,11 @@ class SelectionServer:
         Reject an upload larger than this on the wire, or whose images would be
         larger decoded, whatever the site claims, before anything in it is
         decoded or decompressed.
+    transform : str or callable, optional
+        How raw ``uint8`` samples become model input on the server: a name from
+        :data:`~flwr_select.models.INPUT_TRANSFORMS` or a callable; the sites
+        must use the same (``add_select_handler(app, transform=...)``). Default:
+        the batches as stored, which the built-in models take.
     """
 
     def __init__(
@@ -110,24 +125,26 @@ class SelectionServer:
         num_classes: int,
         *,
         selection: SelectionConfig | None = None,
-        train_config: TrainConfig | None = None,
+        server_training: TrainConfig | None = None,
         from_scratch: bool = False,
         buffer: TrainingBuffer | None = None,
         site_config: Mapping[str, bool | int | float | str] | None = None,
         run_dir: str | Path | None = None,
         sample_shape: tuple[int, ...] | None = None,
         max_upload_bytes: int = 256 * 2**20,
+        transform: Transform = None,
     ) -> None:
         self.model_fn = model_fn
         self.num_classes = num_classes
         self.selection = selection or SelectionConfig()
-        self.train_config = train_config or TrainConfig()
+        self.server_training = server_training or TrainConfig()
         self.from_scratch = from_scratch
         self.buffer = buffer or TrainingBuffer(num_classes)
         self.site_config = dict(site_config or {})
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.sample_shape = None if sample_shape is None else tuple(sample_shape)
         self.max_upload_bytes = max_upload_bytes
+        self.transform = model_input(transform)
         self.model = model_fn().to(self.buffer.device)
         self.rounds: dict[int, dict[str, float | int]] = {}
         """Metrics of every round whose uploads were handled (``accept_uploads``)."""
@@ -170,6 +187,30 @@ class SelectionServer:
         if site is not None:
             config[UNDELIVERED_KEY] = self.undelivered.get(site, [])
         return config
+
+    def check_site_keys(self, keys: Iterable[str]) -> None:
+        """Refuse config keys for the sites that would be lost or misread.
+
+        Flower's ``start(train_config=...)`` goes to the sites beside
+        :meth:`round_config`, which would override a key of the same name; and
+        a key of the server's training (``lr``, ``epochs``...) there does not
+        change the server's training, which is ``server_training``.
+        """
+        keys = set(keys)
+        told = sorted(keys & self.round_config(0, SERVER_SITE).keys())
+        training = sorted(keys & TRAINING_KEYS)
+        if told:
+            raise ValueError(
+                f"train_config sets {told}, which the server tells every site "
+                "itself: leave them out (they come from the selection and "
+                "site_config)"
+            )
+        if training:
+            raise ValueError(
+                f"train_config sets {training}: Flower's train_config is sent to "
+                "the sites and does not change how the server trains; pass "
+                "server_training=TrainConfig(...) to the strategy instead"
+            )
 
     def expected_sample_shape(self) -> tuple[int, ...]:
         """Return the shape every uploaded image must have; never a site's word.
@@ -305,7 +346,7 @@ class SelectionServer:
         return metrics
 
     def train_on_buffer(
-        self, server_round: int, train_config: TrainConfig | None = None
+        self, server_round: int, training: TrainConfig | None = None
     ) -> TrainResult:
         """Train the central model on the whole buffer (from scratch if configured)."""
         if self.from_scratch:
@@ -316,19 +357,34 @@ class SelectionServer:
             self.model,
             self.buffer.images,
             self.buffer.labels,
-            train_config or self.train_config,
+            training or self.server_training,
             seed=self.seed(server_round, 2),
+            transform=self.transform,
+        )
+
+    def check_model(self) -> None:
+        """Refuse (``ValueError``, naming the fix) a model that cannot take the data.
+
+        The model and :attr:`transform` are tried on a dummy batch of
+        :meth:`expected_sample_shape` (see :func:`~flwr_select.models.check_model`).
+        """
+        check_model(
+            self.model, self.expected_sample_shape(), self.num_classes, self.transform
         )
 
     def train_initial(
-        self, samples: SiteData, train_config: TrainConfig | None = None
+        self, samples: SiteData, training: TrainConfig | None = None
     ) -> TrainResult:
         """Put the server's own samples in the buffer and train the model on them.
 
         The paper's initial model: 5k samples the central site already holds.
+        The model is checked on the samples' shape first (:meth:`check_model`).
         """
+        check_model(
+            self.model, samples.images.shape[1:], self.num_classes, self.transform
+        )
         self.buffer.add(SERVER_SITE, samples)
-        return self.train_on_buffer(0, train_config)
+        return self.train_on_buffer(0, training)
 
     def finish_round(
         self, server_round: int, record: Mapping[str, float | int] | None
@@ -352,17 +408,36 @@ class SelectionServer:
                 config=self.run_settings(),
             ).save(self.run_dir)
 
-    def begin(self, initial_state: Mapping[str, torch.Tensor]) -> dict:
+    def begin(self, initial_state: Mapping[str, torch.Tensor], num_rounds: int) -> dict:
         """Resume from :attr:`run_dir` if it holds a run, else load ``initial_state``.
 
         Returns the model's state the run starts from. Refuses (``ValueError``)
-        to start without :meth:`expected_sample_shape`, before any round.
+        to start without :meth:`expected_sample_shape` or with a model that
+        cannot take the data (:meth:`check_model`), before any round; warns when
+        a fresh run holds none of the server's own samples, and when the run in
+        :attr:`run_dir` has done all ``num_rounds`` already.
         """
         if self.completed_round is None:
             self.resume()
-        self.expected_sample_shape()
+        if self.completed_round is not None and self.completed_round >= num_rounds:
+            logger.warning(
+                "%s holds a finished run (%s of %s rounds): nothing is left to do. "
+                "To start a new run, give it another run_dir (or delete this one); "
+                "to go on, ask for more rounds",
+                self.run_dir.resolve(),
+                self.completed_round,
+                num_rounds,
+            )
         if self.completed_round is None:
             self.model.load_state_dict(initial_state)
+            if len(self.buffer) == 0:
+                logger.warning(
+                    "The server holds none of its own samples: the method needs an "
+                    "initial model trained on samples the server holds (pretrain() "
+                    "them, the paper's 5k), or sites select by the judgement of an "
+                    "untrained model and the buffer fills with a few classes"
+                )
+        self.check_model()
         return self.model.state_dict()
 
     def resume(self) -> int | None:
@@ -412,7 +487,7 @@ class SelectionServer:
         self.completed_round = checkpoint.round
         logger.info(
             "Resuming %s after round %s, %s samples in the buffer",
-            self.run_dir,
+            self.run_dir.resolve(),
             checkpoint.round,
             len(self.buffer),
         )

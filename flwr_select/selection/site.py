@@ -15,6 +15,7 @@ from flwr.app import ArrayRecord
 from torch import nn
 
 from flwr_select.data import SiteData
+from flwr_select.models import Transform, check_model, model_input
 from flwr_select.selection.buffer import default_device
 from flwr_select.selection.ledger import SiteLedger
 from flwr_select.selection.policies import select
@@ -32,18 +33,24 @@ def site_round(
     site_key: int,
     ledger: SiteLedger,
     undelivered: Sequence[int] = (),
+    transform: Transform = None,
 ) -> tuple[ArrayRecord, dict[str, int | float]]:
     """One site's round: trial test, selection, upload; ``ledger`` records the ids.
 
     ``undelivered`` are the rounds whose upload the server says it did not keep
     (see :class:`~flwr_select.selection.ledger.SiteLedger`). Choices are seeded
-    by ``(selection.seed, server_round, site_key)``.
+    by ``(selection.seed, server_round, site_key)``. ``transform`` says how the
+    raw samples become model input, as on the server; a model that cannot take
+    them is refused first with the fix named
+    (:func:`~flwr_select.models.check_model`).
 
     Returns the upload and the site's metrics (the keys of
     :data:`~flwr_select.selection.server.SITE_METRICS`): candidates, wrong
     predictions, samples and wrong samples sent, trial accuracy and upload bytes.
     """
-    trial = trial_test(model.to(default_device()), site)
+    model = model.to(default_device())
+    check_model(model, site.images.shape[1:], site.num_classes, transform)
+    trial = trial_test(model, site, transform=model_input(transform))
     budget = selection.budget()
     chosen = select(
         trial,

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from flwr_select.data import SiteData
-from flwr_select.evaluation import BatchTransform, batched_logits
+from flwr_select.evaluation import batched_logits
+from flwr_select.models import BatchTransform
 from flwr_select.selection.scores import (
     CONFIDENCE_METRICS,
     DEFAULT_EPS,
