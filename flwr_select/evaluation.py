@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from flwr_select.data import SiteData
-from flwr_select.models import BatchTransform
+from flwr_select.models import BatchTransform, Transform, model_input
 
 
 def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
@@ -66,9 +66,16 @@ class Evaluation:
 
 
 def evaluate(
-    model: nn.Module, samples: SiteData, *, batch_size: int = 1024
+    model: nn.Module,
+    samples: SiteData,
+    *,
+    batch_size: int = 1024,
+    transform: Transform = None,
 ) -> Evaluation:
     """Return the accuracy and mean cross-entropy of ``model`` on ``samples``.
+
+    ``transform``: how the raw samples become model input, as for training
+    (see :func:`flwr_select.models.model_input`).
 
     Examples
     --------
@@ -82,7 +89,10 @@ def evaluate(
     if len(samples) == 0:
         raise ValueError("there are no samples to evaluate on")
     predictions, losses = [], []
-    for rows, logits in batched_logits(model, samples.images, batch_size=batch_size):
+    batches = batched_logits(
+        model, samples.images, batch_size=batch_size, transform=model_input(transform)
+    )
+    for rows, logits in batches:
         predictions.append(logits.argmax(dim=1).cpu())
         losses.append(
             cross_entropy(logits, samples.labels[rows].to(logits.device)).cpu()

@@ -6,3 +6,9 @@
 - :mod:`strategies.data_parallel`: :class:`BiasedDataParallel`, workers send
   gradients of class-biased batches, combined by a chosen reduction.
 """
+
+from strategies.data_parallel import BiasedDataParallel
+from strategies.legacy import LegacySampleSelection
+from strategies.sample_selection import SampleSelection
+
+__all__ = ["BiasedDataParallel", "LegacySampleSelection", "SampleSelection"]

@@ -13,6 +13,7 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
+from flwr.common.constant import ErrorCode
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -26,6 +27,7 @@ from flwr_select.selection.protocol import (
 )
 from flwr_select.selection.protocol import request as selection_request
 from flwr_select.selection.wire import ZSTD, encode, wire_bytes
+from strategies.nodes import EverySiteFailed
 from strategies.sample_selection import SampleSelection
 from tests.hostile import N, make_strategy  # a site offers N, sends 10 of them
 
@@ -442,3 +444,42 @@ def accepted_strategy():
     strategy.accept_uploads(1, [(3, lambda: (good_upload(3, 5), N))])
     assert len(strategy.buffer) == 5
     return strategy
+
+
+def failure(strategy: SampleSelection, node: int, reason: str, code: int) -> Message:
+    return Message(Error(code=code, reason=reason), reply_to=request(strategy, node))
+
+
+def test_a_round_where_every_node_raised_the_same_error_stops_the_run(task_identity):
+    # The error every site's app raises when the model cannot take its batches
+    strategy = make_strategy()
+    reason = "<class 'ValueError'>:<'the model cannot take this data: ...'>"
+    raised = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    replies = [failure(strategy, node, reason, raised) for node in (1, 2)]
+    with pytest.raises(EverySiteFailed, match="all 2 nodes failed the same way"):
+        strategy.aggregate_train(1, replies)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["different reasons", "one node answered", "nodes gone, not raising"],
+)
+def test_failures_that_need_not_repeat_leave_the_round_going(task_identity, kind):
+    strategy = make_strategy()
+    raised = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    replies = {
+        "different reasons": [
+            failure(strategy, 1, "site 1 crashed", raised),
+            failure(strategy, 2, "site 2 crashed", raised),
+        ],
+        "one node answered": [
+            failure(strategy, 1, "crashed", raised),
+            site_reply(strategy, 2),
+        ],
+        "nodes gone, not raising": [
+            failure(strategy, n, "node offline", ErrorCode.NODE_UNAVAILABLE)
+            for n in (1, 2)
+        ],
+    }[kind]
+    _, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["sites-failed"] == sum(r.has_error() for r in replies)
