@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flwr_select.download import download_missing
 from flwr_select.npy import CHUNK, read_npz
 
 DATA_DIR_ENV = "FLWR_SELECT_DATA_DIR"
@@ -567,13 +568,18 @@ DATASETS = {
 def resolve_data_dir(dataset: str, data_dir: str | Path | None = None) -> Path:
     """Return where ``dataset`` lives, the first that is set of three places.
 
-    ``data_dir``, else $FLWR_SELECT_DATA_DIR, else the user cache:
-    ``$XDG_CACHE_HOME`` (or ``~/.cache``) ``/flwr_select/<dataset>``.
+    ``data_dir``, else $FLWR_SELECT_DATA_DIR, else the user cache
+    (:func:`cache_dir`), which :func:`load_dataset` fills when it lacks files.
     """
     if data_dir:
         return Path(data_dir).expanduser()
     if os.environ.get(DATA_DIR_ENV):
         return Path(os.environ[DATA_DIR_ENV]).expanduser()
+    return cache_dir(dataset)
+
+
+def cache_dir(dataset: str) -> Path:
+    """Return ``$XDG_CACHE_HOME`` (or ``~/.cache``) ``/flwr_select/<dataset>``."""
     cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(cache) / "flwr_select" / dataset
 
@@ -584,7 +590,10 @@ def load_dataset(
     """Load ``split`` of a named data set, or say which files to put where.
 
     The images must be of the data set's :attr:`DatasetInfo.sample_shape` (the
-    shape the server holds uploads to) and the labels in its classes.
+    shape the server holds uploads to) and the labels in its classes. When
+    ``data_dir`` is the user cache (:func:`cache_dir`), files it lacks are first
+    downloaded (:func:`flwr_select.download.download_missing`); a folder the
+    user names is only read.
     """
     if dataset not in DATASETS:
         raise ValueError(
@@ -592,6 +601,8 @@ def load_dataset(
         )
     info = DATASETS[dataset]
     try:
+        if Path(data_dir).resolve() == cache_dir(dataset).resolve():
+            download_missing(dataset, data_dir)
         images, labels = info.loader(data_dir, split)
     except FileNotFoundError as err:
         raise FileNotFoundError(
