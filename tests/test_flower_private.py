@@ -21,10 +21,14 @@ from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr_select.flower_private import (
     _run_simulation,
     build_fab_from_disk,
+    flatten_dict,
     fuse_dicts,
     get_all_nested_objects,
+    get_project_config,
+    load_app,
     parse_config_args,
     sample_nodes,
+    simulation_run,
     task_identity,
 )
 
@@ -92,6 +96,80 @@ def test_a_run_config_is_read_as_flwr_run_reads_it_and_laid_over_the_defaults():
         fuse_dicts(defaults, {"rhoo": 0.1})
     with pytest.raises(ClickException):
         parse_config_args(["rho=0.1.2"])
+
+
+APP_PYPROJECT = """
+[project]
+name = "app"
+version = "1.0.0"
+
+[tool.flwr.app]
+publisher = "test"
+
+[tool.flwr.app.components]
+serverapp = "app.server:app"
+clientapp = "app.client:app"
+
+[tool.flwr.app.config]
+rounds = 3
+
+[tool.flwr.app.config.model]
+width = 8
+"""
+
+
+def test_an_app_folders_pyproject_is_read_and_refused_as_flwr_run_does(tmp_path):
+    # Prepare
+    (tmp_path / "pyproject.toml").write_text(APP_PYPROJECT)
+
+    # Execute
+    app = get_project_config(tmp_path)["tool"]["flwr"]["app"]
+
+    # Assert: the components as written; the defaults' nested tables as dotted keys
+    assert app["components"] == {
+        "serverapp": "app.server:app",
+        "clientapp": "app.client:app",
+    }
+    assert flatten_dict(app["config"]) == {"rounds": 3, "model.width": 8}
+    (tmp_path / "pyproject.toml").write_text(
+        APP_PYPROJECT.split("[tool.flwr.app.components]")[0]
+    )
+    with pytest.raises(ValueError, match=r"Missing \[tool.flwr.app.components\]"):
+        get_project_config(tmp_path)
+
+
+def test_a_component_is_imported_with_its_app_folder_left_on_the_path(
+    tmp_path, monkeypatch
+):
+    # Prepare: a module of the folder only; sys.path and sys.modules restored after
+    (tmp_path / "tiny_component.py").write_text("app = 'the app'\n")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setitem(sys.modules, "tiny_component", None)  # undone: removed
+    del sys.modules["tiny_component"]  # so that load_app imports it
+
+    # Execute
+    component = load_app("tiny_component:app", LookupError, tmp_path)
+
+    # Assert: on the path still, where Ray's workers take theirs from
+    assert component == "the app"
+    assert str(tmp_path) in sys.path
+    with pytest.raises(LookupError, match="Unable to load attribute nope"):
+        load_app("tiny_component:nope", LookupError, tmp_path)
+
+
+def test_a_simulation_run_carries_the_overrides_and_is_the_task_messages_come_from():
+    with task_identity():  # restored after
+        # Execute
+        run = simulation_run({"rounds": 5})
+        message = Message(RecordDict(), dst_node_id=5, message_type="train")
+        another = simulation_run({})
+
+    # Assert: the engine needs a primary task; a ServerApp sends from the SuperLink
+    assert run.override_config == {"rounds": 5}
+    assert isinstance(run.primary_task_id, int)
+    assert message.metadata.run_id == run.run_id
+    assert message.metadata.src_node_id == 1  # Flower's SUPERLINK_NODE_ID
+    assert another.run_id != run.run_id
 
 
 def test_the_simulation_engine_takes_every_keyword_flower_simulation_passes():

@@ -1,0 +1,259 @@
+"""``flower-simulation`` runs any Flower app, found and configured as ``flwr run`` does.
+
+The app here is a real one, written into a temporary folder: its ServerApp sends
+one message to each node and writes the replies and its run config to the file
+its ``out-file`` names; each ClientApp replies with its partition and the
+``scale`` of its own run config, so the file shows what the nodes saw too.
+"""
+
+import ast
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from simulations import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "tinyflowerapp"
+
+PYPROJECT = f"""
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "{PACKAGE}"
+version = "1.0.0"
+
+[tool.flwr.app]
+publisher = "flwr-select-tests"
+
+[tool.flwr.app.components]
+serverapp = "{PACKAGE}.server_app:app"
+clientapp = "{PACKAGE}.client_app:app"
+
+[tool.flwr.app.config]
+num-server-rounds = 1
+scale = 1.0
+out-file = ""
+
+[tool.flwr.app.config.model]
+width = 8
+"""
+
+SERVER_APP = """
+import json
+import time
+from pathlib import Path
+
+from flwr.app import Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    deadline = time.monotonic() + 60  # the engine registers nodes after this starts
+    while len(nodes := list(grid.get_node_ids())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    messages = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in nodes]
+    replies = grid.send_and_receive(messages)
+    Path(context.run_config["out-file"]).write_text(
+        json.dumps(
+            {
+                "run_config": dict(context.run_config),
+                "replies": [dict(reply.content["metrics"]) for reply in replies],
+            }
+        )
+    )
+"""
+
+CLIENT_APP = """
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    seen = {
+        "partition-id": context.node_config["partition-id"],
+        "scale": context.run_config["scale"],
+    }
+    return Message(RecordDict({"metrics": MetricRecord(seen)}), reply_to=msg)
+"""
+
+
+@pytest.fixture(scope="module")
+def app_folder(tmp_path_factory) -> Path:
+    """A Flower app folder: ``pyproject.toml`` and package ``tinyflowerapp``."""
+    folder = tmp_path_factory.mktemp("app")
+    (folder / "pyproject.toml").write_text(PYPROJECT)
+    (folder / PACKAGE).mkdir()
+    (folder / PACKAGE / "__init__.py").write_text("")
+    (folder / PACKAGE / "server_app.py").write_text(textwrap.dedent(SERVER_APP))
+    (folder / PACKAGE / "client_app.py").write_text(textwrap.dedent(CLIENT_APP))
+    return folder
+
+
+@pytest.fixture
+def run_app(flower_simulation_command, tmp_path):
+    """Run ``flower-simulation --app APP`` in ``cwd``; return what the ServerApp wrote."""
+    command, env = flower_simulation_command
+
+    def run(app: str, run_config: str, cwd: Path) -> dict:
+        out_file = tmp_path / "seen.json"
+        done = subprocess.run(
+            [
+                *command,
+                "--app",
+                app,
+                "--run-config",
+                f'{run_config} out-file="{out_file}"',
+            ],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(out_file.read_text())
+
+    return run
+
+
+def test_an_app_folder_runs_its_defaults_under_the_overrides_on_every_node(
+    app_folder, run_app, tmp_path
+):
+    # Execute: from elsewhere, the folder named
+    seen = run_app(str(app_folder), "scale=2.5", cwd=tmp_path)
+
+    # Assert: both nodes replied; the override beat the pyproject's default on the
+    # ServerApp and on the nodes; the nested table became a dotted key
+    replies = sorted(seen["replies"], key=lambda reply: reply["partition-id"])
+    assert replies == [
+        {"partition-id": 0, "scale": 2.5},
+        {"partition-id": 1, "scale": 2.5},
+    ]
+    assert seen["run_config"] == {
+        "num-server-rounds": 1,
+        "scale": 2.5,
+        "out-file": str(tmp_path / "seen.json"),
+        "model.width": 8,
+    }
+
+
+def test_an_apps_package_named_in_the_app_folder_runs_that_app(app_folder, run_app):
+    # Execute: the package is not importable; the current directory's pyproject
+    # declares its components
+    seen = run_app(PACKAGE, "model.width=16", cwd=app_folder)
+
+    # Assert
+    assert sorted(reply["partition-id"] for reply in seen["replies"]) == [0, 1]
+    assert {reply["scale"] for reply in seen["replies"]} == {1.0}
+    assert seen["run_config"]["model.width"] == 16
+
+
+@pytest.fixture
+def importable_app(app_folder, monkeypatch):
+    """The app's package on ``sys.path``, forgotten again after the test."""
+    monkeypatch.syspath_prepend(str(app_folder))
+    yield app_folder
+    for name in [name for name in sys.modules if name.split(".")[0] == PACKAGE]:
+        del sys.modules[name]
+
+
+@pytest.mark.parametrize("module", [PACKAGE, f"{PACKAGE}.client_app"])
+def test_an_importable_module_of_an_app_finds_the_pyproject_above_it(
+    importable_app, monkeypatch, tmp_path, module
+):
+    # Prepare: the current directory holds no app
+    monkeypatch.chdir(tmp_path)
+
+    # Execute
+    app = cli.find_app(module)
+
+    # Assert
+    assert app.folder == importable_app.resolve()
+    assert app.defaults == {
+        "num-server-rounds": 1,
+        "scale": 1.0,
+        "out-file": "",
+        "model.width": 8,
+    }
+
+
+@pytest.mark.parametrize(
+    ("app", "run_config", "messages"),
+    [
+        (
+            "{app_folder}",
+            "scal=2",
+            [
+                "Key 'scal' is not present",
+                "are: num-server-rounds, scale, out-file, model.width",
+            ],
+        ),
+        (
+            "flwr_select.config",  # a module of this project, but no app
+            "",
+            ["--app 'flwr_select.config' is not an app: it lacks server_app"],
+        ),
+        (
+            "no_such_app_module",
+            "",
+            ["--app 'no_such_app_module' is not an app: cannot import it"],
+        ),
+    ],
+)
+def test_what_cannot_run_is_refused_before_the_engine_starts(
+    app_folder, monkeypatch, capsys, app, run_config, messages
+):
+    # Prepare: an engine start would fail the test
+    def no_engine(**_):
+        raise AssertionError("the engine started")
+
+    monkeypatch.setattr(cli, "_run_simulation", no_engine)
+    app = app.format(app_folder=app_folder)
+
+    # Execute
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["--app", app, "--run-config", run_config])
+
+    # Assert: argparse's refusal, naming what runs where it is the app that is refused
+    assert exit.value.code == 2
+    error = capsys.readouterr().err.split("flower-simulation: error: ")[-1]
+    assert all(message in error for message in messages), error
+    if "is not an app" in error:
+        assert (
+            f"runs this project's app modules ({', '.join(cli.PROJECT_APPS)})" in error
+        )
+        assert (
+            "a Flower app folder (its pyproject.toml has [tool.flwr.app.components])"
+            in error
+        )
+
+
+def test_the_project_apps_named_in_refusals_are_the_modules_with_defaults():
+    # Prepare: the modules of simulations/ that assign DEFAULTS at top level
+    with_defaults = {
+        f"simulations.{path.stem}"
+        for path in (ROOT / "simulations").glob("*.py")
+        if any(
+            isinstance(node, ast.Assign)
+            and any(
+                getattr(target, "id", None) == "DEFAULTS" for target in node.targets
+            )
+            for node in ast.parse(path.read_text()).body
+        )
+    }
+
+    # Assert
+    assert set(cli.PROJECT_APPS) == with_defaults
