@@ -217,10 +217,11 @@ def check_model(
     finally:
         model.train(was_training)
     if problem is not None:
+        name = getattr(transform, "__name__", transform)
+        given = "as stored" if transform is None else f"through transform {name!r}"
         raise ValueError(
             f"the model cannot take this data: a uint8 batch of shape "
-            f"(2, {', '.join(map(str, sample_shape))}) through transform "
-            f"{getattr(transform, '__name__', transform)!r} {problem}. Say how raw "
+            f"(2, {', '.join(map(str, sample_shape))}) {given} {problem}. Say how raw "
             "samples become model input with transform= (one of "
             f"{sorted(INPUT_TRANSFORMS)}, or a callable uint8 batch -> input), the "
             "same on the server (SampleSelection) and the sites (add_select_handler)"

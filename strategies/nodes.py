@@ -35,6 +35,18 @@ def sample_round_nodes(strategy: FedAvg, grid: Grid, seed: int) -> list[int]:
     return sorted(nodes)
 
 
+def error_cause(reason: str) -> str:
+    """Return the last line of Flower's error reason: the exception, without its trace.
+
+    Under the simulation engine a reason is Ray's whole traceback, with the
+    worker's pid and actor id (so two nodes' differ); its last line is the
+    exception the ClientApp raised, the same on every node that raised it. A
+    SuperNode's reason is that one line already.
+    """
+    lines = [line for line in reason.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else reason
+
+
 class EverySiteFailed(RuntimeError):
     """Every node of a round raised the same error: every round would, so stop."""
 
@@ -53,7 +65,7 @@ def replies_without_failures(
     good, reasons = [], []
     for reply in replies:
         if reply.has_error():
-            node, reason = reply.metadata.src_node_id, reply.error.reason
+            node, reason = reply.metadata.src_node_id, error_cause(reply.error.reason)
             log(WARNING, "round %s: node %s failed: %s", server_round, node, reason)
             raised = reply.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
             reasons.append(reason if raised else None)

@@ -452,10 +452,21 @@ def failure(strategy: SampleSelection, node: int, reason: str, code: int) -> Mes
 
 def test_a_round_where_every_node_raised_the_same_error_stops_the_run(task_identity):
     # The error every site's app raises when the model cannot take its batches
+    # under Ray, each reason is a traceback naming its worker's pid; the last line
+    # is the exception, the same on both
     strategy = make_strategy()
-    reason = "<class 'ValueError'>:<'the model cannot take this data: ...'>"
     raised = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
-    replies = [failure(strategy, node, reason, raised) for node in (1, 2)]
+    replies = [
+        failure(
+            strategy,
+            node,
+            f"<class 'RayTaskError'>:<'ray::run() (pid={pid})\n  File ...\n"
+            "Exception ClientAppException occurred. Message: the model cannot "
+            "take this data'>",
+            raised,
+        )
+        for node, pid in ((1, 101), (2, 202))
+    ]
     with pytest.raises(EverySiteFailed, match="all 2 nodes failed the same way"):
         strategy.aggregate_train(1, replies)
 

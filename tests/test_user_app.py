@@ -5,6 +5,7 @@ float-input ``Net``, its own transform and its own ``@app.train()``; its
 ServerApp and ClientApp are the README's plug-in example, verbatim.
 """
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,28 @@ def test_the_users_app_learns_with_selection_on_flowers_engine(
     records = checkpoint.records
     assert records[2]["accuracy"] > records[0]["accuracy"] + 0.01
     assert "fraction_evaluate is set to 0.0" not in done.stdout + done.stderr
+
+
+def test_sites_without_the_transform_stop_the_run_with_the_fix_named(
+    mnist_dir, tmp_path, flower_simulation
+):
+    # Prepare: the same app, but its sites were not given the transform
+    app = tmp_path / "app"
+    shutil.copytree(APP, app)
+    client = app / "user_app" / "client_app.py"
+    client.write_text(client.read_text().replace(", transform=to_input)", ")"))
+    # Execute
+    done = flower_simulation(
+        str(app),
+        "--run-config",
+        f'data-dir="{mnist_dir}" run-dir="{tmp_path / "run"}"',
+    )
+    # Assert: round 1 ended the run, with the sites' error and its fix
+    assert done.returncode != 0
+    output = done.stdout + done.stderr
+    assert "round 1: all 2 nodes failed the same way" in output
+    assert "cannot take this data" in output and "transform=" in output
+    assert latest(tmp_path / "run", device="cpu").round == 0  # nothing after round 0
 
 
 def test_a_model_that_cannot_take_raw_samples_fails_before_round_1(mnist_dir):
