@@ -137,9 +137,10 @@ class LegacySampleSelection(Strategy):
         """Return the server's model weights (state_dict values in order).
 
         Called once before round 1: a server that does not know the shape of a
-        sample is refused here (see ``SelectionServer.expected_sample_shape``).
+        sample, or whose model cannot take the data, is refused here (see
+        ``SelectionServer.check_model``).
         """
-        self.server.expected_sample_shape()
+        self.server.check_model()
         return self._parameters()
 
     def configure_fit(
