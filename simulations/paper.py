@@ -7,9 +7,11 @@ the server trains the initial model on ``initial`` samples, holds out
 ``validation``, and each round the site receives the model, trial-tests a fresh
 fold of ``fold`` samples and uploads its rho share; the server retrains on
 everything received so far (continuing from its model) and evaluates. Every run
-is one JSON-lines file of per-round records under ``out-dir/<experiment>/runs``;
-a run whose file exists is not run again, so a long experiment resumes where it
-stopped. Each command ends by writing ``summary.json`` and a PNG figure.
+is one JSON-lines file of per-round records under ``out-dir/runs`` (the same
+seed, data and protocol give the same bytes; how long it took goes to
+``runs/timings.jsonl``); a run whose file exists is not run again, so a long
+experiment resumes where it stopped. Each command ends by writing
+``summary-<dataset>.json`` and a PNG figure.
 """
 
 from __future__ import annotations
@@ -174,7 +176,6 @@ def run_site(
         selection=scheme.selection(rho, seed),
         server_training=protocol.train_config(protocol.round_epochs),
     )
-    started = time.perf_counter()
     server.train_initial(
         data.samples(split.initial), protocol.train_config(protocol.initial_epochs)
     )
@@ -188,7 +189,6 @@ def run_site(
         record: dict[str, Any] = {"round": server_round, "samples": 0, "bytes": 0}
         record.update(wrong_sent=0, noisy_sent=0)
         if server_round:
-            started = time.perf_counter()
             fold = round_fold(split.pool, server_round, protocol.rounds)
             site = data.samples(fold, labels)
             upload, sent = site_round(
@@ -215,7 +215,6 @@ def run_site(
             samples_total=sum(r["samples"] for r in records) + record["samples"],
             bytes_total=sum(r["bytes"] for r in records) + record["bytes"],
             buffer_size=len(server.buffer),
-            seconds=round(time.perf_counter() - started, 3),
         )
         records.append(record)
     return records
@@ -277,11 +276,15 @@ def run_experiment(
             "protocol": asdict(protocol),
         }
         write_run(path, meta, records)
+        seconds = time.perf_counter() - started
+        with (runs_dir / "timings.jsonl").open("a") as file:  # not in the records
+            file.write(json.dumps({"run": path.name, "seconds": round(seconds, 1)}))
+            file.write("\n")
         print(
             f"[{name} {count}/{len(jobs)}] {data.dataset} {scheme.label} rho={rho} "
             f"seed={seed}: "
             f"final accuracy {records[-1]['accuracy']:.4f} "
-            f"({time.perf_counter() - started:.0f} s)",
+            f"({seconds:.0f} s)",
             flush=True,
         )
     return summarise(name, data.dataset, paths, out_dir / name)

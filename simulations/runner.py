@@ -190,27 +190,44 @@ PROGRESS_KEYS = (
 
 
 class RoundLog:
-    """Writes one JSON object per round to ``rounds.jsonl`` and a progress line.
+    """Writes each round to ``rounds.jsonl`` and ``execution.jsonl``; prints progress.
 
-    ``previous`` are the records of a resumed run's complete rounds: the file
-    starts with them (and loses any line of a round that was not completed).
+    ``rounds.jsonl`` holds what the seed, data and config determine (accuracy,
+    loss, samples and bytes): two runs of the same give the same bytes.
+    ``execution.jsonl`` holds what this execution measured besides: the seconds
+    since the previous round, the server's peak memory, and figures per node
+    under the SuperLink's node ids (new ones in every simulation). ``previous``
+    are a resumed run's complete rounds: ``rounds.jsonl`` starts with them (and
+    loses any line of a round that was not completed); ``execution.jsonl`` goes
+    on from where it was.
     """
 
     def __init__(
         self, out_dir: str | Path, previous: Iterable[Mapping[str, Any]] = ()
     ) -> None:
         self.path = Path(out_dir) / "rounds.jsonl"
+        self.execution_path = Path(out_dir) / "execution.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        previous = list(previous)
         write_json_lines(self.path, previous)
+        if not previous:
+            write_json_lines(self.execution_path, [])
         self.last = time.perf_counter()
 
-    def write(self, record: dict[str, Any]) -> None:
-        """Append ``record`` with the seconds since the last one; print progress."""
+    def write(
+        self, record: Mapping[str, Any], measured: Mapping[str, Any] | None = None
+    ) -> None:
+        """Append ``record``, and ``measured`` with the seconds; print progress."""
         now = time.perf_counter()
-        record["seconds"] = round(now - self.last, 3)
+        execution = {
+            "round": record["round"],
+            "seconds": round(now - self.last, 3),
+            **(measured or {}),
+        }
         self.last = now
-        with self.path.open("a") as file:
-            file.write(json.dumps(record) + "\n")
+        for path, line in ((self.path, record), (self.execution_path, execution)):
+            with path.open("a") as file:
+                file.write(json.dumps(line) + "\n")
         extras = ", ".join(
             f"{key} {record[key]:.4g}"
             for key in PROGRESS_KEYS
@@ -274,19 +291,23 @@ def run(grid: Grid, config: Mapping[str, Any]) -> None:
         }
         metrics = strategy.rounds.get(server_round, {})
         record["samples_received"] = int(metrics.get("samples-received", 0))
-        record["samples_received_by_site"] = {
-            key.split(".", 1)[1]: value
-            for key, value in metrics.items()
-            if key.startswith("samples-received.")
-        }
         record["bytes_received"] = int(metrics.get("bytes-received", 0))
         for key in ("sites-accepted", "sites-rejected", "sites-failed"):
             record[key.replace("-", "_")] = int(metrics.get(key, 0))
         record["model_updated"] = int("train-loss" in metrics)
         record["train_loss"] = metrics.get("train-loss")
         record["buffer_size"] = len(strategy.buffer)
-        record["server_peak_rss_bytes"] = peak_rss_bytes()
-        log.write(record)
+        log.write(
+            record,
+            {
+                "server_peak_rss_bytes": peak_rss_bytes(),
+                "samples_received_by_node": {
+                    key.split(".", 1)[1]: value
+                    for key, value in metrics.items()
+                    if key.startswith("samples-received.")
+                },
+            },
+        )
         return MetricRecord(
             {k: v for k, v in record.items() if isinstance(v, int | float)}
         )

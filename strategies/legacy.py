@@ -25,6 +25,7 @@ from flwr.server.strategy import Strategy
 from flwr_select.npy import NpyError, header_of
 from flwr_select.selection.server import SelectionServer, candidates_in
 from flwr_select.selection.wire import IDS, IMAGES, LABELS, UploadError
+from strategies.nodes import digest_of
 
 EvaluateFn = Callable[
     [int, NDArrays, dict[str, Scalar]], tuple[float, dict[str, Scalar]] | None
@@ -164,9 +165,13 @@ class LegacySampleSelection(Strategy):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Check and buffer every upload, then train the model on the buffer."""
+        # in the order of what they carry, not of arrival (see content_digest)
+        ordered = sorted(
+            results, key=lambda result: digest_of(result[1].parameters.tensors)
+        )
         uploads = [
             (site_key(client.cid), functools.partial(unpack_fit_res, res))
-            for client, res in results
+            for client, res in ordered
         ]
         metrics = self.server.accept_uploads(
             server_round, uploads, failures=len(failures)

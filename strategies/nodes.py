@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Iterable, Mapping
 from logging import INFO, WARNING
@@ -77,6 +78,37 @@ def replies_without_failures(
             f"so every round would: {reasons[0]}"
         )
     return good, len(reasons)
+
+
+def content_digest(reply: Message) -> bytes:
+    """Return a digest of every array in a reply's content, in key order.
+
+    Replies arrive in whatever order the nodes finish, and the node ids of a
+    simulation are new every run; sorted by what they carry, the same uploads
+    are taken in the same order, so a seeded run gives the same buffer and model.
+    """
+    return digest_of(
+        part
+        for key, record in sorted(reply.content.array_records.items())
+        for name, array in sorted(record.items())
+        for part in (key.encode(), name.encode(), array.data)
+    )
+
+
+def digest_of(chunks: Iterable[bytes]) -> bytes:
+    """Return the BLAKE2b digest of ``chunks``, each prefixed by its length.
+
+    Anything unreadable (a hostile reply's odd content) gives ``b""``: ordering
+    must not fail, and such a reply is rejected when it is unpacked.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    try:
+        for chunk in chunks:
+            digest.update(len(chunk).to_bytes(8, "little"))
+            digest.update(chunk)
+    except Exception:  # whatever a hostile reply holds
+        return b""
+    return digest.digest()
 
 
 class TrainOnlyFedAvg(FedAvg):

@@ -25,6 +25,7 @@ from flwr_select.selection.wire import UploadError
 from flwr_select.trainer import TrainConfig
 from strategies.nodes import (
     TrainOnlyFedAvg,
+    content_digest,
     exact_content,
     replies_without_failures,
     sample_round_nodes,
@@ -160,6 +161,7 @@ class SampleSelection(TrainOnlyFedAvg, SelectionServer):
             kept = self.rounds.get(server_round)
             return None, None if kept is None else MetricRecord(kept)
         replies, failures = replies_without_failures(server_round, replies)
+        replies.sort(key=content_digest)  # arrival order is not the seed's
         uploads = [
             (reply.metadata.src_node_id, functools.partial(self.unpack_reply, reply))
             for reply in replies
