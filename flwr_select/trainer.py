@@ -8,6 +8,7 @@ GPU is not synchronised every step.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -17,6 +18,10 @@ from torch import Tensor, nn
 from flwr_select.models import BatchTransform
 
 OPTIMIZERS = {"sgd", "adam"}
+SCHEDULES = ("constant", "cosine")
+"""Learning-rate schedules of one training call, after its warm-up (``warmup``)."""
+AUGMENTATIONS = ("none", "translate")
+"""On-device augmentations of every batch: none, or random shifts (``max_shift``)."""
 
 
 @dataclass(frozen=True)
@@ -33,8 +38,23 @@ class TrainConfig:
     optimizer : str (default: "sgd")
         ``"sgd"`` (with ``momentum``) or ``"adam"``.
     lr : float (default: 0.01)
+        The peak learning rate.
     momentum : float (default: 0.9)
     weight_decay : float (default: 0.0)
+        L2 penalty on the weights; >= 0.
+    schedule : str (default: "constant")
+        ``"constant"``: ``lr`` after the warm-up; ``"cosine"``: from ``lr`` down
+        to 0 by the call's last step (with ``warmup=0.3``, the one-cycle shape).
+        Every call (every round) runs its own schedule.
+    warmup : float (default: 0.0)
+        Share of the call's steps over which the rate rises linearly to ``lr``;
+        in [0, 1).
+    augment : str (default: "none")
+        ``"translate"``: every image of every batch is shifted by its own random
+        whole-pixel offset in ``[-max_shift, max_shift]`` along each axis, the
+        border filled with 0, on the buffer's device.
+    max_shift : int (default: 2)
+        The largest shift of ``"translate"``, in pixels; >= 1.
     """
 
     epochs: int = 1
@@ -44,6 +64,10 @@ class TrainConfig:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 0.0
+    schedule: str = "constant"
+    warmup: float = 0.0
+    augment: str = "none"
+    max_shift: int = 2
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -62,6 +86,37 @@ class TrainConfig:
             )
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(
+                f"unknown schedule {self.schedule!r}; choose one of {list(SCHEDULES)}"
+            )
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup must be in [0, 1), got {self.warmup}")
+        if self.augment not in AUGMENTATIONS:
+            raise ValueError(
+                f"unknown augment {self.augment!r}; choose one of {list(AUGMENTATIONS)}"
+            )
+        if self.max_shift < 1:
+            raise ValueError(f"max_shift must be >= 1, got {self.max_shift}")
+
+    def lr_at(self, step: int, total: int) -> float:
+        """Return the learning rate of ``step`` (0-based) of a call of ``total`` steps.
+
+        Examples
+        --------
+        >>> config = TrainConfig(lr=0.1, schedule="cosine", warmup=0.5)
+        >>> [round(config.lr_at(step, 4), 3) for step in range(4)]
+        [0.05, 0.1, 0.1, 0.0]
+        """
+        ramp = int(self.warmup * total)
+        if step < ramp:
+            return self.lr * (step + 1) / ramp
+        if self.schedule == "constant":
+            return self.lr
+        decay = max(total - ramp - 1, 1)
+        return self.lr * 0.5 * (1 + math.cos(math.pi * min((step - ramp) / decay, 1)))
 
     def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """Return a fresh optimizer over ``model``'s parameters."""
@@ -109,6 +164,36 @@ def batch_order(
     return batches[: config.steps]
 
 
+def translate(images: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
+    """Return ``images`` each shifted by its own random offset, the border 0.
+
+    Offsets are whole pixels in ``[-max_shift, max_shift]`` along height and
+    width, drawn from ``generator`` on the images' device; one gather, no loop
+    over samples. Works on ``(B, H, W)`` and ``(B, C, H, W)`` batches of any dtype.
+
+    Examples
+    --------
+    >>> image = torch.zeros(1, 3, 3, dtype=torch.uint8)
+    >>> image[0, 1, 1] = 9
+    >>> moved = translate(image, 1, torch.Generator().manual_seed(0))
+    >>> int(moved.sum()), moved.shape
+    (9, torch.Size([1, 3, 3]))
+    """
+    count, (height, width) = len(images), images.shape[-2:]
+    device = images.device
+    padded = nn.functional.pad(images, (max_shift,) * 4)
+    if padded.ndim == 4:  # (B, C, H, W) -> (B, H, W, C): index the image axes first
+        padded = padded.permute(0, 2, 3, 1)
+    offsets = torch.randint(
+        0, 2 * max_shift + 1, (2, count), generator=generator, device=device
+    )
+    rows = offsets[0, :, None] + torch.arange(height, device=device)
+    cols = offsets[1, :, None] + torch.arange(width, device=device)
+    which = torch.arange(count, device=device)[:, None, None]
+    shifted = padded[which, rows[:, :, None], cols[:, None, :]]
+    return shifted.permute(0, 3, 1, 2) if shifted.ndim == 4 else shifted
+
+
 def train(
     model: nn.Module,
     images: Tensor,
@@ -141,9 +226,16 @@ def train(
     total = torch.zeros((), device=images.device)
     seen = 0
     batches = batch_order(len(images), config, generator)
-    for idx in batches:
+    for step, idx in enumerate(batches):
+        if config.schedule != "constant" or config.warmup:
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr_at(step, len(batches))
         optimizer.zero_grad(set_to_none=True)
-        batch = images[idx] if transform is None else transform(images[idx])
+        batch = images[idx]
+        if config.augment == "translate":
+            batch = translate(batch, config.max_shift, generator)
+        if transform is not None:
+            batch = transform(batch)
         loss = nn.functional.cross_entropy(model(batch), labels[idx])
         loss.backward()
         optimizer.step()

@@ -9,7 +9,7 @@ from torch import nn
 from flwr_select.data import SiteData
 from flwr_select.models import build_model
 from flwr_select.selection.buffer import TrainingBuffer
-from flwr_select.trainer import TrainConfig, TrainResult, batch_order, train
+from flwr_select.trainer import TrainConfig, TrainResult, batch_order, train, translate
 
 
 def brightness_task(n=64, seed=0):
@@ -267,3 +267,78 @@ def test_lenet5_learns_brightness_from_the_buffer(config, steps):
     assert result.loss < initial  # the mean over training is below the start too
     assert accuracy(model, test_images, test_labels) >= 0.95
     assert (result.steps, result.samples) == (steps, steps * config.batch_size)
+
+
+# ------------------------------------------------- schedules and augmentation
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"schedule": "step"}, r"unknown schedule 'step'; choose one of"),
+        ({"warmup": 1.0}, r"warmup must be in \[0, 1\), got 1.0"),
+        ({"warmup": -0.1}, r"warmup must be in \[0, 1\)"),
+        ({"augment": "flip"}, r"unknown augment 'flip'; choose one of"),
+        ({"max_shift": 0}, "max_shift must be >= 1, got 0"),
+        ({"weight_decay": -1.0}, "weight_decay must be >= 0, got -1.0"),
+    ],
+)
+def test_bad_schedules_and_augmentations_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kwargs)
+
+
+def test_warmup_rises_linearly_then_the_schedule_holds_or_decays_to_zero():
+    constant = TrainConfig(lr=0.2, warmup=0.25)
+    cosine = TrainConfig(lr=0.2, warmup=0.25, schedule="cosine")
+    total = 20  # 5 warm-up steps: 0.04, 0.08, ..., 0.2
+    ramp = [constant.lr_at(step, total) for step in range(5)]
+    assert ramp == pytest.approx([0.04, 0.08, 0.12, 0.16, 0.2])
+    assert [cosine.lr_at(step, total) for step in range(5)] == pytest.approx(ramp)
+    assert {constant.lr_at(step, total) for step in range(5, total)} == {0.2}
+    decay = [cosine.lr_at(step, total) for step in range(5, total)]
+    assert decay[0] == pytest.approx(0.2) and decay[-1] == pytest.approx(0.0)
+    assert all(a > b for a, b in zip(decay, decay[1:], strict=False))
+    assert TrainConfig(schedule="cosine").lr_at(0, 1) == pytest.approx(0.01)
+
+
+def test_translate_shifts_each_image_within_the_bound_and_keeps_its_pixels():
+    # Prepare: 200 images, each with one bright pixel away from the border
+    g = torch.Generator().manual_seed(0)
+    images = torch.zeros(200, 12, 12, dtype=torch.uint8)
+    images[:, 5, 6] = torch.arange(200, dtype=torch.uint8) + 1
+    # Execute
+    moved = translate(images, 2, g)
+    # Assert: the pixel moved by (dy, dx) in [-2, 2]^2, nothing else changed
+    assert moved.shape == images.shape and moved.dtype == torch.uint8
+    where = moved.flatten(1).argmax(1)
+    dy, dx = where // 12 - 5, where % 12 - 6
+    assert dy.abs().max() <= 2 and dx.abs().max() <= 2
+    assert torch.equal(moved.flatten(1).max(1).values, images[:, 5, 6])
+    assert torch.equal(moved.flatten(1).sum(1), images.flatten(1).sum(1))
+    assert len(set(zip(dy.tolist(), dx.tolist(), strict=True))) == 25  # every offset
+    # the same generator state gives the same shifts; channels move together
+    again = translate(images, 2, torch.Generator().manual_seed(0))
+    assert torch.equal(again, moved)
+    colour = translate(images[:, None].expand(-1, 3, -1, -1), 2, g)
+    assert colour.shape == (200, 3, 12, 12)
+    assert torch.equal(colour[:, 0], colour[:, 2])
+
+
+def test_training_with_augmentation_and_a_schedule_learns_and_is_seeded():
+    images, labels = brightness_task(128)
+    config = TrainConfig(
+        epochs=3, lr=0.05, schedule="cosine", warmup=0.2, augment="translate"
+    )
+
+    def trained():
+        model = build_model("lenet5", seed=0, num_classes=2)
+        train(model, images, labels, config, seed=4)
+        return model
+
+    first, again = trained(), trained()
+    assert accuracy(first, images, labels) >= 0.9  # chance: 0.5
+    for a, b in zip(
+        first.state_dict().values(), again.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b)
