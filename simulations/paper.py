@@ -54,10 +54,25 @@ class Protocol:
     round_epochs: int = 2
     lr: float = 0.01
     batch_size: int = 64
+    optimizer: str = "sgd"
+    schedule: str = "constant"
+    warmup: float = 0.0
+    augment: str = "none"
+    weight_decay: float = 0.0
+    from_scratch: bool = False
 
     def train_config(self, epochs: int) -> TrainConfig:
         """Return the server's training for ``epochs`` epochs."""
-        return TrainConfig(epochs=epochs, batch_size=self.batch_size, lr=self.lr)
+        return TrainConfig(
+            epochs=epochs,
+            batch_size=self.batch_size,
+            optimizer=self.optimizer,
+            lr=self.lr,
+            schedule=self.schedule,
+            warmup=self.warmup,
+            augment=self.augment,
+            weight_decay=self.weight_decay,
+        )
 
 
 PROTOCOLS = {
@@ -175,6 +190,7 @@ def run_site(
         data.num_classes,
         selection=scheme.selection(rho, seed),
         server_training=protocol.train_config(protocol.round_epochs),
+        from_scratch=protocol.from_scratch,
     )
     server.train_initial(
         data.samples(split.initial), protocol.train_config(protocol.initial_epochs)

@@ -33,7 +33,7 @@ from flwr_select.models import build_model
 from flwr_select.partition import ShareConfig, SiteShareConfig
 from flwr_select.selection.protocol import SelectionConfig
 from flwr_select.selection.wire import encode, wire_bytes
-from flwr_select.trainer import OPTIMIZERS, TrainConfig
+from flwr_select.trainer import AUGMENTATIONS, OPTIMIZERS, SCHEDULES, TrainConfig
 from strategies.sample_selection import SampleSelection
 
 
@@ -93,8 +93,20 @@ class SelectionServerConfig(ServerConfig, SiteShareConfig):
         Epochs of the initial model and of each round; >= 1.
     batch_size : int (default: 64)
         The server trainer's batch size; >= 1.
+    lr_schedule : str (default: "constant")
+        The learning rate within each training call (the initial one and every
+        round's): a name from :data:`~flwr_select.trainer.SCHEDULES`.
+    warmup : float (default: 0.0)
+        Share of each call's steps the rate rises over, linearly; in [0, 1).
+    augment : str (default: "none")
+        ``"translate"``: random shifts of up to ``max-shift`` pixels.
+    max_shift : int (default: 2)
+        Pixels; >= 1.
+    weight_decay : float (default: 0.0)
+        L2 penalty on the weights; >= 0.
     from_scratch : bool (default: False)
-        Retrain a fresh model each round.
+        Retrain a fresh model each round (else continue from the current one,
+        with a fresh schedule).
     max_upload_bytes : int (default: 256 MiB)
         The server rejects a larger upload before decoding it; >= 1.
     round_timeout : float (default: 3600.0)
@@ -104,6 +116,11 @@ class SelectionServerConfig(ServerConfig, SiteShareConfig):
     initial_epochs: int = 10
     server_epochs: int = 5
     batch_size: int = 64
+    lr_schedule: str = "constant"
+    warmup: float = 0.0
+    augment: str = "none"
+    max_shift: int = 2
+    weight_decay: float = 0.0
     from_scratch: bool = False
     max_upload_bytes: int = 256 * 2**20
     round_timeout: float = 3600.0
@@ -113,6 +130,11 @@ class SelectionServerConfig(ServerConfig, SiteShareConfig):
         check("initial-epochs", self.initial_epochs, self.initial_epochs >= 1, ">= 1")
         check("server-epochs", self.server_epochs, self.server_epochs >= 1, ">= 1")
         check("batch-size", self.batch_size, self.batch_size >= 1, ">= 1")
+        check_name("lr-schedule", self.lr_schedule, SCHEDULES)
+        check("warmup", self.warmup, 0 <= self.warmup < 1, "in [0, 1)")
+        check_name("augment", self.augment, AUGMENTATIONS)
+        check("max-shift", self.max_shift, self.max_shift >= 1, ">= 1")
+        check("weight-decay", self.weight_decay, self.weight_decay >= 0, ">= 0")
         size = self.max_upload_bytes
         check("max-upload-bytes", size, size >= 1, ">= 1")
         check("round-timeout", self.round_timeout, self.round_timeout > 0, "> 0")
@@ -124,6 +146,11 @@ class SelectionServerConfig(ServerConfig, SiteShareConfig):
             batch_size=self.batch_size,
             optimizer=self.optimizer,
             lr=self.lr,
+            weight_decay=self.weight_decay,
+            schedule=self.lr_schedule,
+            warmup=self.warmup,
+            augment=self.augment,
+            max_shift=self.max_shift,
         )
 
 

@@ -51,6 +51,12 @@ def run_config(
         "server-epochs": protocol.round_epochs,
         "lr": protocol.lr,
         "batch-size": protocol.batch_size,
+        "optimizer": protocol.optimizer,
+        "lr-schedule": protocol.schedule,
+        "warmup": protocol.warmup,
+        "augment": protocol.augment,
+        "weight-decay": protocol.weight_decay,
+        "from-scratch": protocol.from_scratch,
         **extra,
     }
     return " ".join(f"{k}={json.dumps(v)}" for k, v in config.items())
