@@ -214,11 +214,28 @@ def train(
         The buffer's tensors, already on the training device.
     config : TrainConfig
     seed : int
-        Seeds the batch order; the same seed, data and model give the same result.
+        Seeds the batch order, the augmentation and the model's own randomness
+        (dropout) for this call, without touching torch's global generator
+        outside it: the same seed, data and model give the same result.
     transform : callable, optional
         Applied to every ``uint8`` batch on the device before the model (see
         :func:`flwr_select.models.model_input`).
     """
+    devices = [images.device] if images.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)  # dropout and any other global draw of the model
+        return _train(model, images, labels, config, seed, transform)
+
+
+def _train(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    config: TrainConfig,
+    seed: int,
+    transform: BatchTransform | None,
+) -> TrainResult:
+    """:func:`train`'s loop, under its forked and seeded global generator."""
     started = time.perf_counter()
     generator = torch.Generator(device=images.device).manual_seed(seed)
     optimizer = config.make_optimizer(model)

@@ -20,14 +20,14 @@ import argparse
 import functools
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from flwr_select.data import DATASETS, SiteData
+from flwr_select.data import SiteData
 from flwr_select.evaluation import held_out_metrics
 from flwr_select.files import read_json_lines
 from flwr_select.models import build_model
@@ -38,57 +38,33 @@ from flwr_select.selection.protocol import SelectionConfig
 from flwr_select.selection.scores import CONFIDENCE_METRICS
 from flwr_select.selection.server import SelectionServer
 from flwr_select.selection.site import site_round
-from flwr_select.trainer import TrainConfig
 from simulations.experiments import Data, write_run
+from simulations.recipes import DATASET_RECIPES, RECIPES
+from simulations.runner import SelectionServerConfig
 
 
 @dataclass(frozen=True)
 class Protocol:
-    """Sizes and training of one experiment; the paper's section 4 by default."""
+    """Sizes of one experiment (the paper's section 4 by default) and its recipe."""
 
     validation: int = 5_000
     initial: int = 5_000
     fold: int = 5_000
     rounds: int = 10
-    initial_epochs: int = 10
-    round_epochs: int = 2
-    lr: float = 0.01
-    batch_size: int = 64
-    optimizer: str = "sgd"
-    schedule: str = "constant"
-    warmup: float = 0.0
-    augment: str = "none"
-    weight_decay: float = 0.0
-    from_scratch: bool = False
+    recipe: str = DATASET_RECIPES["mnist"]
+    """A name from :data:`simulations.runner.RECIPES`: the model and its training."""
 
-    def train_config(self, epochs: int) -> TrainConfig:
-        """Return the server's training for ``epochs`` epochs."""
-        return TrainConfig(
-            epochs=epochs,
-            batch_size=self.batch_size,
-            optimizer=self.optimizer,
-            lr=self.lr,
-            schedule=self.schedule,
-            warmup=self.warmup,
-            augment=self.augment,
-            weight_decay=self.weight_decay,
-        )
+    def training(self) -> SelectionServerConfig:
+        """Return the recipe's model and training, as the Flower app reads them."""
+        return SelectionServerConfig.from_config(RECIPES[self.recipe])
 
 
 PROTOCOLS = {
-    "mnist": Protocol(),
-    "fashion-mnist": Protocol(),
-    "cifar10": Protocol(initial=10_000, rounds=8, initial_epochs=20),
+    "mnist": Protocol(recipe=DATASET_RECIPES["mnist"]),
+    "fashion-mnist": Protocol(recipe=DATASET_RECIPES["fashion-mnist"]),
+    "cifar10": Protocol(initial=10_000, rounds=8, recipe=DATASET_RECIPES["cifar10"]),
 }
-SHORT = Protocol(
-    validation=1_000,
-    initial=1_000,
-    fold=1_000,
-    rounds=3,
-    initial_epochs=5,
-    round_epochs=1,
-    lr=0.05,
-)
+SHORT = Protocol(validation=1_000, initial=1_000, fold=1_000, rounds=3, recipe="quick")
 """The short mode: a quick look, and what the tests run."""
 
 
@@ -185,15 +161,16 @@ def run_site(
         labels, flipped = flip_labels(
             data.labels, split.pool, label_noise, seed, data.num_classes
         )
+    training = protocol.training()
     server = SelectionServer(
-        functools.partial(build_model, DATASETS[data.dataset].model, seed=seed),
+        functools.partial(build_model, training.model, seed=seed),
         data.num_classes,
         selection=scheme.selection(rho, seed),
-        server_training=protocol.train_config(protocol.round_epochs),
-        from_scratch=protocol.from_scratch,
+        server_training=training.train_config(training.server_epochs),
+        from_scratch=training.from_scratch,
     )
     server.train_initial(
-        data.samples(split.initial), protocol.train_config(protocol.initial_epochs)
+        data.samples(split.initial), training.train_config(training.initial_epochs)
     )
     held_out = {
         "": data.samples(split.validation),
@@ -239,6 +216,7 @@ def run_site(
 def run_path(
     runs_dir: Path,
     dataset: str,
+    recipe: str,
     scheme: Scheme,
     rho: float,
     seed: int,
@@ -246,7 +224,8 @@ def run_path(
 ) -> Path:
     """Where one run's records live; experiments that share a run share the file."""
     noise = f"-noise{label_noise}" if label_noise else ""
-    return runs_dir / f"{dataset}-{scheme.label}-rho{rho}-seed{seed}{noise}.jsonl"
+    name = f"{dataset}-{recipe}-{scheme.label}-rho{rho}-seed{seed}{noise}.jsonl"
+    return runs_dir / name
 
 
 def run_experiment(
@@ -274,7 +253,9 @@ def run_experiment(
     ]
     paths = []
     for count, (scheme, rho, seed) in enumerate(jobs, 1):
-        path = run_path(runs_dir, data.dataset, scheme, rho, seed, noise)
+        path = run_path(
+            runs_dir, data.dataset, protocol.recipe, scheme, rho, seed, noise
+        )
         paths.append(path)
         if path.exists():
             continue
@@ -290,6 +271,7 @@ def run_experiment(
             "seed": seed,
             "label_noise": noise,
             "protocol": asdict(protocol),
+            "training": RECIPES[protocol.recipe],
         }
         write_run(path, meta, records)
         seconds = time.perf_counter() - started
@@ -339,12 +321,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--short", action="store_true", help="small folds, 3 rounds, 2 rhos"
     )
+    parser.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        default=None,
+        help="the model and its training (default: the data set's; --short: quick)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     dataset = args.dataset or EXPERIMENTS[args.experiment].get("dataset", "mnist")
     protocol = SHORT if args.short else PROTOCOLS[dataset]
+    if args.recipe:
+        protocol = replace(protocol, recipe=args.recipe)
     rhos = args.rhos or (
         SHORT_RHOS if args.short and args.experiment == "fig4b" else None
     )

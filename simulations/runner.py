@@ -34,6 +34,7 @@ from flwr_select.partition import ShareConfig, SiteShareConfig
 from flwr_select.selection.protocol import SelectionConfig
 from flwr_select.selection.wire import encode, wire_bytes
 from flwr_select.trainer import AUGMENTATIONS, OPTIMIZERS, SCHEDULES, TrainConfig
+from simulations.recipes import DATASET_RECIPES, RECIPES
 from strategies.sample_selection import SampleSelection
 
 
@@ -155,11 +156,17 @@ class SelectionServerConfig(ServerConfig, SiteShareConfig):
 
 
 def defaults(dataset: str) -> dict[str, Any]:
-    """Return the run config of the sample-selection app for ``dataset``."""
-    server = SelectionServerConfig(
-        dataset=dataset, model=DATASETS[dataset].model, out_dir=f"runs/{dataset}"
-    )
-    return {**server.to_config(), **SelectionConfig().to_config()}
+    """Return the run config of the sample-selection app for ``dataset``.
+
+    The server's defaults, with the training of the data set's recipe
+    (:data:`DATASET_RECIPES`), and the selection's.
+    """
+    server = SelectionServerConfig(dataset=dataset, out_dir=f"runs/{dataset}")
+    return {
+        **server.to_config(),
+        **RECIPES[DATASET_RECIPES[dataset]],
+        **SelectionConfig().to_config(),
+    }
 
 
 def empty_upload_bytes(dataset: str, *, compress: bool) -> int:

@@ -30,6 +30,7 @@ from simulations.paper import (
     Scheme,
     summarise,
 )
+from simulations.recipes import RECIPES
 
 APPS = {"mnist": "simulations.mnist", "fashion-mnist": "simulations.fashion_mnist"}
 
@@ -47,16 +48,7 @@ def run_config(
         "validation-size": protocol.validation,
         "initial-size": protocol.initial,
         "pool-size": protocol.fold * protocol.rounds,
-        "initial-epochs": protocol.initial_epochs,
-        "server-epochs": protocol.round_epochs,
-        "lr": protocol.lr,
-        "batch-size": protocol.batch_size,
-        "optimizer": protocol.optimizer,
-        "lr-schedule": protocol.schedule,
-        "warmup": protocol.warmup,
-        "augment": protocol.augment,
-        "weight-decay": protocol.weight_decay,
-        "from-scratch": protocol.from_scratch,
+        **RECIPES[protocol.recipe],
         **extra,
     }
     return " ".join(f"{k}={json.dumps(v)}" for k, v in config.items())
@@ -108,9 +100,8 @@ def run_sites(
     paths = []
     for scheme in schemes:
         for seed in seeds:
-            path = (
-                runs_dir / f"{dataset}-{split}-{scheme.label}-rho{rho}-seed{seed}.jsonl"
-            )
+            name = f"{dataset}-{protocol.recipe}-{split}-{scheme.label}"
+            path = runs_dir / f"{name}-rho{rho}-seed{seed}.jsonl"
             paths.append(path)
             if path.exists():
                 continue

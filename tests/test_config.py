@@ -151,7 +151,7 @@ SELECTION_BAD = [
     ("seed", -1, ">= 0"),
     ("seed", 1.5, "an integer"),
     ("dataset", "emnist", "choose one of mnist, fashion-mnist, cifar10"),
-    ("model", "resnet", "choose one of lenet5, cifar-cnn"),
+    ("model", "resnet", "choose one of lenet5, lenet5-wide, cifar-cnn"),
     ("data-dir", 3, "a string"),
     ("out-dir", "", "a folder, not empty"),
     ("validation-size", 0, ">= 1"),

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch import nn
 
 from flwr_select.models import MODELS, Standardize, build_model
 
@@ -43,4 +44,21 @@ def test_standardize_maps_uint8_to_standard_scores():
 def test_unknown_model_is_refused():
     with pytest.raises(ValueError, match="unknown model 'resnet'"):
         build_model("resnet")
-    assert sorted(MODELS) == ["cifar-cnn", "lenet5"]
+    assert sorted(MODELS) == ["cifar-cnn", "lenet5", "lenet5-wide"]
+
+
+def test_the_wide_lenet_is_the_same_family_with_more_maps_and_dropout():
+    # Prepare
+    wide, classic = build_model("lenet5-wide", seed=0), build_model("lenet5", seed=0)
+    batch = torch.zeros(3, 28, 28, dtype=torch.uint8)
+    # Assert: the same layout (two 5x5 conv layers, pooling), wider, with dropout
+    convs = [m for m in wide.features if isinstance(m, nn.Conv2d)]
+    assert [(c.out_channels, c.kernel_size) for c in convs] == [
+        (32, (5, 5)),
+        (64, (5, 5)),
+    ]
+    assert any(isinstance(m, nn.Dropout) for m in wide.classifier)
+    assert not any(isinstance(m, nn.Dropout) for m in classic.classifier)
+    assert wide(batch).shape == classic(batch).shape == (3, 10)
+    # the classic LeNet-5 keeps its parameter count (and its checkpoints' keys)
+    assert sum(p.numel() for p in classic.parameters()) == 61_706

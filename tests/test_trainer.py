@@ -342,3 +342,21 @@ def test_training_with_augmentation_and_a_schedule_learns_and_is_seeded():
         first.state_dict().values(), again.state_dict().values(), strict=True
     ):
         assert torch.equal(a, b)
+
+
+def test_dropout_is_seeded_by_the_call_and_the_global_generator_left_alone():
+    images, labels = brightness_task(64)
+    config = TrainConfig(epochs=1, lr=0.05)
+
+    def trained():
+        model = build_model("lenet5-wide", seed=0, num_classes=2)
+        train(model, images, labels, config, seed=3)
+        return model.state_dict()
+
+    first = trained()
+    torch.rand(1000)  # whatever ran before draws from the global generator
+    state = torch.random.get_rng_state()
+    again = trained()
+    assert torch.equal(torch.random.get_rng_state(), state)  # not consumed
+    for a, b in zip(first.values(), again.values(), strict=True):
+        assert torch.equal(a, b)
