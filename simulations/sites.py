@@ -100,8 +100,8 @@ def run_sites(
     paths = []
     for scheme in schemes:
         for seed in seeds:
-            name = f"{dataset}-{protocol.recipe}-{split}-{scheme.label}"
-            path = runs_dir / f"{name}-rho{rho}-seed{seed}.jsonl"
+            stem = f"{dataset}-{protocol.recipe}-{split}-{scheme.label}"
+            path = runs_dir / f"{stem}-rho{rho}-seed{seed}.jsonl"
             paths.append(path)
             if path.exists():
                 continue
