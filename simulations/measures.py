@@ -82,9 +82,9 @@ def bandwidth_equivalence(
     }
 
 
-def fedavg_bytes(dataset: str, rounds: int, sites: int = 1) -> int:
+def fedavg_bytes(model_name: str, rounds: int, sites: int = 1) -> int:
     """Bytes FedAvg's sites would upload: the model's wire size x sites x rounds."""
-    model = build_model(DATASETS[dataset].model)
+    model = build_model(model_name)
     return wire_bytes(ArrayRecord(model.state_dict())) * sites * rounds
 
 
@@ -113,5 +113,8 @@ def summary(runs: list[list[dict[str, Any]]]) -> dict[str, Any]:
         "bandwidth_equivalence": bandwidth_equivalence(lines, rhos[0])
         if len(rhos) > 1
         else None,
-        "fedavg_bytes": fedavg_bytes(dataset, rounds),
+        # the runs' own model (their recipe's), else the data set's
+        "fedavg_bytes": fedavg_bytes(
+            runs[0][0].get("training", {}).get("model", DATASETS[dataset].model), rounds
+        ),
     }
