@@ -87,6 +87,9 @@ class SelectionServerConfig(ServerConfig, SiteShareConfig):
     :class:`ServerConfig`'s, the sites' data keys
     (:class:`~flwr_select.partition.SiteShareConfig`), and these; what the sites
     select by is :class:`~flwr_select.selection.protocol.SelectionConfig`.
+    The defaults below are the fields'; an app's defaults for the model and its
+    training come from its data set's recipe (:func:`defaults`,
+    :mod:`simulations.recipes`).
 
     Parameters
     ----------
