@@ -22,6 +22,8 @@ class Data:
 
     def __init__(self, dataset: str, data_dir: str | Path | None) -> None:
         folder = resolve_data_dir(dataset, data_dir)
+        self.folder = folder
+        """Where the data was read (a worker process reads it again from here)."""
         self.images, self.labels = load_dataset(dataset, folder, "train")
         self.test_images, self.test_labels = load_dataset(dataset, folder, "test")
         self.dataset = dataset

@@ -19,19 +19,24 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import multiprocessing
+import os
 import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from flwr_select.data import SiteData
 from flwr_select.evaluation import held_out_metrics
 from flwr_select.files import read_json_lines
 from flwr_select.models import build_model
-from flwr_select.partition import paper_split, round_fold
+from flwr_select.partition import PaperSplit, paper_split, round_fold
 from flwr_select.selection.ledger import SiteLedger
 from flwr_select.selection.policies import GROUPS
 from flwr_select.selection.protocol import SelectionConfig
@@ -134,6 +139,49 @@ def flip_labels(
     return noisy, flipped
 
 
+def protocol_split(data: Data, protocol: Protocol, seed: int) -> PaperSplit:
+    """Return the seed's validation, initial and pool positions in ``data``."""
+    return paper_split(
+        len(data.images),
+        seed=seed,
+        validation=protocol.validation,
+        initial=protocol.initial,
+        pool=protocol.fold * protocol.rounds,
+    )
+
+
+def new_server(
+    data: Data, protocol: Protocol, selection: SelectionConfig
+) -> SelectionServer:
+    """Return the central site of one run: the recipe's model and training."""
+    training = protocol.training()
+    return SelectionServer(
+        functools.partial(build_model, training.model, seed=selection.seed),
+        data.num_classes,
+        selection=selection,
+        server_training=training.train_config(training.server_epochs),
+        from_scratch=training.from_scratch,
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def initial_state(data: Data, protocol: Protocol, seed: int) -> dict[str, Tensor]:
+    """Return the seed's initial model, trained once per process and remembered.
+
+    Every scheme, rho and noise level of a seed starts from the same model (the
+    server's own samples stay clean), and training is seeded per call, so the
+    remembered model is the one each run would train anew, to the bit; it is the
+    largest share of a run's time under the ``small-data`` recipe.
+    """
+    server = new_server(data, protocol, SelectionConfig(seed=seed))
+    initial = protocol_split(data, protocol, seed).initial
+    training = protocol.training()
+    server.train_initial(
+        data.samples(initial), training.train_config(training.initial_epochs)
+    )
+    return server.model.state_dict()
+
+
 def run_site(
     data: Data,
     protocol: Protocol,
@@ -149,29 +197,15 @@ def run_site(
     :class:`~flwr_select.selection.server.SelectionServer`), with the upload
     handed over in memory instead of in a message.
     """
-    split = paper_split(
-        len(data.images),
-        seed=seed,
-        validation=protocol.validation,
-        initial=protocol.initial,
-        pool=protocol.fold * protocol.rounds,
-    )
+    split = protocol_split(data, protocol, seed)
     labels, flipped = data.labels, np.zeros(0, np.int64)
     if label_noise:
         labels, flipped = flip_labels(
             data.labels, split.pool, label_noise, seed, data.num_classes
         )
-    training = protocol.training()
-    server = SelectionServer(
-        functools.partial(build_model, training.model, seed=seed),
-        data.num_classes,
-        selection=scheme.selection(rho, seed),
-        server_training=training.train_config(training.server_epochs),
-        from_scratch=training.from_scratch,
-    )
-    server.train_initial(
-        data.samples(split.initial), training.train_config(training.initial_epochs)
-    )
+    server = new_server(data, protocol, scheme.selection(rho, seed))
+    server.hold_own(data.samples(split.initial))
+    server.begin(initial_state(data, protocol, seed), protocol.rounds)
     held_out = {
         "": data.samples(split.validation),
         "test_": SiteData(data.test_images, data.test_labels, data.num_classes),
@@ -228,6 +262,63 @@ def run_path(
     return runs_dir / name
 
 
+Job = tuple[Scheme, float, int]
+"""One run of an experiment: its scheme, rho and seed."""
+
+_worker_data: Data | None = None
+"""A worker process's copy of the data set (:func:`_start_worker`)."""
+
+
+def _start_worker(dataset: str, folder: Path) -> None:
+    """Set up a worker process: one torch thread, the data set read once."""
+    global _worker_data
+    torch.set_num_threads(1)
+    _worker_data = Data(dataset, folder)
+
+
+def _timed_run(
+    data: Data | None, protocol: Protocol, job: Job, noise: float
+) -> tuple[list[dict[str, Any]], float]:
+    """Run one job; return its records and the seconds it took."""
+    scheme, rho, seed = job
+    started = time.perf_counter()
+    records = run_site(data or _worker_data, protocol, scheme, rho, seed, noise)
+    return records, time.perf_counter() - started
+
+
+def run_jobs(
+    data: Data, protocol: Protocol, jobs: list[Job], noise: float, workers: int
+) -> Iterator[tuple[Job, list[dict[str, Any]], float]]:
+    """Run ``jobs`` on ``workers`` processes; yield each as it finishes.
+
+    Every run computes on one torch thread, in this process (``workers=1``) or
+    in a worker: float sums depend on how the work is split across threads, so
+    one thread makes a run's records the same bits whatever ``workers`` is and
+    however many cores the machine has. Runs of the same seed in one process
+    share their initial model (:func:`initial_state`).
+    """
+    if workers == 1 or len(jobs) <= 1:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for job in jobs:
+                yield (job, *_timed_run(data, protocol, job, noise))
+        finally:
+            torch.set_num_threads(threads)
+        return
+    with ProcessPoolExecutor(
+        max_workers=min(workers, len(jobs)),
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_start_worker,
+        initargs=(data.dataset, data.folder),
+    ) as pool:
+        running = {
+            pool.submit(_timed_run, None, protocol, job, noise): job for job in jobs
+        }
+        for done in as_completed(running):
+            yield (running[done], *done.result())
+
+
 def run_experiment(
     name: str,
     data: Data,
@@ -235,32 +326,34 @@ def run_experiment(
     out_dir: Path,
     seeds: list[int],
     rhos: list[float] | None = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Run every (scheme, rho, seed) of experiment ``name`` not on disk yet; summarise.
 
     Runs live in ``out_dir/runs-<protocol>`` so that experiments share them (Fig. 4a's
-    are a subset of Fig. 4b's) and an interrupted experiment resumes.
+    are a subset of Fig. 4b's) and an interrupted experiment resumes; ``workers``
+    processes run them side by side (:func:`run_jobs`).
     """
     spec = EXPERIMENTS[name]
     runs_dir = out_dir / ("runs-short" if protocol == SHORT else "runs")
     runs_dir.mkdir(parents=True, exist_ok=True)
     noise = spec.get("label_noise", 0.0)
-    jobs = [
+    jobs = [  # seed first: a worker's runs of one seed share the initial model
         (s, r, seed)
+        for seed in seeds
         for r in rhos or spec["rhos"]
         for s in spec["schemes"]
-        for seed in seeds
     ]
-    paths = []
-    for count, (scheme, rho, seed) in enumerate(jobs, 1):
-        path = run_path(
+
+    def path_of(job: Job) -> Path:
+        scheme, rho, seed = job
+        return run_path(
             runs_dir, data.dataset, protocol.recipe, scheme, rho, seed, noise
         )
-        paths.append(path)
-        if path.exists():
-            continue
-        started = time.perf_counter()
-        records = run_site(data, protocol, scheme, rho, seed, noise)
+
+    pending = [job for job in jobs if not path_of(job).exists()]
+    finished = run_jobs(data, protocol, pending, noise, workers)
+    for count, ((scheme, rho, seed), records, seconds) in enumerate(finished, 1):
         meta = {
             "experiment": name,
             "dataset": data.dataset,
@@ -273,19 +366,18 @@ def run_experiment(
             "protocol": asdict(protocol),
             "training": RECIPES[protocol.recipe],
         }
-        write_run(path, meta, records)
-        seconds = time.perf_counter() - started
+        write_run(path_of((scheme, rho, seed)), meta, records)
         with (runs_dir / "timings.jsonl").open("a") as file:  # not in the records
-            file.write(json.dumps({"run": path.name, "seconds": round(seconds, 1)}))
+            name_seconds = {"run": path_of((scheme, rho, seed)).name}
+            file.write(json.dumps({**name_seconds, "seconds": round(seconds, 1)}))
             file.write("\n")
         print(
-            f"[{name} {count}/{len(jobs)}] {data.dataset} {scheme.label} rho={rho} "
-            f"seed={seed}: "
-            f"final accuracy {records[-1]['accuracy']:.4f} "
+            f"[{name} {count}/{len(pending)}] {data.dataset} {scheme.label} "
+            f"rho={rho} seed={seed}: final accuracy {records[-1]['accuracy']:.4f} "
             f"({seconds:.0f} s)",
             flush=True,
         )
-    return summarise(name, data.dataset, paths, out_dir / name)
+    return summarise(name, data.dataset, [path_of(job) for job in jobs], out_dir / name)
 
 
 def summarise(name: str, dataset: str, paths: list[Path], out: Path) -> dict[str, Any]:
@@ -327,10 +419,16 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="the model and its training (default: the data set's; --short: quick)",
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="runs side by side, one process and one thread each (default: the "
+        "cores this process may use); the records do not depend on it",
+    )
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     dataset = args.dataset or EXPERIMENTS[args.experiment].get("dataset", "mnist")
     protocol = SHORT if args.short else PROTOCOLS[dataset]
     if args.recipe:
@@ -340,7 +438,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     data = Data(dataset, args.data_dir)
     run_experiment(
-        args.experiment, data, protocol, Path(args.out_dir), args.seeds, rhos
+        args.experiment,
+        data,
+        protocol,
+        Path(args.out_dir),
+        args.seeds,
+        rhos,
+        workers=args.jobs,
     )
 
 

@@ -378,13 +378,21 @@ class SelectionServer:
         """Put the server's own samples in the buffer and train the model on them.
 
         The paper's initial model: 5k samples the central site already holds.
-        The model is checked on the samples' shape first (:meth:`check_model`).
+        The model is checked on the samples' shape first (:meth:`hold_own`).
+        """
+        self.hold_own(samples)
+        return self.train_on_buffer(0, training)
+
+    def hold_own(self, samples: SiteData) -> None:
+        """Put the server's own samples in the buffer, without training on them.
+
+        For a model already trained on them elsewhere (:meth:`begin` loads it);
+        the model is checked on the samples' shape first (:meth:`check_model`).
         """
         check_model(
             self.model, samples.images.shape[1:], self.num_classes, self.transform
         )
         self.buffer.add(SERVER_SITE, samples)
-        return self.train_on_buffer(0, training)
 
     def finish_round(
         self, server_round: int, record: Mapping[str, float | int] | None
