@@ -30,16 +30,12 @@ from flwr_select.selection.protocol import METRICS_KEY
 
 @functools.lru_cache(maxsize=4)
 def cached_worker_share(
-    share: ShareConfig,
-    seed: int,
-    partition_id: int,
-    num_partitions: int,
-    num_classes: int,
+    share: ShareConfig, seed: int, worker: int, num_workers: int, num_classes: int
 ) -> SiteData:
     """Return a simulated worker's share, built once per process (it never changes)."""
     images, labels = common.cached_training_set(share.dataset, share.data_dir)
     pool = share.split(len(images), seed=seed).pool
-    ids = torch.from_numpy(site_partition(pool, partition_id, num_partitions))
+    ids = torch.from_numpy(site_partition(pool, worker, num_workers))
     return SiteData(images[ids], labels[ids], num_classes, ids=ids)
 
 
@@ -47,21 +43,23 @@ def load_worker_data(context: Context, config: ConfigRecord) -> SiteData:
     """Return the samples this worker draws its batches from.
 
     On an edge box (node config ``data-dir``): everything in that folder (see
-    :func:`~flwr_select.data.load_local_site`). In a simulation: the worker's
-    IID share (``partition-id`` of ``num-partitions``) of the training set
-    without the server's ``validation-size`` held-out samples (and cut to
-    ``pool-size`` if set), as the config's
-    :class:`~flwr_select.partition.ShareConfig` describes; the bias is in how
-    batches are drawn, not in the data.
+    :func:`~flwr_select.data.load_local_site`). In a simulation: share
+    ``worker-index`` of ``num-workers`` (the server's numbering, not the node's
+    ``partition-id``) of the training set without the server's
+    ``validation-size`` held-out samples (and cut to ``pool-size`` if set), as
+    the config's :class:`~flwr_select.partition.ShareConfig` describes. Workers
+    are interchangeable: whichever node the engine makes worker ``i`` (its node
+    ids are new every run), worker ``i`` holds the same samples, so a seeded run
+    gives the same gradients. The bias is in how batches are drawn, not in the
+    data.
     """
     num_classes = int(config["num-classes"])
     local = common.edge_box_data(context, num_classes)
     if local is not None:
         return local
     share, seed = ShareConfig.from_config(config), Sampling.from_config(config).seed
-    return cached_worker_share(
-        share, seed, *common.simulated_partition(context), num_classes
-    )
+    worker, num_workers = int(config["worker-index"]), int(config["num-workers"])
+    return cached_worker_share(share, seed, worker, num_workers, num_classes)
 
 
 def make_gradient_handler(

@@ -17,6 +17,7 @@ from flwr_select.parallel.server import DataParallelServer, GradientError
 from flwr_select.selection.protocol import CONFIG_KEY, METRICS_KEY, MODEL_KEY
 from strategies.nodes import (
     TrainOnlyFedAvg,
+    content_digest,
     exact_content,
     replies_without_failures,
     sample_round_nodes,
@@ -131,11 +132,16 @@ class BiasedDataParallel(TrainOnlyFedAvg, DataParallelServer):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Check the gradients, reduce the valid ones and step the model."""
+        """Check the gradients, reduce the valid ones and step the model.
+
+        Gradients are taken in the order of what they carry, not of arrival
+        (:func:`~strategies.nodes.content_digest`): float reductions depend on
+        the order, and a seeded run must give the same model.
+        """
         replies, failed = replies_without_failures(server_round, replies)
         updates: list[WorkerGradient] = []
         rejected = 0
-        for reply in replies:
+        for reply in sorted(replies, key=content_digest):
             node = reply.metadata.src_node_id
             try:
                 updates.append(self.unpack_reply(reply))

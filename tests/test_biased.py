@@ -33,11 +33,28 @@ def simulate(flower_simulation, out: Path, mnist_dir: Path, **overrides):
 
 
 @pytest.fixture(scope="module")
-def records(mnist_dir, tmp_path_factory, flower_simulation):
+def run_out(mnist_dir, tmp_path_factory, flower_simulation):
     out = tmp_path_factory.mktemp("data-parallel")
     done = simulate(flower_simulation, out, mnist_dir)
     assert done.returncode == 0, done.stderr[-3000:]
-    return read_json_lines(out / "rounds.jsonl")
+    return out
+
+
+@pytest.fixture(scope="module")
+def records(run_out):
+    return read_json_lines(run_out / "rounds.jsonl")
+
+
+def test_the_same_seed_gives_the_same_records_to_the_bit(
+    run_out, mnist_dir, tmp_path, flower_simulation
+):
+    # Execute: the run again; the engine gives its nodes new ids and the
+    # gradients arrive in their own order
+    done = simulate(flower_simulation, tmp_path, mnist_dir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # Assert: every loss, accuracy, monitor and gradient norm the same
+    first = (run_out / "rounds.jsonl").read_bytes()
+    assert (tmp_path / "rounds.jsonl").read_bytes() == first
 
 
 def test_two_workers_on_flower_bring_the_loss_down(records):
