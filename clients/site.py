@@ -79,7 +79,8 @@ def load_site(context: Context, config: ConfigRecord) -> SiteData:
     that the config's :class:`~flwr_select.partition.SiteShareConfig`
     describes, by its ``partitioner`` (``"iid"`` or ``"dirichlet"`` with
     ``dirichlet-alpha``; see :func:`~flwr_select.partition.partition_pool`),
-    and of that the fold of this ``server-round``. Ids are positions in the
+    and of that the fold of this ``server-round``, its labels flipped where the
+    run asks for label noise (``label-noise``). Ids are positions in the
     training set.
     """
     num_classes = int(config["num-classes"])
@@ -87,13 +88,26 @@ def load_site(context: Context, config: ConfigRecord) -> SiteData:
     if local is not None:
         return local
     share = SiteShareConfig.from_config(config)
-    images, labels = cached_training_set(share.dataset, share.data_dir)
+    images, _ = cached_training_set(share.dataset, share.data_dir)
     seed = SelectionConfig.from_config(config).seed
-    partition = _site_share(share, seed, *simulated_partition(context))
+    partition_id, num_partitions = simulated_partition(context)
+    partition = _site_share(share, seed, partition_id, num_partitions)
+    labels = _site_labels(share, seed, partition_id, num_classes)
     server_round = int(config["server-round"])
     fold = round_fold(partition, server_round, share.num_server_rounds)
     ids = torch.from_numpy(fold.copy())
     return SiteData(images[ids], labels[ids], num_classes, ids=ids)
+
+
+@functools.lru_cache(maxsize=4)
+def _site_labels(
+    share: SiteShareConfig, seed: int, partition_id: int, num_classes: int
+) -> torch.Tensor:
+    """Return the training set's labels as a simulated site holds them (with noise)."""
+    _, labels = cached_training_set(share.dataset, share.data_dir)
+    return share.site_labels(
+        labels, seed=seed, partition_id=partition_id, num_classes=num_classes
+    )
 
 
 def ledger_file(context: Context) -> Path | None:

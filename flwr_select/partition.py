@@ -17,10 +17,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from flwr_select.config import RunConfigFields, check, check_name
 from flwr_select.data import DATASETS
 from flwr_select.models import MODELS
+from flwr_select.noise import NOISE_KINDS, flip_labels
 
 PARTITIONERS = ("iid", "dirichlet")
 """Names :func:`partition_pool` accepts (the run-config key ``partitioner``)."""
@@ -167,16 +169,70 @@ class SiteShareConfig(ShareConfig):
     dirichlet_alpha : float (default: 0.5)
         The ``dirichlet`` partitioner's concentration; > 0, whatever the
         partitioner.
+    label_noise : float (default: 0.0)
+        Share of the pool whose labels are flipped (seeded), in [0, 1); see
+        :func:`~flwr_select.noise.flip_labels`. The server's samples stay clean.
+    label_noise_kind : str (default: "symmetric")
+        A name from :data:`~flwr_select.noise.NOISE_KINDS`.
+    label_noise_sites : str (default: "all")
+        Which sites hold the flipped labels: ``"all"``, or their partition ids,
+        comma-separated (``"0"``, ``"0,3"``); the others hold clean ones.
     """
 
     initial_size: int = 5000
     partitioner: str = "iid"
     dirichlet_alpha: float = 0.5
+    label_noise: float = 0.0
+    label_noise_kind: str = "symmetric"
+    label_noise_sites: str = "all"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check("initial-size", self.initial_size, self.initial_size >= 1, ">= 1")
         check_partitioner(self.partitioner, self.dirichlet_alpha)
+        noise = self.label_noise
+        check("label-noise", noise, 0.0 <= noise < 1.0, "in [0, 1)")
+        check_name("label-noise-kind", self.label_noise_kind, NOISE_KINDS)
+        self.noisy_sites()
+
+    def noisy_sites(self) -> frozenset[int] | None:
+        """Return the partition ids ``label-noise-sites`` names (None: every site).
+
+        Raises
+        ------
+        ConfigError
+            Unless the value is ``"all"`` or distinct ids >= 0, comma-separated.
+        """
+        if self.label_noise_sites == "all":
+            return None
+        words = self.label_noise_sites.split(",")
+        allowed = '"all" or partition ids >= 0, comma-separated (e.g. "0,3")'
+        ok = all(w.strip().isdigit() for w in words)
+        ids = [int(w) for w in words] if ok else []
+        check("label-noise-sites", self.label_noise_sites, ok, allowed)
+        check(
+            "label-noise-sites",
+            self.label_noise_sites,
+            len(set(ids)) == len(ids),
+            allowed + ", each once",
+        )
+        return frozenset(ids)
+
+    def site_labels(
+        self, labels: torch.Tensor, *, seed: int, partition_id: int, num_classes: int
+    ) -> torch.Tensor:
+        """Return the labels site ``partition_id`` holds: with the run's noise, if any.
+
+        The flipped samples are the same for every site and scheme of a seed
+        (a share of the pool, :func:`~flwr_select.noise.flip_labels`); a site
+        outside ``label-noise-sites`` keeps them clean.
+        """
+        sites = self.noisy_sites()
+        if not self.label_noise or (sites is not None and partition_id not in sites):
+            return labels
+        pool = self.split(len(labels), seed=seed).pool
+        kind = self.label_noise_kind
+        return flip_labels(labels, pool, self.label_noise, seed, num_classes, kind)[0]
 
     def split(self, num_samples: int, *, seed: int) -> PaperSplit:
         """Return the :func:`paper_split` of the training set these keys describe.

@@ -36,6 +36,7 @@ from flwr_select.data import SiteData
 from flwr_select.evaluation import held_out_metrics
 from flwr_select.files import read_json_lines
 from flwr_select.models import build_model
+from flwr_select.noise import flip_labels
 from flwr_select.partition import PaperSplit, paper_split, round_fold
 from flwr_select.selection.ledger import SiteLedger
 from flwr_select.selection.policies import GROUPS
@@ -121,22 +122,6 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
 SHORT_RHOS = [0.05, 0.3]
 SITE = 1
 """The single site's key in the server's buffer (0 is the server's own samples)."""
-
-
-def flip_labels(
-    labels: torch.Tensor,
-    positions: np.ndarray,
-    fraction: float,
-    seed: int,
-    num_classes: int,
-) -> tuple[torch.Tensor, np.ndarray]:
-    """Return labels with ``fraction`` of ``positions`` flipped, and which ones."""
-    rng = np.random.default_rng([seed, 7])
-    flipped = rng.choice(positions, size=int(fraction * len(positions)), replace=False)
-    noisy = labels.clone()
-    shift = torch.from_numpy(rng.integers(1, num_classes, len(flipped)))
-    noisy[flipped] = (noisy[flipped] + shift) % num_classes
-    return noisy, flipped
 
 
 def protocol_split(data: Data, protocol: Protocol, seed: int) -> PaperSplit:

@@ -1,9 +1,11 @@
 import numpy as np
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from flwr_select.config import ConfigError
+from flwr_select.noise import flip_labels
 from flwr_select.partition import (
     PaperSplit,
     ShareConfig,
@@ -210,6 +212,9 @@ SITE_SHARE = {
     "initial-size": 500,
     "partitioner": "dirichlet",
     "dirichlet-alpha": 0.2,
+    "label-noise": 0.1,
+    "label-noise-kind": "asymmetric",
+    "label-noise-sites": "0,2",
 }
 
 
@@ -218,7 +223,7 @@ def test_share_configs_read_back_what_they_write():
     sent = {**SITE_SHARE, "server-round": 2, "num-classes": 10, "seed": 3}
     # Execute
     site, worker = SiteShareConfig.from_config(sent), ShareConfig.from_config(sent)
-    # Assert: a site's keys are a worker's and three more, each declared once
+    # Assert: a site's keys are a worker's and six more, each declared once
     assert site.to_config() == SITE_SHARE
     assert worker.to_config() == WORKER_SHARE
     assert SiteShareConfig.from_config(site.to_config()) == site
@@ -272,3 +277,44 @@ def test_a_share_config_cuts_the_split_the_server_cuts():
     no_initial = paper_split(6000, seed=3, validation=1000, initial=0)
     np.testing.assert_array_equal(worker.split(6000, seed=3).pool, no_initial.pool)
     assert len(worker.split(6000, seed=3).initial) == 0
+
+
+@pytest.mark.parametrize("kind", ["symmetric", "asymmetric"])
+def test_label_noise_flips_a_seeded_share_of_the_pool_to_other_classes(kind):
+    # Prepare: 1,000 samples, 10 classes, a pool of 600 of them
+    labels = torch.arange(1000) % 10
+    pool = np.random.default_rng(0).permutation(1000)[:600]
+    # Execute
+    noisy, flipped = flip_labels(labels, pool, 0.2, 3, 10, kind)
+    # Assert: exactly 20 % of the pool changed, nothing outside it
+    changed = np.flatnonzero((noisy != labels).numpy())
+    assert sorted(changed) == sorted(flipped) and len(flipped) == 120
+    assert set(flipped) <= set(pool)
+    if kind == "asymmetric":  # one fixed wrong class per class
+        assert torch.equal(noisy[flipped], (labels[flipped] + 1) % 10)
+    else:  # any other class: more than one per class
+        assert len(set(noisy[flipped].tolist())) == 10
+    again, _ = flip_labels(labels, pool, 0.2, 3, 10, kind)
+    assert torch.equal(again, noisy)  # seeded
+    assert not torch.equal(flip_labels(labels, pool, 0.2, 4, 10, kind)[0], noisy)
+
+
+def test_only_the_named_sites_hold_the_flipped_labels():
+    labels = torch.arange(2000) % 10
+    config = SiteShareConfig(
+        validation_size=100, initial_size=100, label_noise=0.3, label_noise_sites="1,3"
+    )
+
+    def site(partition_id):
+        return config.site_labels(
+            labels, seed=0, partition_id=partition_id, num_classes=10
+        )
+
+    assert torch.equal(site(0), labels) and torch.equal(site(2), labels)
+    assert torch.equal(site(1), site(3))  # the same flipped samples
+    pool = config.split(2000, seed=0).pool
+    assert int((site(1) != labels).sum()) == int(0.3 * len(pool))
+    everywhere = SiteShareConfig(validation_size=100, initial_size=100, label_noise=0.3)
+    assert torch.equal(
+        everywhere.site_labels(labels, seed=0, partition_id=0, num_classes=10), site(1)
+    )
