@@ -13,6 +13,7 @@ from simulations.paper import (
     SHORT,
     SHORT_RHOS,
     Scheme,
+    initial_state,
     run_experiment,
     run_site,
 )
@@ -185,6 +186,20 @@ def test_the_same_seed_data_and_protocol_give_the_same_records(data):
     def one_run():
         return run_site(data, SHORT, Scheme("uniform", "uniform"), 0.05, seed=1)
 
-    first, again = one_run(), one_run()
+    first = one_run()
+    initial_state.cache_clear()  # so the second run trains its initial model anew
+    again = one_run()
     assert json.dumps(again) == json.dumps(first)  # every value, to the bit
     assert "seconds" not in first[-1]  # timings are kept apart (runs/timings.jsonl)
+
+
+def test_runs_side_by_side_give_the_same_records_as_one_after_another(data, tmp_path):
+    # Execute: Fig. 4a's three runs in this process, then on two worker processes
+    run_experiment("fig4a", data, SHORT, tmp_path / "one", seeds=[0], workers=1)
+    run_experiment("fig4a", data, SHORT, tmp_path / "two", seeds=[0], workers=2)
+    # Assert: the same files, to the byte
+    runs = sorted((tmp_path / "one" / "runs-short").glob("mnist-*.jsonl"))
+    assert len(runs) == 3
+    for run in runs:
+        side_by_side = tmp_path / "two" / "runs-short" / run.name
+        assert side_by_side.read_bytes() == run.read_bytes()
