@@ -222,6 +222,7 @@ PROGRESS_KEYS = (
     "buffer_size",
     "train_loss",
     "grad_norm_gap",
+    "suspect_labels",
 )
 """Record values a progress line shows where a record has them."""
 
@@ -270,8 +271,17 @@ class RoundLog:
             for key in PROGRESS_KEYS
             if isinstance(record.get(key), int | float)
         )
+        suspects = {
+            node: count
+            for node, count in (measured or {})
+            .get("suspect_labels_by_node", {})
+            .items()
+            if count
+        }
+        by_node = f", suspect labels by node {suspects}" if suspects else ""
         print(
-            f"round {record['round']:>3}: accuracy {record['accuracy']:.4f}, {extras}",
+            f"round {record['round']:>3}: accuracy {record['accuracy']:.4f}, "
+            f"{extras}{by_node}",
             flush=True,
         )
 
@@ -331,6 +341,7 @@ def run(grid: Grid, config: Mapping[str, Any]) -> None:
         record["bytes_received"] = int(metrics.get("bytes-received", 0))
         for key in ("sites-accepted", "sites-rejected", "sites-failed"):
             record[key.replace("-", "_")] = int(metrics.get(key, 0))
+        record["suspect_labels"] = int(metrics.get("suspect-labels", 0))
         record["model_updated"] = int("train-loss" in metrics)
         record["train_loss"] = metrics.get("train-loss")
         record["buffer_size"] = len(strategy.buffer)
@@ -338,11 +349,8 @@ def run(grid: Grid, config: Mapping[str, Any]) -> None:
             record,
             {
                 "server_peak_rss_bytes": peak_rss_bytes(),
-                "samples_received_by_node": {
-                    key.split(".", 1)[1]: value
-                    for key, value in metrics.items()
-                    if key.startswith("samples-received.")
-                },
+                "samples_received_by_node": by_node(metrics, "samples-received"),
+                "suspect_labels_by_node": by_node(metrics, "suspect-labels"),
             },
         )
         return MetricRecord(
@@ -356,6 +364,12 @@ def run(grid: Grid, config: Mapping[str, Any]) -> None:
         timeout=server.round_timeout,
         evaluate_fn=evaluate,
     )
+
+
+def by_node(metrics: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """Return the per-node values of metric ``name`` (``name.<node id>`` keys)."""
+    prefix = f"{name}."
+    return {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
 
 
 def peak_rss_bytes() -> int:

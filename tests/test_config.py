@@ -146,6 +146,8 @@ SELECTION_BAD = [
     ("compress", "ture", "true or false"),
     ("compress", 1, "true or false"),
     ("group", "wrong", "choose one of wrong-unconfident, wrong-confident,"),
+    ("trim", 0.0, "in (0, 1)"),
+    ("trim", 1.0, "in (0, 1)"),
     ("temperature", 0, "> 0"),
     ("temperature", -0.5, "> 0"),
     ("seed", -1, ">= 0"),

@@ -9,6 +9,8 @@ from flwr_select.selection.policies import (
     POLICIES,
     Budget,
     Candidates,
+    Proxy,
+    TrimmedProxy,
     make_policy,
     rank,
     select,
@@ -263,6 +265,32 @@ def test_rank_sorts_descending_with_the_first_key_primary():
 
 def test_candidates_proxy_is_eq6():
     c = Candidates(
-        np.array([True, False]), np.array([0.3, 0.3]), np.array([0, 1]), eps=0.1
+        np.array([True, False]),
+        np.array([0.3, 0.3]),
+        np.array([0, 1]),
+        np.array([0.7, 0.7]),
+        eps=0.1,
     )
     assert c.proxy.tolist() == pytest.approx([0.3, -1 / 0.4])
+
+
+def test_the_trimmed_proxy_keeps_the_proxy_order_with_likely_flipped_labels_last():
+    # Prepare: two confidently wrong samples (label probability 0.001: likely
+    # flipped), one wrong but plausible, and three right ones of falling doubt
+    label_probability = np.array([0.001, 0.3, 0.9, 0.6, 0.001, 0.99])
+    candidates = Candidates(
+        wrong=np.array([True, True, False, False, True, False]),
+        confidence=-np.log(label_probability),
+        labels=np.zeros(6, dtype=np.int64),
+        label_probability=label_probability,
+    )
+    rng = np.random.default_rng(0)
+    # Execute
+    trimmed = TrimmedProxy(trim=0.01).order(candidates, rng)
+    proxy = Proxy().order(candidates, rng)
+    # Assert: the proxy takes the likely flipped first, the trimmed proxy last
+    assert set(proxy[:2].tolist()) == {0, 4}
+    assert trimmed[:4].tolist() == [1, 3, 2, 5]
+    assert set(trimmed[4:].tolist()) == {0, 4}
+    with pytest.raises(ValueError, match="trim must be in"):
+        TrimmedProxy(trim=1.0)

@@ -260,3 +260,44 @@ def test_a_run_config_word_that_is_not_key_value_is_refused(flower_simulation):
     )
     assert done.returncode == 2
     assert "--run-config: 'rho' is not key=value" in done.stderr
+
+
+def test_a_site_with_flipped_labels_is_named_by_the_audit_in_every_round(
+    mnist_dir, tmp_path, flower_simulation
+):
+    # Prepare: two sites, 30 % of site 0's labels flipped; an initial model
+    # good enough to be sure of what it sees; the paper's proxy, which sends
+    # confidently wrong samples (flipped ones) first
+    config = {
+        **RUN,
+        "rho": 0.1,
+        "initial-size": 2000,
+        "initial-epochs": 8,
+        "model": '"lenet5"',
+        "label-noise": 0.3,
+        "label-noise-sites": '"0"',
+    }
+    words = " ".join(f"{k}={v}" for k, v in config.items())
+    # Execute
+    done = flower_simulation(
+        "simulations.mnist",
+        "--num-supernodes",
+        str(SITES),
+        "--run-config",
+        f'{words} data-dir="{mnist_dir}" out-dir="{tmp_path}"',
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    # Assert: the node holding flipped samples is the one the audit counts, every
+    # round, in the records, per node and on the progress line
+    sent = latest(tmp_path, device="cpu").buffer.to_arrays()
+    _, labels = load_mnist(mnist_dir, "train")
+    moved = sent["labels"] != labels.numpy()[sent["ids"]]
+    noisy_nodes = {int(site) for site in sent["sites"][moved]}
+    (noisy,) = noisy_nodes
+    for measured in read_json_lines(tmp_path / "execution.jsonl")[1:]:
+        suspects = {int(k): v for k, v in measured["suspect_labels_by_node"].items()}
+        clean = max(v for node, v in suspects.items() if node != noisy)
+        assert suspects[noisy] > 5 * max(clean, 1)
+        assert f"'{noisy}': {suspects[noisy]}" in done.stdout  # the progress line
+    records = read_json_lines(tmp_path / "rounds.jsonl")
+    assert all(r["suspect_labels"] > 0 for r in records[1:])

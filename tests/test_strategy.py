@@ -29,7 +29,7 @@ from flwr_select.selection.protocol import request as selection_request
 from flwr_select.selection.wire import ZSTD, encode, wire_bytes
 from strategies.nodes import EverySiteFailed
 from strategies.sample_selection import SampleSelection
-from tests.hostile import N, make_strategy  # a site offers N, sends 10 of them
+from tests.hostile import SENT, N, make_strategy  # a site offers N, sends 10 of them
 
 
 def site_data(site: int) -> SiteData:
@@ -494,3 +494,34 @@ def test_failures_that_need_not_repeat_leave_the_round_going(task_identity, kind
     }[kind]
     _, metrics = strategy.aggregate_train(1, replies)
     assert metrics["sites-failed"] == sum(r.has_error() for r in replies)
+
+
+def test_the_audit_counts_per_site_the_labels_the_model_calls_wrong():
+    # Prepare: a confident model (its last layer scaled up) and two uploads of the
+    # same images: one labelled as the model predicts, one with every third
+    # label moved to the next class
+    strategy = make_strategy()
+    with torch.no_grad():
+        strategy.model.classifier[-1].weight.mul_(200.0)
+        strategy.model.classifier[-1].bias.zero_()
+    g = torch.Generator().manual_seed(5)
+    images = torch.randint(0, 256, (SENT, 28, 28), dtype=torch.uint8, generator=g)
+    strategy.model.eval()
+    with torch.no_grad():
+        predicted = strategy.model(images).argmax(dim=1)
+    flipped = predicted.clone()
+    flipped[::3] = (flipped[::3] + 1) % 10
+
+    def upload(site, labels):
+        data = SiteData(images, labels, 10, ids=torch.arange(SENT) + 1000 * site)
+        return lambda: (encode(data), N)
+
+    # Execute
+    metrics = strategy.accept_uploads(
+        1, [(1, upload(1, predicted)), (2, upload(2, flipped))]
+    )
+    # Assert: the noisy site is named with its moved labels; the total adds up
+    moved = int((flipped != predicted).sum())
+    assert metrics["sites-accepted"] == 2 and moved == len(range(0, SENT, 3))
+    assert metrics["suspect-labels.1"] == 0
+    assert metrics["suspect-labels.2"] == moved == metrics["suspect-labels"]

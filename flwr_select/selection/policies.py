@@ -10,7 +10,8 @@ Policies of the paper (Jiang et al. 2017): ``uniform`` (Fig. 4, black),
 ``oblivious`` (wrong samples first, the rest uniform; red), ``proxy`` (greedy by
 eq. 6; blue), ``lowest-confidence`` (Fig. 2) and ``group`` (Fig. 3). Beyond the
 paper: ``class-balanced`` and ``stochastic``, which temper the class and
-confidence bias of a greedy top-k.
+confidence bias of a greedy top-k, and ``trimmed-proxy``, which keeps the
+proxy's gain where labels may be wrong.
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ class Candidates:
     confidence : np.ndarray
         float, the chosen confidence metric (higher = less confident).
     labels : np.ndarray
-        int, the samples' true labels.
+        int, the samples' labels (as the site holds them: maybe wrong).
+    label_probability : np.ndarray
+        float, the model's probability of each sample's label, in [0, 1].
     eps : float (default: 1e-6)
         The epsilon of eq. (6).
     """
@@ -53,6 +56,7 @@ class Candidates:
     wrong: np.ndarray
     confidence: np.ndarray
     labels: np.ndarray
+    label_probability: np.ndarray
     eps: float = DEFAULT_EPS
 
     def __post_init__(self) -> None:
@@ -65,6 +69,30 @@ class Candidates:
     def proxy(self) -> np.ndarray:
         """Eq. (6) of each candidate: wrong ones first, then by confidence."""
         return combine_proxy(self.wrong, self.confidence, eps=self.eps)
+
+    def likely_mislabelled(self, trim: float) -> np.ndarray:
+        """Bool, True where the model gives the label a probability below ``trim``."""
+        return likely_mislabelled(self.label_probability, trim)
+
+
+def check_trim(trim: float) -> None:
+    """Raise ``ValueError`` unless ``trim`` is in (0, 1)."""
+    if not 0 < trim < 1:
+        raise ValueError(f"trim must be in (0, 1), got {trim}")
+
+
+def likely_mislabelled(label_probability: np.ndarray, trim: float) -> np.ndarray:
+    """Bool, True where a label's probability under the model is below ``trim``.
+
+    What the ``trimmed-proxy`` policy skips and the server's audit counts: the
+    model is all but sure the sample belongs to another class.
+
+    Examples
+    --------
+    >>> likely_mislabelled(np.array([0.001, 0.3, 0.99]), 0.01).tolist()
+    [True, False, False]
+    """
+    return np.asarray(label_probability) < trim
 
 
 def rank(rng: np.random.Generator, *keys: np.ndarray) -> np.ndarray:
@@ -190,6 +218,36 @@ class Group:
 
 
 @dataclass(frozen=True)
+class TrimmedProxy:
+    """The proxy with the likely mislabelled last: for labels that may be wrong.
+
+    A flipped label looks exactly like a confidently wrong prediction: the
+    model gives the label almost no probability, so eq. (6) puts it first, and
+    with 5 % of a site's labels flipped nearly all of the proxy's uploads are
+    flipped ones. Candidates whose label gets a probability below ``trim``
+    (:func:`likely_mislabelled`) go to the end; the rest keep the proxy's
+    order. On clean data that skips only the confidently wrong, the kind of
+    wrong that helps least (the paper's Fig. 3). Beyond the paper.
+
+    Parameters
+    ----------
+    trim : float (default: 0.01)
+        In (0, 1); the server's audit of uploads uses the same threshold.
+    """
+
+    trim: float = 0.01
+    name: ClassVar[str] = "trimmed-proxy"
+
+    def __post_init__(self) -> None:
+        check_trim(self.trim)
+
+    def order(self, candidates: Candidates, rng: np.random.Generator) -> np.ndarray:
+        """Return by descending eq. (6), the likely mislabelled last."""
+        plausible = ~candidates.likely_mislabelled(self.trim)
+        return rank(rng, plausible, candidates.proxy)
+
+
+@dataclass(frozen=True)
 class ClassBalanced:
     """Equal per-class quotas, each filled in proxy order.
 
@@ -247,6 +305,7 @@ POLICIES: dict[str, type[Policy]] = {
         Uniform,
         Oblivious,
         Proxy,
+        TrimmedProxy,
         LowestConfidence,
         Group,
         ClassBalanced,
@@ -361,6 +420,7 @@ def select(
         wrong=trial.wrong[eligible],
         confidence=trial.confidence[confidence][eligible],
         labels=trial.labels[eligible],
+        label_probability=trial.label_probability[eligible],
         eps=eps,
     )
     order = policy.order(candidates, np.random.default_rng(seed))

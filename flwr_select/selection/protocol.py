@@ -57,6 +57,10 @@ class SelectionConfig(RunConfigFields):
         policy is chosen).
     temperature : float (default: 1.0)
         The temperature of the ``stochastic`` policy; > 0.
+    trim : float (default: 0.01)
+        The ``trimmed-proxy`` policy's threshold, in (0, 1): a label the model
+        gives a lower probability is likely wrong. The server's audit of every
+        upload counts those, whatever the policy.
     seed : int (default: 0)
         Sites seed their choices with ``(seed, round, site)``; >= 0.
 
@@ -74,6 +78,7 @@ class SelectionConfig(RunConfigFields):
     compress: bool = False
     group: str = ""
     temperature: float = 1.0
+    trim: float = 0.01
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -86,6 +91,7 @@ class SelectionConfig(RunConfigFields):
         if self.group or self.selection_policy == "group":
             check_name("group", self.group, GROUPS)
         check("temperature", self.temperature, self.temperature > 0, "> 0")
+        check("trim", self.trim, 0 < self.trim < 1, "in (0, 1)")
         check("seed", self.seed, self.seed >= 0, ">= 0")
 
     def budget(self) -> Budget:
@@ -103,4 +109,6 @@ class SelectionConfig(RunConfigFields):
             options["group"] = self.group
         if self.selection_policy == "stochastic":
             options["temperature"] = self.temperature
+        if self.selection_policy == "trimmed-proxy":
+            options["trim"] = self.trim
         return make_policy(self.selection_policy, **options)

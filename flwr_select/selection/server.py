@@ -26,7 +26,9 @@ from flwr_select.data import SiteData
 from flwr_select.models import Transform, check_model, model_input
 from flwr_select.selection.buffer import TrainingBuffer
 from flwr_select.selection.checkpoint import Checkpoint, latest
+from flwr_select.selection.policies import likely_mislabelled
 from flwr_select.selection.protocol import UNDELIVERED_KEY, SelectionConfig
+from flwr_select.selection.trial import trial_test
 from flwr_select.selection.wire import UploadError, decode, wire_bytes
 from flwr_select.trainer import TrainConfig, TrainResult, train
 
@@ -307,12 +309,14 @@ class SelectionServer:
             "sites-accepted": 0,
             "sites-rejected": 0,
             "sites-failed": failures,
+            "suspect-labels": 0,
         }
         self.expected_sample_shape()  # the operator's error, not a site's: raise
         for site, unpack in uploads:
             try:
                 record, candidates = unpack()
                 samples, size = self.check_upload(site, record, candidates)
+                suspect = self.audit(samples)
                 self.buffer.add(site, samples)
             except Exception as err:  # whatever one reply does, it rejects only itself
                 reason = str(err) if isinstance(err, UploadError) else repr(err)
@@ -329,6 +333,8 @@ class SelectionServer:
             metrics["bytes-received"] += size
             metrics[f"samples-received.{site}"] = len(samples)
             metrics[f"bytes-received.{site}"] = size
+            metrics["suspect-labels"] += suspect
+            metrics[f"suspect-labels.{site}"] = suspect
         for site in asked:
             if f"samples-received.{site}" not in metrics:
                 self.undelivered.setdefault(site, []).append(server_round)
@@ -344,6 +350,27 @@ class SelectionServer:
         )
         self.rounds[server_round] = metrics
         return metrics
+
+    def audit(self, samples: SiteData) -> int:
+        """Return how many of an upload's labels the model calls likely wrong.
+
+        The model is the one the sites trial-tested with (the round's training
+        comes after every upload is in); a label it gives a probability below
+        the selection's ``trim`` counts
+        (:func:`~flwr_select.selection.policies.likely_mislabelled`). Per site
+        and round, this shows an operator a site whose labels are noisy, or one
+        that sends such samples on purpose, whatever it claims.
+        """
+        if len(samples) == 0:
+            return 0
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            trial = trial_test(self.model, samples, transform=self.transform)
+        finally:
+            self.model.train(was_training)
+        suspect = likely_mislabelled(trial.label_probability, self.selection.trim)
+        return int(suspect.sum())
 
     def train_on_buffer(
         self, server_round: int, training: TrainConfig | None = None

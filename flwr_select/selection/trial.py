@@ -57,6 +57,11 @@ class TrialResult:
         return self.predictions != self.labels
 
     @property
+    def label_probability(self) -> np.ndarray:
+        """The model's probability of each sample's label (from its cross-entropy)."""
+        return np.exp(-self.confidence["cross-entropy"])
+
+    @property
     def accuracy(self) -> float:
         """Fraction of the site's samples the model gets right."""
         return float(1.0 - self.wrong.mean())
