@@ -9,11 +9,49 @@ its held-out ones are never in the pool, so they stay clean.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 NOISE_KINDS = ("symmetric", "asymmetric")
 """How a flipped label is chosen (the run-config key ``label-noise-kind``)."""
+
+
+@dataclass(frozen=True)
+class LabelNoise:
+    """How much of the sites' labels an experiment flips, and how.
+
+    Parameters
+    ----------
+    fraction : float (default: 0.0)
+        Share of the pool flipped, in [0, 1).
+    kind : str (default: "symmetric")
+        A name from :data:`NOISE_KINDS` (see :func:`flip_labels`).
+    """
+
+    fraction: float = 0.0
+    kind: str = "symmetric"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fraction < 1.0:
+            raise ValueError(f"label noise must be in [0, 1), got {self.fraction}")
+        if self.kind not in NOISE_KINDS:
+            raise ValueError(f"unknown label-noise kind {self.kind!r}")
+
+    def flip(
+        self, labels: torch.Tensor, positions: np.ndarray, seed: int, num_classes: int
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        """Return :func:`flip_labels` of ``positions`` (none flipped without noise)."""
+        if not self.fraction:
+            return labels, np.zeros(0, np.int64)
+        return flip_labels(
+            labels, positions, self.fraction, seed, num_classes, self.kind
+        )
+
+
+CLEAN = LabelNoise()
+"""No label flipped."""
 
 
 def flip_labels(

@@ -36,7 +36,7 @@ from flwr_select.data import SiteData
 from flwr_select.evaluation import held_out_metrics
 from flwr_select.files import read_json_lines
 from flwr_select.models import build_model
-from flwr_select.noise import flip_labels
+from flwr_select.noise import CLEAN, LabelNoise
 from flwr_select.partition import PaperSplit, paper_split, round_fold
 from flwr_select.selection.ledger import SiteLedger
 from flwr_select.selection.policies import GROUPS
@@ -99,6 +99,8 @@ PAPER_SCHEMES = [
     Scheme("oblivious", "oblivious"),
     Scheme("proxy", "proxy"),
 ]
+TRIMMED = Scheme("trimmed-proxy", "trimmed-proxy")
+NOISE_SCHEMES = [*PAPER_SCHEMES, TRIMMED]
 EXPERIMENTS: dict[str, dict[str, Any]] = {
     "fig2": {
         "schemes": [Scheme("uniform", "uniform"), Scheme("oblivious", "oblivious")]
@@ -116,9 +118,29 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
         "rhos": [0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3],
     },
     "fig5": {"schemes": PAPER_SCHEMES, "rhos": [0.3], "dataset": "cifar10"},
-    "noise": {"schemes": PAPER_SCHEMES, "rhos": [0.05], "label_noise": 0.05},
+    "noise": {
+        "schemes": NOISE_SCHEMES,
+        "rhos": [0.05],
+        "label_noise": LabelNoise(0.05),
+    },
+    "noise20": {
+        "schemes": NOISE_SCHEMES,
+        "rhos": [0.05],
+        "label_noise": LabelNoise(0.2),
+    },
+    "noise20-asymmetric": {
+        "schemes": NOISE_SCHEMES,
+        "rhos": [0.05],
+        "label_noise": LabelNoise(0.2, "asymmetric"),
+    },
+    "trimmed": {"schemes": [TRIMMED], "rhos": [0.01, 0.05]},
 }
-"""Each command: its schemes and rhos (and a data set or label noise it fixes)."""
+"""Each command: its schemes and rhos (and a data set or label noise it fixes).
+
+``noise``, ``noise20`` and ``noise20-asymmetric`` flip 5 %, 20 % and 20 % (class
+c to c + 1) of the site's labels; ``trimmed`` runs the noise-robust policy on
+clean data, beside Fig. 4b's proxy at the same rhos.
+"""
 SHORT_RHOS = [0.05, 0.3]
 SITE = 1
 """The single site's key in the server's buffer (0 is the server's own samples)."""
@@ -173,7 +195,7 @@ def run_site(
     scheme: Scheme,
     rho: float,
     seed: int,
-    label_noise: float = 0.0,
+    label_noise: LabelNoise = CLEAN,
 ) -> list[dict[str, Any]]:
     """Run one single-site experiment; return its per-round records (round 0 first).
 
@@ -183,11 +205,7 @@ def run_site(
     handed over in memory instead of in a message.
     """
     split = protocol_split(data, protocol, seed)
-    labels, flipped = data.labels, np.zeros(0, np.int64)
-    if label_noise:
-        labels, flipped = flip_labels(
-            data.labels, split.pool, label_noise, seed, data.num_classes
-        )
+    labels, flipped = label_noise.flip(data.labels, split.pool, seed, data.num_classes)
     server = new_server(data, protocol, scheme.selection(rho, seed))
     server.hold_own(data.samples(split.initial))
     server.begin(initial_state(data, protocol, seed), protocol.rounds)
@@ -239,10 +257,12 @@ def run_path(
     scheme: Scheme,
     rho: float,
     seed: int,
-    label_noise: float,
+    label_noise: LabelNoise,
 ) -> Path:
     """Where one run's records live; experiments that share a run share the file."""
-    noise = f"-noise{label_noise}" if label_noise else ""
+    noise = f"-noise{label_noise.fraction}" if label_noise.fraction else ""
+    if label_noise.fraction and label_noise.kind != "symmetric":
+        noise += f"-{label_noise.kind}"
     name = f"{dataset}-{recipe}-{scheme.label}-rho{rho}-seed{seed}{noise}.jsonl"
     return runs_dir / name
 
@@ -262,7 +282,7 @@ def _start_worker(dataset: str, folder: Path) -> None:
 
 
 def _timed_run(
-    data: Data | None, protocol: Protocol, job: Job, noise: float
+    data: Data | None, protocol: Protocol, job: Job, noise: LabelNoise
 ) -> tuple[list[dict[str, Any]], float]:
     """Run one job; return its records and the seconds it took."""
     scheme, rho, seed = job
@@ -272,7 +292,7 @@ def _timed_run(
 
 
 def run_jobs(
-    data: Data, protocol: Protocol, jobs: list[Job], noise: float, workers: int
+    data: Data, protocol: Protocol, jobs: list[Job], noise: LabelNoise, workers: int
 ) -> Iterator[tuple[Job, list[dict[str, Any]], float]]:
     """Run ``jobs`` on ``workers`` processes; yield each as it finishes.
 
@@ -322,7 +342,7 @@ def run_experiment(
     spec = EXPERIMENTS[name]
     runs_dir = out_dir / ("runs-short" if protocol == SHORT else "runs")
     runs_dir.mkdir(parents=True, exist_ok=True)
-    noise = spec.get("label_noise", 0.0)
+    noise = spec.get("label_noise", CLEAN)
     jobs = [  # seed first: a worker's runs of one seed share the initial model
         (s, r, seed)
         for seed in seeds
@@ -347,7 +367,8 @@ def run_experiment(
             "confidence": scheme.confidence,
             "rho": rho,
             "seed": seed,
-            "label_noise": noise,
+            "label_noise": noise.fraction,
+            "label_noise_kind": noise.kind,
             "protocol": asdict(protocol),
             "training": RECIPES[protocol.recipe],
         }
