@@ -2,13 +2,13 @@
 
 A site's round costs one trial test (``trial_test``: a forward pass that also
 computes every confidence metric) plus one selection (``select`` with the proxy
-policy at rho = 0.05). Measured over the first 10,000 MNIST training images
-with LeNet-5 (``build_model("lenet5", seed=0)``) against (a) a bare forward
-pass over the same 1024-image batches, sliced from the ``uint8`` tensor exactly
-as ``trial_test`` slices them, under ``torch.inference_mode`` in eval mode.
-The target is that the full site step costs at most 10% more than the bare
-pass: scoring and choosing what to send should be nearly free once the model
-has run anyway.
+policy at rho = 0.05, or the one ``--policy`` names). Measured over the first
+10,000 MNIST training images with LeNet-5 (``build_model("lenet5", seed=0)``)
+against (a) a bare forward pass over the same 1024-image batches, sliced from
+the ``uint8`` tensor exactly as ``trial_test`` slices them, under
+``torch.inference_mode`` in eval mode. The target is that the full site step
+costs at most 10% more than the bare pass: scoring and choosing what to send
+should be nearly free once the model has run anyway.
 
 The machine is shared and noisy, so the two variants are interleaved after
 one warm-up each, alternating which goes first (bare, site, site, bare, ...)
@@ -27,6 +27,7 @@ both variants alike; ``--system-malloc`` leaves glibc's defaults.
 Run from the repository root::
 
     python bench/site_overhead.py --data-dir ../shared/data/mnist
+    python bench/site_overhead.py --data-dir ../shared/data/mnist --policy trimmed-proxy
     python bench/site_overhead.py --data-dir DIR --threads 1 --system-malloc
 
 ``--data-dir`` defaults to the environment variable FLWR_SELECT_DATA_DIR.
@@ -44,7 +45,7 @@ import torch
 
 from flwr_select.data import SiteData, add_data_dir_option, load_mnist
 from flwr_select.models import build_model
-from flwr_select.selection.policies import Budget, select
+from flwr_select.selection.policies import POLICIES, Budget, select
 from flwr_select.selection.trial import trial_test
 
 NUM_IMAGES, BATCH_SIZE, RHO = 10_000, 1024, 0.05
@@ -84,6 +85,9 @@ def main() -> None:
     parser.add_argument(
         "--system-malloc", action="store_true", help="leave glibc's malloc defaults"
     )
+    parser.add_argument(
+        "--policy", default="proxy", choices=sorted(POLICIES), help="what selects"
+    )
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -101,7 +105,7 @@ def main() -> None:
                 model(site.images[slice(start, start + BATCH_SIZE)])
 
     def site_step() -> None:
-        select(trial_test(model, site), Budget(rho=RHO), "proxy", seed=0)
+        select(trial_test(model, site), Budget(rho=RHO), args.policy, seed=0)
 
     variants = {"bare": bare, "site": site_step}
     times: dict[str, list[float]] = {name: [] for name in variants}
@@ -119,7 +123,7 @@ def main() -> None:
     median = {name: statistics.median(ts) for name, ts in times.items()}
     print(
         f"{NUM_IMAGES} images, batch {BATCH_SIZE}, {torch.get_num_threads()} threads, "
-        f"{len(times['bare'])} interleaved reps, "
+        f"{len(times['bare'])} interleaved reps, policy {args.policy}, "
         f"malloc {'keeps freed memory' if pinned else 'defaults'}"
     )
     for name, ts in times.items():
