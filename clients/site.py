@@ -31,7 +31,7 @@ from flwr_select.data import SiteData
 from flwr_select.files import write_atomically
 from flwr_select.models import Transform
 from flwr_select.npy import read_npz
-from flwr_select.partition import SiteShareConfig, partition_pool, round_fold
+from flwr_select.partition import SiteShareConfig, round_fold
 from flwr_select.selection.ledger import SiteLedger
 from flwr_select.selection.protocol import (
     ACTION,
@@ -52,18 +52,12 @@ LEDGER_FILE = "sent-ids.npz"
 def _site_share(
     share: SiteShareConfig, seed: int, partition_id: int, num_partitions: int
 ) -> np.ndarray:
-    images, labels = cached_training_set(share.dataset, share.data_dir)
-    split = share.split(len(images), seed=seed)
-    partition = partition_pool(
-        split.pool,
-        labels.numpy()[split.pool],
-        partition_id,
-        num_partitions,
-        partitioner=share.partitioner,
-        alpha=share.dirichlet_alpha,
+    _, labels = cached_training_set(share.dataset, share.data_dir)
+    partition = share.site_pool(
+        labels.numpy(),
         seed=seed,
-        # at least one sample per round (and Flower Datasets' default of 10)
-        min_partition_size=max(10, share.num_server_rounds),
+        partition_id=partition_id,
+        num_partitions=num_partitions,
     )
     partition.setflags(write=False)
     return partition

@@ -195,6 +195,33 @@ class SiteShareConfig(ShareConfig):
         check_name("label-noise-kind", self.label_noise_kind, NOISE_KINDS)
         self.noisy_sites()
 
+    def site_pool(
+        self,
+        labels: np.ndarray,
+        *,
+        seed: int,
+        partition_id: int,
+        num_partitions: int,
+    ) -> np.ndarray:
+        """Return the positions site ``partition_id`` of ``num_partitions`` holds.
+
+        Its share of the pool by ``partitioner`` (:func:`partition_pool`), over
+        the training set's ``labels`` (clean: the partition never depends on
+        the label noise); every round's fold is cut from it.
+        """
+        pool = self.split(len(labels), seed=seed).pool
+        return partition_pool(
+            pool,
+            labels[pool],
+            partition_id,
+            num_partitions,
+            partitioner=self.partitioner,
+            alpha=self.dirichlet_alpha,
+            seed=seed,
+            # at least one sample per round (and Flower Datasets' default of 10)
+            min_partition_size=max(10, self.num_server_rounds),
+        )
+
     def noisy_sites(self) -> frozenset[int] | None:
         """Return the partition ids ``label-noise-sites`` names (None: every site).
 

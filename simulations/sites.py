@@ -21,7 +21,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from flwr_select.data import load_dataset, resolve_data_dir
 from flwr_select.files import read_json_lines, write_json_lines
+from flwr_select.noise import CLEAN, NOISE_KINDS, LabelNoise
+from flwr_select.partition import SiteShareConfig
+from flwr_select.selection.checkpoint import latest
+from flwr_select.selection.policies import POLICIES
+from flwr_select.selection.server import SERVER_SITE
 from simulations.paper import (
     PAPER_SCHEMES,
     PROTOCOLS,
@@ -37,9 +45,9 @@ APPS = {"mnist": "simulations.mnist", "fashion-mnist": "simulations.fashion_mnis
 
 def run_config(
     protocol: Protocol, scheme: Scheme, rho: float, seed: int, **extra: Any
-) -> str:
-    """Return the ``--run-config`` string of one run."""
-    config = {
+) -> dict[str, Any]:
+    """Return the run config of one run (:func:`words` makes it ``--run-config``)."""
+    return {
         "num-server-rounds": protocol.rounds,
         "rho": rho,
         "selection-policy": scheme.policy,
@@ -51,11 +59,17 @@ def run_config(
         **RECIPES[protocol.recipe],
         **extra,
     }
+
+
+def words(config: dict[str, Any]) -> str:
+    """Return ``config`` as a ``--run-config`` string."""
     return " ".join(f"{k}={json.dumps(v)}" for k, v in config.items())
 
 
-def simulate(dataset: str, num_sites: int, config: str) -> list[dict[str, Any]]:
-    """Run ``flower-simulation`` and return its ``rounds.jsonl`` records."""
+def simulate(
+    dataset: str, num_sites: int, config: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """Run ``flower-simulation``; return its rounds, execution records and buffer."""
     with tempfile.TemporaryDirectory() as out:
         command = [
             str(Path(sys.executable).with_name("flower-simulation")),
@@ -74,7 +88,53 @@ def simulate(dataset: str, num_sites: int, config: str) -> list[dict[str, Any]]:
         done = subprocess.run(command, env=env, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"flower-simulation failed:\n{done.stderr[-3000:]}")
-        return read_json_lines(Path(out) / "rounds.jsonl")
+        buffer = latest(out, device="cpu").buffer.to_arrays()
+        return (
+            read_json_lines(Path(out) / "rounds.jsonl"),
+            read_json_lines(Path(out) / "execution.jsonl"),
+            buffer,
+        )
+
+
+def audit_by_site(
+    share: SiteShareConfig,
+    seed: int,
+    num_sites: int,
+    execution: list[dict[str, Any]],
+    buffer: dict[str, Any],
+) -> list[dict[str, int]]:
+    """Return, per round, the audit's count at the noisy sites and the clean ones' most.
+
+    The engine's node ids are new every run; a node is told apart by the
+    samples it uploaded, which lie in exactly one site's share.
+    """
+    labels = load_dataset(
+        share.dataset, resolve_data_dir(share.dataset, share.data_dir), "train"
+    )[1]
+    owner = np.full(len(labels), -1)
+    for site in range(num_sites):
+        owner[
+            share.site_pool(
+                labels.numpy(), seed=seed, partition_id=site, num_partitions=num_sites
+            )
+        ] = site
+    node_site = {
+        str(int(node)): int(owner[int(ident)])
+        for node, ident in zip(buffer["sites"], buffer["ids"], strict=True)
+        if int(node) != SERVER_SITE
+    }
+    noisy = share.noisy_sites()
+    rounds = []
+    for measured in execution[1:]:
+        counts = {"noisy": 0, "clean_max": 0}
+        for node, count in measured["suspect_labels_by_node"].items():
+            site = node_site.get(node, -1)
+            if noisy is None or site in noisy:
+                counts["noisy"] += count
+            else:
+                counts["clean_max"] = max(counts["clean_max"], count)
+        rounds.append(counts)
+    return rounds
 
 
 def run_sites(
@@ -89,14 +149,27 @@ def run_sites(
     protocol: Protocol,
     rho: float = 0.05,
     schemes: list[Scheme] = PAPER_SCHEMES,
+    label_noise: LabelNoise = CLEAN,
+    noisy_sites: str = "all",
 ) -> dict[str, Any]:
-    """Run each (scheme, seed) not on disk yet; summarise as for the paper's runs."""
+    """Run each (scheme, seed) not on disk yet; summarise as for the paper's runs.
+
+    With ``label_noise``, the sites ``noisy_sites`` names (``"all"`` or
+    partition ids, comma-separated) hold flipped labels, and each round's
+    record says how many uploads the server's audit found suspect at those
+    sites (``suspect_noisy``) and at the most suspect other site
+    (``suspect_clean_max``).
+    """
     name = f"sites-{partitioner}"
     runs_dir = out_dir / ("runs-short" if protocol == SHORT else "runs")
     runs_dir.mkdir(parents=True, exist_ok=True)
     split = (
         f"{partitioner}{alpha if partitioner == 'dirichlet' else ''}-{num_sites}sites"
     )
+    if label_noise.fraction:
+        kind = "" if label_noise.kind == "symmetric" else f"-{label_noise.kind}"
+        where = "" if noisy_sites == "all" else f"-at{noisy_sites.replace(',', '+')}"
+        split += f"-noise{label_noise.fraction}{kind}{where}"
     paths = []
     for scheme in schemes:
         for seed in seeds:
@@ -115,6 +188,9 @@ def run_sites(
                     "dirichlet-alpha": alpha,
                     "data-dir": data_dir,
                     "min-nodes": num_sites,
+                    "label-noise": label_noise.fraction,
+                    "label-noise-kind": label_noise.kind,
+                    "label-noise-sites": noisy_sites,
                 },
             )
             meta = {
@@ -127,15 +203,24 @@ def run_sites(
                 "sites": num_sites,
                 "partitioner": partitioner,
                 "alpha": alpha,
+                "label_noise": label_noise.fraction,
+                "label_noise_kind": label_noise.kind,
+                "noisy_sites": noisy_sites,
             }
+            rounds, execution, buffer = simulate(dataset, num_sites, words(config))
+            audits = [{}] * len(rounds)
+            if label_noise.fraction:
+                share = SiteShareConfig.from_config({**config, "dataset": dataset})
+                audits = [{}] + audit_by_site(share, seed, num_sites, execution, buffer)
             records, samples, size = [], 0, 0
-            for r in simulate(dataset, num_sites, config):
+            for r, audit in zip(rounds, audits, strict=True):
                 samples += r["samples_received"]
                 size += r["bytes_received"]
                 records.append(
                     {
                         **meta,
                         **r,
+                        **{f"suspect_{k}": v for k, v in audit.items()},
                         "samples": r["samples_received"],
                         "bytes": r["bytes_received"],
                         "samples_total": samples,
@@ -169,6 +254,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rho", type=float, default=0.05)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--short", action="store_true", help="small folds, 3 rounds")
+    parser.add_argument(
+        "--label-noise", type=float, default=0.0, help="share of labels flipped"
+    )
+    parser.add_argument("--label-noise-kind", default="symmetric", choices=NOISE_KINDS)
+    parser.add_argument(
+        "--noisy-sites", default="all", help='"all" or partition ids, e.g. "0,3"'
+    )
+    parser.add_argument(
+        "--policies",
+        nargs="+",
+        default=[s.policy for s in PAPER_SCHEMES],
+        choices=sorted(POLICIES),
+        help="the schemes run (default: the paper's three)",
+    )
     args = parser.parse_args(argv)
     protocol = SHORT if args.short else PROTOCOLS[args.dataset]
     run_sites(
@@ -181,6 +280,9 @@ def main(argv: list[str] | None = None) -> None:
         seeds=args.seeds,
         protocol=protocol,
         rho=args.rho,
+        schemes=[Scheme(policy, policy) for policy in args.policies],
+        label_noise=LabelNoise(args.label_noise, args.label_noise_kind),
+        noisy_sites=args.noisy_sites,
     )
 
 

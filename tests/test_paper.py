@@ -207,3 +207,36 @@ def test_runs_side_by_side_give_the_same_records_as_one_after_another(data, tmp_
     for run in runs:
         side_by_side = tmp_path / "two" / "runs-short" / run.name
         assert side_by_side.read_bytes() == run.read_bytes()
+
+
+def test_the_sites_audit_is_told_apart_by_the_samples_each_node_sent(mnist_dir):
+    from flwr_select.partition import SiteShareConfig
+    from simulations.sites import audit_by_site
+
+    # Prepare: 3 IID sites, site 1 noisy; nodes 11, 22, 33 hold sites 2, 1, 0
+    share = SiteShareConfig(
+        data_dir=str(mnist_dir),
+        validation_size=1000,
+        initial_size=1000,
+        pool_size=3000,
+        num_server_rounds=3,
+        label_noise=0.3,
+        label_noise_sites="1",
+    )
+    labels = Data("mnist", mnist_dir).labels.numpy()
+    pools = [
+        share.site_pool(labels, seed=0, partition_id=i, num_partitions=3)
+        for i in range(3)
+    ]
+    buffer = {
+        "sites": np.array([0, 11, 22, 33, 22]),
+        "ids": np.array([7, pools[2][0], pools[1][5], pools[0][9], pools[1][6]]),
+    }
+    execution = [
+        {"round": 0, "suspect_labels_by_node": {}},
+        {"round": 1, "suspect_labels_by_node": {"11": 2, "22": 40, "33": 5}},
+    ]
+    # Execute / Assert: the noisy site's count, and the most of the clean ones
+    assert audit_by_site(share, 0, 3, execution, buffer) == [
+        {"noisy": 40, "clean_max": 5}
+    ]
