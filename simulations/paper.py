@@ -171,15 +171,23 @@ def new_server(
     )
 
 
-@functools.lru_cache(maxsize=8)
 def initial_state(data: Data, protocol: Protocol, seed: int) -> dict[str, Tensor]:
     """Return the seed's initial model, trained once per process and remembered.
 
     Every scheme, rho and noise level of a seed starts from the same model (the
     server's own samples stay clean), and training is seeded per call, so the
     remembered model is the one each run would train anew, to the bit; it is the
-    largest share of a run's time under the ``small-data`` recipe.
+    largest share of a run's time under the ``small-data`` recipe. Float sums
+    depend on the thread count, so a model is remembered per thread count.
     """
+    return _trained_initial_state(data, protocol, seed, torch.get_num_threads())
+
+
+@functools.lru_cache(maxsize=8)
+def _trained_initial_state(
+    data: Data, protocol: Protocol, seed: int, threads: int
+) -> dict[str, Tensor]:
+    """:func:`initial_state`, remembered by its arguments and the thread count."""
     server = new_server(data, protocol, SelectionConfig(seed=seed))
     initial = protocol_split(data, protocol, seed).initial
     training = protocol.training()
