@@ -39,6 +39,18 @@ class LabelNoise:
         if self.kind not in NOISE_KINDS:
             raise ValueError(f"unknown label-noise kind {self.kind!r}")
 
+    @property
+    def tag(self) -> str:
+        """Return the noise as a file-name part: ``""`` (clean), ``"-noise0.2"``...
+
+        >>> LabelNoise(0.2, "asymmetric").tag
+        '-noise0.2-asymmetric'
+        """
+        if not self.fraction:
+            return ""
+        kind = "" if self.kind == "symmetric" else f"-{self.kind}"
+        return f"-noise{self.fraction}{kind}"
+
     def flip(
         self, labels: torch.Tensor, positions: np.ndarray, seed: int, num_classes: int
     ) -> tuple[torch.Tensor, np.ndarray]:

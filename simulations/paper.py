@@ -268,9 +268,7 @@ def run_path(
     label_noise: LabelNoise,
 ) -> Path:
     """Where one run's records live; experiments that share a run share the file."""
-    noise = f"-noise{label_noise.fraction}" if label_noise.fraction else ""
-    if label_noise.fraction and label_noise.kind != "symmetric":
-        noise += f"-{label_noise.kind}"
+    noise = label_noise.tag
     name = f"{dataset}-{recipe}-{scheme.label}-rho{rho}-seed{seed}{noise}.jsonl"
     return runs_dir / name
 

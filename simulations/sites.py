@@ -166,10 +166,10 @@ def run_sites(
     split = (
         f"{partitioner}{alpha if partitioner == 'dirichlet' else ''}-{num_sites}sites"
     )
-    if label_noise.fraction:
-        kind = "" if label_noise.kind == "symmetric" else f"-{label_noise.kind}"
-        where = "" if noisy_sites == "all" else f"-at{noisy_sites.replace(',', '+')}"
-        split += f"-noise{label_noise.fraction}{kind}{where}"
+    if label_noise.fraction and noisy_sites != "all":
+        split += f"{label_noise.tag}-at{noisy_sites.replace(',', '+')}"
+    else:
+        split += label_noise.tag
     paths = []
     for scheme in schemes:
         for seed in seeds:
