@@ -31,8 +31,12 @@ SITE_KEYS = {
     "num-server-rounds",
     "partitioner",
     "dirichlet-alpha",
+    "label-noise",
+    "label-noise-kind",
+    "label-noise-sites",
 }
-"""The keys sites were sent before the dataclass: a checkpoint's settings hold them."""
+"""The keys sites are sent: a checkpoint's settings hold them (the last three since
+issue 15; an older checkpoint is refused on resume, naming them)."""
 WORKER_KEYS = {
     "dataset",
     "data-dir",
@@ -155,9 +159,16 @@ def test_the_workers_get_the_checked_settings_share_config_and_read_it_back(
     assert set(seen["worker_config"]) == {*WORKER_KEYS - {"seed"}, "num-classes"}
     # Assert: a worker reads the same back and finds its share
     received = ConfigRecord(
-        {**seen["worker_config"], **sampling.to_config(), "server-round": 1}
+        {
+            **seen["worker_config"],
+            **sampling.to_config(),
+            "server-round": 1,
+            "worker-index": 0,
+            "num-workers": 2,
+        }
     )
     assert ShareConfig.from_config(received) == expected
-    samples = load_worker_data(simulated_node(0, 2), received)
+    # the share follows the worker index the server gave, not the node's partition
+    samples = load_worker_data(simulated_node(1, 2), received)
     split = paper_split(60_000, seed=7, validation=1000, initial=0, pool=600)
     np.testing.assert_array_equal(samples.ids.numpy(), site_partition(split.pool, 0, 2))

@@ -43,6 +43,7 @@ def test_defaults():
         "compress": False,
         "group": "",
         "temperature": 1.0,
+        "trim": 0.01,
         "seed": 0,
     }
 
@@ -57,6 +58,7 @@ def test_to_config_uses_the_run_config_spellings():
         "compress": True,
         "group": "wrong-confident",
         "temperature": 0.5,
+        "trim": 0.01,
         "seed": 7,
     }
 
