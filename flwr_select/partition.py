@@ -22,7 +22,7 @@ import torch
 from flwr_select.config import RunConfigFields, check, check_name
 from flwr_select.data import DATASETS
 from flwr_select.models import MODELS
-from flwr_select.noise import NOISE_KINDS, flip_labels
+from flwr_select.noise import NOISE_KINDS, LabelNoise
 
 PARTITIONERS = ("iid", "dirichlet")
 """Names :func:`partition_pool` accepts (the run-config key ``partitioner``)."""
@@ -257,9 +257,9 @@ class SiteShareConfig(ShareConfig):
         sites = self.noisy_sites()
         if not self.label_noise or (sites is not None and partition_id not in sites):
             return labels
+        noise = LabelNoise(self.label_noise, self.label_noise_kind)
         pool = self.split(len(labels), seed=seed).pool
-        kind = self.label_noise_kind
-        return flip_labels(labels, pool, self.label_noise, seed, num_classes, kind)[0]
+        return noise.flip(labels, pool, seed, num_classes)[0]
 
     def split(self, num_samples: int, *, seed: int) -> PaperSplit:
         """Return the :func:`paper_split` of the training set these keys describe.
