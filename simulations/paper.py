@@ -338,14 +338,17 @@ def run_experiment(
     seeds: list[int],
     rhos: list[float] | None = None,
     workers: int = 1,
+    schemes: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run every (scheme, rho, seed) of experiment ``name`` not on disk yet; summarise.
 
     Runs live in ``out_dir/runs-<protocol>`` so that experiments share them (Fig. 4a's
     are a subset of Fig. 4b's) and an interrupted experiment resumes; ``workers``
-    processes run them side by side (:func:`run_jobs`).
+    processes run them side by side (:func:`run_jobs`). ``schemes`` (labels) keeps
+    only those of the experiment's lines, in runs and summary alike.
     """
     spec = EXPERIMENTS[name]
+    chosen = [s for s in spec["schemes"] if schemes is None or s.label in schemes]
     runs_dir = out_dir / ("runs-short" if protocol == SHORT else "runs")
     runs_dir.mkdir(parents=True, exist_ok=True)
     noise = spec.get("label_noise", CLEAN)
@@ -353,7 +356,7 @@ def run_experiment(
         (s, r, seed)
         for seed in seeds
         for r in rhos or spec["rhos"]
-        for s in spec["schemes"]
+        for s in chosen
     ]
 
     def path_of(job: Job) -> Path:
@@ -423,6 +426,9 @@ def main(argv: list[str] | None = None) -> None:
         "--rhos", type=float, nargs="+", default=None, help="override the rhos"
     )
     parser.add_argument(
+        "--schemes", nargs="+", default=None, help="run only these of its lines"
+    )
+    parser.add_argument(
         "--short", action="store_true", help="small folds, 3 rounds, 2 rhos"
     )
     parser.add_argument(
@@ -441,6 +447,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    labels = [s.label for s in EXPERIMENTS[args.experiment]["schemes"]]
+    unknown = sorted(set(args.schemes or []) - set(labels))
+    if unknown:
+        parser.error(f"--schemes: {args.experiment} has no {unknown}; it has {labels}")
     dataset = args.dataset or EXPERIMENTS[args.experiment].get("dataset", "mnist")
     protocol = SHORT if args.short else PROTOCOLS[dataset]
     if args.recipe:
@@ -457,6 +467,7 @@ def main(argv: list[str] | None = None) -> None:
         args.seeds,
         rhos,
         workers=args.jobs,
+        schemes=args.schemes,
     )
 
 

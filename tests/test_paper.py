@@ -112,6 +112,14 @@ def test_proxy_is_no_worse_than_uniform_at_rho_005_over_seeds(data, out):
     assert wrong["proxy"] > 2 * wrong["uniform"]
 
 
+def test_a_subset_of_schemes_runs_and_summarises_only_those(data, out):
+    # seed 0 of fig4a is on disk from the first test: nothing runs, one line remains
+    before = set(runs_of(out))
+    summary = run_experiment("fig4a", data, SHORT, out, seeds=[0], schemes=["proxy"])
+    assert {line["scheme"] for line in summary["lines"].values()} == {"proxy"}
+    assert set(runs_of(out)) == before
+
+
 def test_rounds_to_target_and_equivalence_arithmetic():
     assert rounds_to([0.97, 0.985, 0.99, 0.991], 0.989) == 2
     assert rounds_to([0.97, 0.98], 0.989) is None
