@@ -353,10 +353,7 @@ def run_experiment(
     runs_dir.mkdir(parents=True, exist_ok=True)
     noise = spec.get("label_noise", CLEAN)
     jobs = [  # seed first: a worker's runs of one seed share the initial model
-        (s, r, seed)
-        for seed in seeds
-        for r in rhos or spec["rhos"]
-        for s in chosen
+        (s, r, seed) for seed in seeds for r in rhos or spec["rhos"] for s in chosen
     ]
 
     def path_of(job: Job) -> Path:
