@@ -42,7 +42,7 @@ from flwr_select.selection.ledger import SiteLedger
 from flwr_select.selection.policies import GROUPS
 from flwr_select.selection.protocol import SelectionConfig
 from flwr_select.selection.scores import CONFIDENCE_METRICS
-from flwr_select.selection.server import SelectionServer
+from flwr_select.selection.server import SelectionServer, site_report
 from flwr_select.selection.site import site_round
 from simulations.experiments import Data, write_run
 from simulations.recipes import DATASET_RECIPES, RECIPES
@@ -237,7 +237,7 @@ def run_site(
                 site_key=SITE,
                 ledger=ledger,
             )
-            handed = (upload, len(site))  # what a reply message would carry
+            handed = (upload, site_report(sent))  # what a reply message carries
             received = server.accept_uploads(
                 server_round, [(SITE, lambda handed=handed: handed)], asked=[SITE]
             )

@@ -271,14 +271,14 @@ class RoundLog:
             for key in PROGRESS_KEYS
             if isinstance(record.get(key), int | float)
         )
-        suspects = {
-            node: count
-            for node, count in (measured or {})
-            .get("suspect_labels_by_node", {})
-            .items()
-            if count
-        }
-        by_node = f", suspect labels by node {suspects}" if suspects else ""
+        by_node = "".join(
+            f", {words} by node {counts}"
+            for words, key in (
+                ("suspect labels", "suspect_labels_by_node"),
+                ("suspect candidates", "suspect_candidates_by_node"),
+            )
+            if (counts := {n: c for n, c in (measured or {}).get(key, {}).items() if c})
+        )
         print(
             f"round {record['round']:>3}: accuracy {record['accuracy']:.4f}, "
             f"{extras}{by_node}",
@@ -342,6 +342,7 @@ def run(grid: Grid, config: Mapping[str, Any]) -> None:
         for key in ("sites-accepted", "sites-rejected", "sites-failed"):
             record[key.replace("-", "_")] = int(metrics.get(key, 0))
         record["suspect_labels"] = int(metrics.get("suspect-labels", 0))
+        record["suspect_candidates"] = int(metrics.get("suspect-candidates", 0))
         record["model_updated"] = int("train-loss" in metrics)
         record["train_loss"] = metrics.get("train-loss")
         record["buffer_size"] = len(strategy.buffer)
@@ -351,6 +352,7 @@ def run(grid: Grid, config: Mapping[str, Any]) -> None:
                 "server_peak_rss_bytes": peak_rss_bytes(),
                 "samples_received_by_node": by_node(metrics, "samples-received"),
                 "suspect_labels_by_node": by_node(metrics, "suspect-labels"),
+                "suspect_candidates_by_node": by_node(metrics, "suspect-candidates"),
             },
         )
         return MetricRecord(

@@ -103,10 +103,12 @@ def audit_by_site(
     execution: list[dict[str, Any]],
     buffer: dict[str, Any],
 ) -> list[dict[str, int]]:
-    """Return, per round, the audit's count at the noisy sites and the clean ones' most.
+    """Return, per round, suspect counts at the noisy sites and the clean ones' most.
 
-    The engine's node ids are new every run; a node is told apart by the
-    samples it uploaded, which lie in exactly one site's share.
+    ``suspect_*`` are the server's audit of the uploads, ``reported_*`` what
+    the sites said of all their candidates. The engine's node ids are new every
+    run; a node is told apart by the samples it uploaded, which lie in exactly
+    one site's share.
     """
     labels = load_dataset(
         share.dataset, resolve_data_dir(share.dataset, share.data_dir), "train"
@@ -126,13 +128,17 @@ def audit_by_site(
     noisy = share.noisy_sites()
     rounds = []
     for measured in execution[1:]:
-        counts = {"noisy": 0, "clean_max": 0}
-        for node, count in measured["suspect_labels_by_node"].items():
-            site = node_site.get(node, -1)
-            if noisy is None or site in noisy:
-                counts["noisy"] += count
-            else:
-                counts["clean_max"] = max(counts["clean_max"], count)
+        counts = {}
+        for key, name in (("labels", "suspect"), ("candidates", "reported")):
+            counts |= {f"{name}_noisy": 0, f"{name}_clean_max": 0}
+            for node, count in measured[f"suspect_{key}_by_node"].items():
+                site = node_site.get(node, -1)
+                if noisy is None or site in noisy:
+                    counts[f"{name}_noisy"] += count
+                else:
+                    counts[f"{name}_clean_max"] = max(
+                        counts[f"{name}_clean_max"], count
+                    )
         rounds.append(counts)
     return rounds
 
@@ -158,7 +164,8 @@ def run_sites(
     partition ids, comma-separated) hold flipped labels, and each round's
     record says how many uploads the server's audit found suspect at those
     sites (``suspect_noisy``) and at the most suspect other site
-    (``suspect_clean_max``).
+    (``suspect_clean_max``), and the same of the candidates as the sites
+    reported them (``reported_noisy``, ``reported_clean_max``).
     """
     name = f"sites-{partitioner}"
     runs_dir = out_dir / ("runs-short" if protocol == SHORT else "runs")
@@ -220,7 +227,7 @@ def run_sites(
                     {
                         **meta,
                         **r,
-                        **{f"suspect_{k}": v for k, v in audit.items()},
+                        **audit,
                         "samples": r["samples_received"],
                         "bytes": r["bytes_received"],
                         "samples_total": samples,

@@ -23,7 +23,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from flwr_select.npy import NpyError, header_of
-from flwr_select.selection.server import SelectionServer, candidates_in
+from flwr_select.selection.server import SelectionServer, SiteReport, site_report
 from flwr_select.selection.wire import IDS, IMAGES, LABELS, UploadError
 from strategies.nodes import digest_of
 
@@ -49,8 +49,8 @@ def site_key(cid: str) -> int:
     return int.from_bytes(hashlib.sha256(cid.encode()).digest()[:8], "big")
 
 
-def unpack_fit_res(res: FitRes) -> tuple[ArrayRecord, object]:
-    """Return the upload in a ``FitRes`` as wire arrays, and its ``num-candidates``.
+def unpack_fit_res(res: FitRes) -> tuple[ArrayRecord, SiteReport]:
+    """Return the upload in a ``FitRes`` as wire arrays, and the site's report.
 
     The parameters are three ``.npy`` byte strings ``[images, labels, ids]``;
     only their headers are read here (to name each array's dtype and shape),
@@ -77,7 +77,7 @@ def unpack_fit_res(res: FitRes) -> tuple[ArrayRecord, object]:
         except (NpyError, TypeError) as err:
             raise UploadError(f"{name} is not a readable array: {err}") from None
         arrays[name] = Array(str(dtype), shape, "numpy.ndarray", bytes(data))
-    return ArrayRecord(arrays), candidates_in(res.metrics)
+    return ArrayRecord(arrays), site_report(res.metrics)
 
 
 class LegacySampleSelection(Strategy):

@@ -20,7 +20,7 @@ from flwr_select.selection.protocol import (
     UPLOAD_KEY,
     request,
 )
-from flwr_select.selection.server import SelectionServer, candidates_in
+from flwr_select.selection.server import SelectionServer, SiteReport, site_report
 from flwr_select.selection.wire import UploadError
 from flwr_select.trainer import TrainConfig
 from strategies.nodes import (
@@ -141,8 +141,8 @@ class SampleSelection(TrainOnlyFedAvg, SelectionServer):
         ]
 
     @staticmethod
-    def unpack_reply(reply: Message) -> tuple[ArrayRecord, object]:
-        """Return a reply's upload and ``num-candidates``, or raise ``UploadError``.
+    def unpack_reply(reply: Message) -> tuple[ArrayRecord, SiteReport]:
+        """Return a reply's upload and the site's report, or raise ``UploadError``.
 
         Exactly an upload ArrayRecord and a MetricRecord of ``SITE_METRICS``
         keys; the upload itself is checked by :meth:`check_upload`.
@@ -151,7 +151,7 @@ class SampleSelection(TrainOnlyFedAvg, SelectionServer):
         exact_content(
             content, {UPLOAD_KEY: ArrayRecord, METRICS_KEY: MetricRecord}, UploadError
         )
-        return content[UPLOAD_KEY], candidates_in(content[METRICS_KEY])
+        return content[UPLOAD_KEY], site_report(content[METRICS_KEY])
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -29,6 +29,7 @@ from flwr_select.data import SiteData
 from flwr_select.models import build_model
 from flwr_select.selection.buffer import TrainingBuffer
 from flwr_select.selection.protocol import METRICS_KEY, UPLOAD_KEY, SelectionConfig
+from flwr_select.selection.server import SiteReport
 from flwr_select.selection.wire import ZSTD, encode
 from flwr_select.trainer import TrainConfig
 from strategies.sample_selection import SampleSelection
@@ -62,8 +63,12 @@ def good_upload(site: int, count: int = SENT, compress: bool = False) -> ArrayRe
 
 def content(upload: ArrayRecord, candidates: object = N, **extra) -> RecordDict:
     """A reply's content: the upload, the site's metrics, and any ``extra`` records."""
-    metrics = MetricRecord({"num-candidates": candidates})
-    return RecordDict({UPLOAD_KEY: upload, METRICS_KEY: metrics, **extra})
+    return reported(upload, {"num-candidates": candidates}, **extra)
+
+
+def reported(upload: ArrayRecord, metrics: dict, **extra) -> RecordDict:
+    """A reply's content: the upload, the site's ``metrics`` and ``extra`` records."""
+    return RecordDict({UPLOAD_KEY: upload, METRICS_KEY: MetricRecord(metrics), **extra})
 
 
 def with_array(upload: ArrayRecord, name: str, array: Array) -> ArrayRecord:
@@ -183,13 +188,18 @@ def attacks() -> dict[str, tuple[Callable[[ArrayRecord], RecordDict], str]]:
             r"got 'metrics' \(MetricRecord\), 'note' \(ConfigRecord\)",
         ),
         "an unknown metric": (
-            lambda upload: RecordDict(
-                {
-                    UPLOAD_KEY: upload,
-                    METRICS_KEY: MetricRecord({"num-candidates": N, "bonus": 1}),
-                }
-            ),
+            lambda upload: reported(upload, {"num-candidates": N, "bonus": 1}),
             "the metrics hold num-candidates and some of",
+        ),
+        "more suspect candidates than candidates": (
+            lambda upload: reported(
+                upload, {"num-candidates": N, "num-suspect": N + 1}
+            ),
+            rf"num-suspect must be an int in \[0, num-candidates = {N}\], got {N + 1}",
+        ),
+        "a suspect count that is not an int": (
+            lambda upload: reported(upload, {"num-candidates": N, "num-suspect": -0.5}),
+            r"num-suspect must be an int in .*, got -0.5",
         ),
         "the upload as a ConfigRecord": (
             lambda upload: RecordDict(
@@ -378,13 +388,13 @@ def fuzz(
 
 def submit_upload(strategy: SampleSelection, record: ArrayRecord) -> dict:
     """Hand ``record`` to the strategy as site 3's upload of round 2."""
-    return strategy.accept_uploads(2, [(3, lambda: (record, N))])
+    return strategy.accept_uploads(2, [(3, lambda: (record, SiteReport(N)))])
 
 
 def peak_rss_growth(max_examples: int) -> dict[str, int]:
     """Fuzz a warmed-up strategy; return the examples run and the peak RSS growth."""
     strategy = make_strategy()
-    strategy.accept_uploads(1, [(1, lambda: (good_upload(1), N))])  # trains once
+    strategy.accept_uploads(1, [(1, lambda: (good_upload(1), SiteReport(N)))])
     for record in (good_upload(2), good_upload(2, compress=True)):
         submit_upload(strategy, record)  # warms every code path up (rejected twice)
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr_select.files import read_json_lines
 from flwr_select.selection.checkpoint import latest
 from flwr_select.selection.protocol import CONFIG_KEY, MESSAGE_TYPE, MODEL_KEY
+from flwr_select.selection.server import SiteReport
 from tests.hostile import (
     SENT,
     attacks,
@@ -40,7 +41,7 @@ def reply(node: int, reply_content: RecordDict) -> Message:
 def holding_strategy():
     """A strategy whose buffer already holds one site's accepted upload."""
     strategy = make_strategy()
-    strategy.accept_uploads(1, [(1, lambda: (good_upload(1), 100))])
+    strategy.accept_uploads(1, [(1, lambda: (good_upload(1), SiteReport(100)))])
     return strategy
 
 

@@ -241,10 +241,19 @@ def test_the_sites_audit_is_told_apart_by_the_samples_each_node_sent(mnist_dir):
         "ids": np.array([7, pools[2][0], pools[1][5], pools[0][9], pools[1][6]]),
     }
     execution = [
-        {"round": 0, "suspect_labels_by_node": {}},
-        {"round": 1, "suspect_labels_by_node": {"11": 2, "22": 40, "33": 5}},
+        {"round": 0, "suspect_labels_by_node": {}, "suspect_candidates_by_node": {}},
+        {
+            "round": 1,
+            "suspect_labels_by_node": {"11": 2, "22": 40, "33": 5},
+            "suspect_candidates_by_node": {"11": 9, "22": 300, "33": 4},
+        },
     ]
     # Execute / Assert: the noisy site's count, and the most of the clean ones
     assert audit_by_site(share, 0, 3, execution, buffer) == [
-        {"noisy": 40, "clean_max": 5}
+        {
+            "suspect_noisy": 40,
+            "suspect_clean_max": 5,
+            "reported_noisy": 300,
+            "reported_clean_max": 9,
+        }
     ]

@@ -294,10 +294,13 @@ def test_a_site_with_flipped_labels_is_named_by_the_audit_in_every_round(
     moved = sent["labels"] != labels.numpy()[sent["ids"]]
     noisy_nodes = {int(site) for site in sent["sites"][moved]}
     (noisy,) = noisy_nodes
+    # the server's audit of the uploads, and the sites' own count of their candidates
     for measured in read_json_lines(tmp_path / "execution.jsonl")[1:]:
-        suspects = {int(k): v for k, v in measured["suspect_labels_by_node"].items()}
-        clean = max(v for node, v in suspects.items() if node != noisy)
-        assert suspects[noisy] > 5 * max(clean, 1)
-        assert f"'{noisy}': {suspects[noisy]}" in done.stdout  # the progress line
+        for key in ("suspect_labels_by_node", "suspect_candidates_by_node"):
+            suspects = {int(k): v for k, v in measured[key].items()}
+            clean = max(v for node, v in suspects.items() if node != noisy)
+            assert suspects[noisy] > 5 * max(clean, 1)
+            assert f"'{noisy}': {suspects[noisy]}" in done.stdout  # the progress line
     records = read_json_lines(tmp_path / "rounds.jsonl")
     assert all(r["suspect_labels"] > 0 for r in records[1:])
+    assert all(r["suspect_candidates"] >= r["suspect_labels"] for r in records[1:])

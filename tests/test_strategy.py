@@ -26,6 +26,7 @@ from flwr_select.selection.protocol import (
     UPLOAD_KEY,
 )
 from flwr_select.selection.protocol import request as selection_request
+from flwr_select.selection.server import SiteReport
 from flwr_select.selection.wire import ZSTD, encode, wire_bytes
 from strategies.nodes import EverySiteFailed
 from strategies.sample_selection import SampleSelection
@@ -331,9 +332,9 @@ def test_an_upload_over_the_servers_byte_cap_is_rejected_whatever_the_budget(
     assert "exceed the cap of" in caplog.text and "node 3" in caplog.text
 
 
-def corrupted(upload: dict, data) -> tuple[dict, object]:
+def corrupted(upload: dict, data) -> tuple[dict, SiteReport]:
     """One corruption, drawn by hypothesis, that no server may accept."""
-    arrays, candidates = dict(upload), N
+    arrays, report = dict(upload), SiteReport(N)
     count = len(arrays["labels"].numpy())
     kind = data.draw(
         st.sampled_from(
@@ -350,6 +351,7 @@ def corrupted(upload: dict, data) -> tuple[dict, object]:
                 "scores",
                 "bytes",
                 "candidates",
+                "suspect",
             ]
         )
     )
@@ -409,13 +411,22 @@ def corrupted(upload: dict, data) -> tuple[dict, object]:
         arrays[name] = Array(
             dtype=array.dtype, shape=array.shape, stype=array.stype, data=raw
         )
-    else:  # a site that claims too few candidates for its count, or not a number
-        candidates = data.draw(
-            st.one_of(
-                st.integers(-(2**40), 10 * count - 1), st.floats(), st.text(max_size=4)
+    elif kind == "candidates":  # too few candidates for its count, or not a number
+        report = SiteReport(
+            data.draw(
+                st.one_of(
+                    st.integers(-(2**40), 10 * count - 1),
+                    st.floats(),
+                    st.text(max_size=4),
+                )
             )
         )
-    return arrays, candidates
+    else:  # more suspect candidates than candidates, fewer than none, or not a number
+        suspect = st.one_of(
+            st.integers(max_value=-1), st.integers(min_value=N + 1), st.floats()
+        )
+        report = SiteReport(N, data.draw(suspect))
+    return arrays, report
 
 
 @given(data=st.data())
@@ -423,10 +434,10 @@ def test_no_corrupted_upload_touches_the_buffer_or_the_model(data, accepted_stra
     # Prepare: a strategy that already holds one site's accepted upload
     strategy = accepted_strategy
     held = (strategy.buffer.to_arrays(), weights(strategy))
-    arrays, candidates = corrupted(dict(good_upload(3).items()), data)
+    arrays, report = corrupted(dict(good_upload(3).items()), data)
     record = ArrayRecord(arrays)
     # Execute
-    metrics = strategy.accept_uploads(2, [(3, lambda: (record, candidates))])
+    metrics = strategy.accept_uploads(2, [(3, lambda: (record, report))])
     # Assert
     assert metrics["sites-rejected"] == 1 and metrics["sites-accepted"] == 0
     assert "train-loss" not in metrics
@@ -441,7 +452,7 @@ def test_no_corrupted_upload_touches_the_buffer_or_the_model(data, accepted_stra
 @pytest.fixture(scope="module")
 def accepted_strategy():
     strategy = make_strategy()
-    strategy.accept_uploads(1, [(3, lambda: (good_upload(3, 5), N))])
+    strategy.accept_uploads(1, [(3, lambda: (good_upload(3, 5), SiteReport(N)))])
     assert len(strategy.buffer) == 5
     return strategy
 
@@ -514,7 +525,7 @@ def test_the_audit_counts_per_site_the_labels_the_model_calls_wrong():
 
     def upload(site, labels):
         data = SiteData(images, labels, 10, ids=torch.arange(SENT) + 1000 * site)
-        return lambda: (encode(data), N)
+        return lambda: (encode(data), SiteReport(N, 7 * site))
 
     # Execute
     metrics = strategy.accept_uploads(
@@ -525,3 +536,8 @@ def test_the_audit_counts_per_site_the_labels_the_model_calls_wrong():
     assert metrics["sites-accepted"] == 2 and moved == len(range(0, SENT, 3))
     assert metrics["suspect-labels.1"] == 0
     assert metrics["suspect-labels.2"] == moved == metrics["suspect-labels"]
+    # and what the sites said of their candidates is kept beside it, per site
+    assert (
+        metrics["suspect-candidates.1"] == 7 and metrics["suspect-candidates.2"] == 14
+    )
+    assert metrics["suspect-candidates"] == 21

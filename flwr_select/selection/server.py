@@ -16,6 +16,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import fields
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -34,8 +35,18 @@ from flwr_select.trainer import TrainConfig, TrainResult, train
 
 logger = logging.getLogger("flwr.select")
 
-Upload = tuple[int, Callable[[], tuple[ArrayRecord, object]]]
-"""A site key and a function that returns its upload and ``num-candidates``."""
+
+class SiteReport(NamedTuple):
+    """What a site's reply says of its candidates, unchecked (:func:`site_report`)."""
+
+    candidates: object
+    """``num-candidates``: the samples it trial-tested; its budget follows from it."""
+    suspect: object = None
+    """``num-suspect``: those whose label the model calls likely wrong, or None."""
+
+
+Upload = tuple[int, Callable[[], tuple[ArrayRecord, SiteReport]]]
+"""A site key and a function that returns its upload and :class:`SiteReport`."""
 
 SERVER_SITE = 0
 """The buffer's site key for samples the server holds itself (the initial set)."""
@@ -48,6 +59,7 @@ SITE_METRICS = frozenset(
         "num-selected-wrong",
         "trial-accuracy",
         "upload-bytes",
+        "num-suspect",
     }
 )
 """The metrics a site's reply may carry (see ``selection.site.site_round``)."""
@@ -62,21 +74,38 @@ TRAINING_KEYS = frozenset(
 """Names of the server's training settings, as a Python or a run-config key."""
 
 
-def candidates_in(metrics: Mapping[str, object]) -> object:
-    """Return a site's ``num-candidates``; refuse metrics beyond :data:`SITE_METRICS`.
+def site_report(metrics: Mapping[str, object]) -> SiteReport:
+    """Return a site's report; refuse metrics beyond :data:`SITE_METRICS`.
 
     Raises
     ------
     UploadError
-        If a key is unknown or ``num-candidates`` is missing (its value is
-        checked with the upload, by :meth:`SelectionServer.check_upload`).
+        If a key is unknown or ``num-candidates`` is missing (the values are
+        checked with the upload, by :meth:`SelectionServer.accept_uploads`).
     """
     if not set(metrics) <= SITE_METRICS or "num-candidates" not in metrics:
         raise UploadError(
             f"the metrics hold num-candidates and some of {sorted(SITE_METRICS)}; "
             f"got {sorted(metrics)}"
         )
-    return metrics["num-candidates"]
+    return SiteReport(metrics["num-candidates"], metrics.get("num-suspect"))
+
+
+def check_suspect(report: SiteReport) -> int | None:
+    """Return a report's ``num-suspect`` (None if unsaid), an int in [0, candidates].
+
+    Call it after :meth:`SelectionServer.check_upload`, which checks
+    ``num-candidates``. Raises ``UploadError`` for any other value.
+    """
+    suspect, candidates = report.suspect, report.candidates
+    if suspect is None:
+        return None
+    if type(suspect) is not int or not 0 <= suspect <= candidates:
+        raise UploadError(
+            f"num-suspect must be an int in [0, num-candidates = {candidates}], "
+            f"got {suspect!r}"
+        )
+    return suspect
 
 
 class SelectionServer:
@@ -290,7 +319,7 @@ class SelectionServer:
         server_round : int
         uploads : iterable of (site, unpack)
             ``unpack()`` returns the upload's ArrayRecord and the site's
-            ``num-candidates``.
+            :class:`SiteReport`.
         failures : int (default: 0)
             Sites that failed instead of replying (``sites-failed``).
         asked : iterable of int (default: ())
@@ -302,6 +331,9 @@ class SelectionServer:
         dict
             The round's metrics, also kept in :attr:`rounds`; ``train-loss`` is
             there only if the model was trained (else it is unchanged).
+            ``suspect-labels`` counts the uploads the server's :meth:`audit`
+            calls likely mislabelled, ``suspect-candidates`` what the sites say
+            of all their candidates (``num-suspect``), both also per site.
         """
         metrics: dict[str, int | float] = {
             "samples-received": 0,
@@ -310,12 +342,14 @@ class SelectionServer:
             "sites-rejected": 0,
             "sites-failed": failures,
             "suspect-labels": 0,
+            "suspect-candidates": 0,
         }
         self.expected_sample_shape()  # the operator's error, not a site's: raise
         for site, unpack in uploads:
             try:
-                record, candidates = unpack()
-                samples, size = self.check_upload(site, record, candidates)
+                record, report = unpack()
+                samples, size = self.check_upload(site, record, report.candidates)
+                reported = check_suspect(report)
                 suspect = self.audit(samples)
                 self.buffer.add(site, samples)
             except Exception as err:  # whatever one reply does, it rejects only itself
@@ -335,6 +369,9 @@ class SelectionServer:
             metrics[f"bytes-received.{site}"] = size
             metrics["suspect-labels"] += suspect
             metrics[f"suspect-labels.{site}"] = suspect
+            if reported is not None:
+                metrics["suspect-candidates"] += reported
+                metrics[f"suspect-candidates.{site}"] = reported
         for site in asked:
             if f"samples-received.{site}" not in metrics:
                 self.undelivered.setdefault(site, []).append(server_round)

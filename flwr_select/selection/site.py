@@ -18,7 +18,7 @@ from flwr_select.data import SiteData
 from flwr_select.models import Transform, check_model, model_input
 from flwr_select.selection.buffer import default_device
 from flwr_select.selection.ledger import SiteLedger
-from flwr_select.selection.policies import select
+from flwr_select.selection.policies import likely_mislabelled, select
 from flwr_select.selection.protocol import SelectionConfig
 from flwr_select.selection.trial import trial_test
 from flwr_select.selection.wire import pack, wire_bytes
@@ -46,7 +46,10 @@ def site_round(
 
     Returns the upload and the site's metrics (the keys of
     :data:`~flwr_select.selection.server.SITE_METRICS`): candidates, wrong
-    predictions, samples and wrong samples sent, trial accuracy and upload bytes.
+    predictions, samples and wrong samples sent, trial accuracy, upload bytes, and
+    ``num-suspect``: the candidates whose label the model gives less than the
+    selection's ``trim`` (likely mislabelled), so that the server sees a noisy
+    site even when its policy leaves those samples out of the upload.
     """
     model = model.to(default_device())
     check_model(model, site.images.shape[1:], site.num_classes, transform)
@@ -70,4 +73,7 @@ def site_round(
         "num-selected-wrong": int(trial.wrong[np.isin(trial.ids, sent_ids)].sum()),
         "trial-accuracy": trial.accuracy,
         "upload-bytes": wire_bytes(upload),
+        "num-suspect": int(
+            likely_mislabelled(trial.label_probability, selection.trim).sum()
+        ),
     }
