@@ -13,6 +13,7 @@ from flwr_select.selection.policies import (
     TrimmedProxy,
     make_policy,
     rank,
+    ranked,
     select,
 )
 from flwr_select.selection.scores import CONFIDENCE_METRICS, combine_proxy
@@ -84,6 +85,18 @@ def test_budget_uniqueness_ledger_and_determinism(policy, case):
     eligible = int((~sent.contains(trial.ids)).sum())
     if policy.name != "group":  # only a group can leave budget unused
         assert len(chosen) == min(eligible, budget.sample_limit(len(trial)))
+
+
+@pytest.mark.parametrize("policy", ALL_POLICIES, ids=lambda p: p.name)
+@given(case=cases())
+def test_priorities_never_increase_along_the_order_and_head_it(policy, case):
+    # what a site tells the server for a global budget must rank as the site sends
+    trial, budget, sent, seed = case
+    positions, priorities = ranked(trial, policy, seed=seed, sent=sent)
+    assert len(priorities) == len(positions) and np.isfinite(priorities).all()
+    assert (np.diff(priorities) <= 0).all()
+    chosen = select(trial, budget, policy, seed=seed, sent=sent)
+    np.testing.assert_array_equal(positions[: len(chosen)], chosen)
 
 
 @pytest.mark.parametrize("name", WRONG_FIRST)

@@ -111,6 +111,18 @@ def rank(rng: np.random.Generator, *keys: np.ndarray) -> np.ndarray:
     return np.lexsort((tiebreak, *descending))
 
 
+def squash(values: np.ndarray) -> np.ndarray:
+    """Map scores monotonically into (-1, 1), so that keys of policies can stack.
+
+    Examples
+    --------
+    >>> squash(np.array([-3.0, 0.0, 1.0])).tolist()
+    [-0.75, 0.0, 0.5]
+    """
+    values = np.asarray(values, dtype=np.float64)
+    return values / (1.0 + np.abs(values))
+
+
 class Policy(Protocol):
     """Puts candidates in priority order; the budget keeps the head of it."""
 
@@ -118,6 +130,16 @@ class Policy(Protocol):
 
     def order(self, candidates: Candidates, rng: np.random.Generator) -> np.ndarray:
         """Return candidate positions, most worth sending first."""
+        ...
+
+    def priority(self, candidates: Candidates) -> np.ndarray:
+        """Return each candidate's worth, comparable between sites (float64).
+
+        Along :meth:`order` it never increases, so a site's best k are its k
+        highest: what one global budget across sites compares
+        (:mod:`~flwr_select.selection.allocation`). A policy with no such
+        value (a random one) gives every candidate 0: sites then share by size.
+        """
         ...
 
 
@@ -130,6 +152,10 @@ class Uniform:
     def order(self, candidates: Candidates, rng: np.random.Generator) -> np.ndarray:
         """Return a uniformly random permutation."""
         return rng.permutation(len(candidates))
+
+    def priority(self, candidates: Candidates) -> np.ndarray:
+        """Return 0 for every candidate: none is worth more than another."""
+        return np.zeros(len(candidates))
 
 
 @dataclass(frozen=True)
@@ -145,6 +171,10 @@ class Oblivious:
         """Return wrong before right, random within each."""
         return rank(rng, candidates.wrong)
 
+    def priority(self, candidates: Candidates) -> np.ndarray:
+        """Return 1 for a wrong prediction, 0 for a right one."""
+        return candidates.wrong.astype(np.float64)
+
 
 @dataclass(frozen=True)
 class Proxy:
@@ -155,6 +185,10 @@ class Proxy:
     def order(self, candidates: Candidates, rng: np.random.Generator) -> np.ndarray:
         """Return by descending eq. (6)."""
         return rank(rng, candidates.proxy)
+
+    def priority(self, candidates: Candidates) -> np.ndarray:
+        """Return eq. (6), squashed into (-1, 1)."""
+        return squash(candidates.proxy)
 
 
 @dataclass(frozen=True)
@@ -172,6 +206,10 @@ class LowestConfidence:
         """Return wrong first, then right ones by descending uncertainty."""
         right_confidence = np.where(candidates.wrong, 0.0, candidates.confidence)
         return rank(rng, candidates.wrong, right_confidence)
+
+    def priority(self, candidates: Candidates) -> np.ndarray:
+        """Return 2 for a wrong prediction, the squashed confidence for a right one."""
+        return np.where(candidates.wrong, 2.0, squash(candidates.confidence))
 
 
 GROUPS = (
@@ -216,6 +254,10 @@ class Group:
         chosen = (candidates.wrong == want_wrong) & (unconfident == want_unconfident)
         return rng.permutation(np.flatnonzero(chosen))
 
+    def priority(self, candidates: Candidates) -> np.ndarray:
+        """Return 0 for every candidate: the group's members are in random order."""
+        return np.zeros(len(candidates))
+
 
 @dataclass(frozen=True)
 class TrimmedProxy:
@@ -246,6 +288,11 @@ class TrimmedProxy:
         plausible = ~candidates.likely_mislabelled(self.trim)
         return rank(rng, plausible, candidates.proxy)
 
+    def priority(self, candidates: Candidates) -> np.ndarray:
+        """Return the squashed eq. (6), 2 higher where the label is plausible."""
+        plausible = ~candidates.likely_mislabelled(self.trim)
+        return squash(candidates.proxy) + 2.0 * plausible
+
 
 @dataclass(frozen=True)
 class ClassBalanced:
@@ -268,6 +315,10 @@ class ClassBalanced:
         rank_in_class = np.empty(len(candidates), dtype=np.int64)
         rank_in_class[by_class] = np.arange(len(candidates)) - class_start
         return by_proxy[np.argsort(rank_in_class, kind="stable")]
+
+    def priority(self, candidates: Candidates) -> np.ndarray:
+        """Return 0 for every candidate: the round robin is no order of worth."""
+        return np.zeros(len(candidates))
 
 
 @dataclass(frozen=True)
@@ -297,6 +348,10 @@ class Stochastic:
         """Return a Plackett-Luce sample of the whole order."""
         gumbel = rng.gumbel(size=len(candidates))
         return rank(rng, candidates.confidence / self.temperature + gumbel)
+
+    def priority(self, candidates: Candidates) -> np.ndarray:
+        """Return 0 for every candidate: the order is a random draw."""
+        return np.zeros(len(candidates))
 
 
 POLICIES: dict[str, type[Policy]] = {
@@ -410,6 +465,28 @@ def select(
         int64 positions, most worth sending first, at most
         ``budget.sample_limit(len(trial))`` of them.
     """
+    positions, _ = ranked(
+        trial, policy, confidence=confidence, seed=seed, sent=sent, eps=eps
+    )
+    return positions[: budget.sample_limit(len(trial))]
+
+
+def ranked(
+    trial: TrialResult,
+    policy: str | Policy = "proxy",
+    *,
+    confidence: str = "cross-entropy",
+    seed: Seed = 0,
+    sent: SentLedger | None = None,
+    eps: float = DEFAULT_EPS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return the positions the policy would send, best first, and their priorities.
+
+    The arguments are :func:`select`'s; a budget keeps the head of the first
+    array. The second is each one's :meth:`Policy.priority`, never increasing:
+    what a site tells the server of its candidates for a global budget
+    (:mod:`~flwr_select.selection.allocation`).
+    """
     policy = make_policy(policy) if isinstance(policy, str) else policy
     check_confidence(confidence)
     if sent is None:
@@ -424,4 +501,4 @@ def select(
         eps=eps,
     )
     order = policy.order(candidates, np.random.default_rng(seed))
-    return eligible[order[: budget.sample_limit(len(trial))]]
+    return eligible[order], policy.priority(candidates)[order]

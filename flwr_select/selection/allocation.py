@@ -1,0 +1,141 @@
+"""One upload budget for all sites: the best samples anywhere, not rho of each.
+
+The paper's future work ("coordination across multiple remote sites"). In phase
+1 of a round every site trial-tests its candidates and says, in a
+:class:`ScoreSketch` of fixed size, what its best ones are worth (the policy's
+:meth:`~flwr_select.selection.policies.Policy.priority`, comparable between
+sites). :func:`allocate` gives each site the quota that makes the budget's
+best samples across all sites the ones uploaded in phase 2, where each site
+sends its quota, best first, exactly as it would send its rho.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from flwr_select.selection.wire import UploadError
+
+SKETCH_POINTS = 128
+"""Ranks a site's sketch holds at most: 128 priorities and ranks, about 2 KB."""
+
+
+@dataclass(frozen=True)
+class ScoreSketch:
+    """A site's best candidates' priorities at a few ranks, for phase 1.
+
+    Parameters
+    ----------
+    ranks : np.ndarray
+        int64, increasing, from 1: the k of "the k-th best"; the last is the
+        most the site can send this round (:attr:`limit`).
+    values : np.ndarray
+        float64, never increasing: the priority of the site's k-th best.
+    """
+
+    ranks: np.ndarray
+    values: np.ndarray
+
+    @classmethod
+    def check(cls, ranks: object, values: object, candidates: int) -> ScoreSketch:
+        """Return a site's sketch from what its reply holds, or raise ``UploadError``.
+
+        ``ranks`` must be at most :data:`SKETCH_POINTS` increasing ints from 1
+        to at most ``candidates`` (already checked: an int >= 0), ``values``
+        as many finite floats, never increasing.
+        """
+        if not isinstance(ranks, list) or not isinstance(values, list):
+            raise UploadError("a sketch's ranks and values must be lists")
+        if len(ranks) > SKETCH_POINTS or len(values) != len(ranks):
+            raise UploadError(
+                f"a sketch holds as many values as ranks, at most {SKETCH_POINTS}; "
+                f"got {len(ranks)} ranks and {len(values)} values"
+            )
+        if not all(type(r) is int for r in ranks) or not all(
+            type(v) is float for v in values
+        ):
+            raise UploadError("a sketch's ranks must be ints and its values floats")
+        r, v = np.array(ranks, np.int64), np.array(values, np.float64)
+        increasing = len(r) == 0 or (r[0] >= 1 and (np.diff(r) > 0).all())
+        if not increasing or (len(r) and r[-1] > candidates):
+            raise UploadError(
+                f"a sketch's ranks must increase from 1 to at most num-candidates "
+                f"= {candidates}"
+            )
+        if not np.isfinite(v).all() or (np.diff(v) > 0).any():
+            raise UploadError("a sketch's values must be finite and never increase")
+        return cls(r, v)
+
+    @classmethod
+    def of(
+        cls, priorities: np.ndarray, limit: int, points: int = SKETCH_POINTS
+    ) -> ScoreSketch:
+        """Sketch the first ``limit`` of ``priorities`` (best first) at ``points``.
+
+        The ranks are evenly spaced from 1 to the limit, both included.
+
+        Examples
+        --------
+        >>> sketch = ScoreSketch.of(np.array([0.9, 0.5, 0.4, 0.1]), limit=3, points=2)
+        >>> sketch.ranks.tolist(), sketch.values.tolist(), sketch.limit
+        ([1, 3], [0.9, 0.4], 3)
+        """
+        limit = min(limit, len(priorities))
+        ranks = np.unique(np.linspace(1, limit, min(points, limit)).round())
+        ranks = ranks.astype(np.int64)
+        return cls(ranks, np.asarray(priorities, np.float64)[ranks - 1])
+
+    @property
+    def limit(self) -> int:
+        """The most samples the site can send (0 for none)."""
+        return int(self.ranks[-1]) if len(self.ranks) else 0
+
+    def curve(self, depth: int) -> np.ndarray:
+        """Return the priority of the site's 1st to ``min(depth, limit)``-th best.
+
+        Linear between the sketched ranks: the site's ranking, as the server
+        sees it.
+        """
+        ranks = np.arange(1, min(depth, self.limit) + 1)
+        if len(ranks) == 0:
+            return np.zeros(0)
+        return np.interp(ranks, self.ranks, self.values)
+
+
+def allocate(sketches: Mapping[int, ScoreSketch], budget: int) -> dict[int, int]:
+    """Return each site's quota: together, the ``budget`` best samples of all sites.
+
+    What the k-th best of a site is worth is its :meth:`ScoreSketch.curve`; the
+    quotas take the ``budget`` highest values of all curves together, never
+    more than a site's limit. Equal values are shared in proportion to the
+    sites' limits (by the fraction k / limit, then by site key), so a policy
+    that ranks nothing (all priorities 0) splits the budget by size, and the
+    same sketches give the same quotas, in whatever order they came. Work and
+    memory grow with the sum over sites of ``min(limit, budget)``.
+
+    Examples
+    --------
+    >>> a = ScoreSketch(np.array([1, 4]), np.array([0.9, 0.6]))
+    >>> b = ScoreSketch(np.array([1, 4]), np.array([0.8, 0.1]))
+    >>> allocate({7: a, 3: b}, 5)
+    {3: 1, 7: 4}
+    """
+    sites = sorted(sketches)
+    quotas = dict.fromkeys(sites, 0)
+    curves = [sketches[site].curve(budget) for site in sites]
+    if budget <= 0 or not any(len(c) for c in curves):
+        return quotas
+    values = np.concatenate(curves)
+    share = np.concatenate(
+        [
+            np.arange(1, len(c) + 1) / max(sketches[site].limit, 1)
+            for site, c in zip(sites, curves, strict=True)
+        ]
+    )
+    owner = np.concatenate([np.full(len(c), i) for i, c in enumerate(curves)])
+    best = np.lexsort((owner, share, -values))[:budget]
+    for i, count in enumerate(np.bincount(owner[best], minlength=len(sites))):
+        quotas[sites[i]] = int(count)
+    return quotas

@@ -1,0 +1,94 @@
+"""One global budget across sites: the allocation's arithmetic, and its checks."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from flwr_select.selection.allocation import SKETCH_POINTS, ScoreSketch, allocate
+from flwr_select.selection.wire import UploadError
+
+
+def sketch(priorities, points=SKETCH_POINTS):
+    """The exact sketch of a site whose candidates are worth ``priorities``."""
+    best_first = np.sort(np.asarray(priorities, np.float64))[::-1]
+    return ScoreSketch.of(best_first, len(best_first), points)
+
+
+@given(
+    sizes=st.lists(st.integers(0, SKETCH_POINTS), min_size=1, max_size=6),
+    budget=st.integers(0, 400),
+    seed=st.integers(0, 2**16),
+)
+def test_the_quotas_take_the_budgets_best_samples_of_all_sites(sizes, budget, seed):
+    # Prepare: sites with distinct random priorities, sketched exactly
+    rng = np.random.default_rng(seed)
+    worth = {10 + i: rng.random(n) for i, n in enumerate(sizes)}
+    # Execute
+    quotas = allocate({site: sketch(w) for site, w in worth.items()}, budget)
+    # Assert: the budget (or all there is) is spent, no site beyond its limit, and
+    # the quotas are exactly the heads that hold the budget's best values
+    assert sum(quotas.values()) == min(budget, sum(sizes))
+    assert all(0 <= quotas[site] <= len(w) for site, w in worth.items())
+    every = np.sort(np.concatenate([w for w in worth.values()]))[::-1]
+    chosen = np.concatenate([np.sort(w)[::-1][: quotas[s]] for s, w in worth.items()])
+    assert np.array_equal(np.sort(chosen)[::-1], every[: len(chosen)])
+
+
+def test_equal_worth_is_shared_by_size_and_the_same_whatever_the_order():
+    # Prepare: a policy that ranks nothing (uniform) at three sites of 100, 300, 0
+    sketches = {2: sketch(np.zeros(100)), 1: sketch(np.zeros(300)), 9: sketch([])}
+    # Execute
+    quotas = allocate(sketches, 40)
+    reordered = allocate(dict(reversed(list(sketches.items()))), 40)
+    # Assert
+    assert quotas == reordered == {1: 30, 2: 10, 9: 0}
+
+
+def test_a_site_of_informative_samples_gets_the_budget_an_easy_site_does_not_need():
+    # an easy site (all right and confident) and a hard one, each of 1,000 samples
+    easy, hard = sketch(np.full(1000, -0.9)), sketch(np.linspace(0.9, 0.1, 1000))
+    assert allocate({1: easy, 2: hard}, 100) == {1: 0, 2: 100}
+
+
+def test_a_coarse_sketch_allocates_close_to_the_exact_one():
+    # Prepare: 5 sites of 2,000 candidates each, sketched at 128 of their ranks
+    rng = np.random.default_rng(0)
+    worth = {site: rng.beta(1 + site, 2, 2000) for site in range(5)}
+    exact = allocate({s: sketch(w, 2000) for s, w in worth.items()}, 1500)
+    coarse = allocate({s: sketch(w) for s, w in worth.items()}, 1500)
+    # Assert: within two of a sketch's steps (2000 / 127 ranks) per site
+    assert sum(coarse.values()) == 1500
+    assert all(abs(coarse[s] - exact[s]) <= 2 * 2000 / 127 for s in worth)
+
+
+BAD_SKETCHES = {
+    "not lists": ((1, 2), [0.5, 0.4], "must be lists"),
+    "too many points": (
+        list(range(1, SKETCH_POINTS + 2)),
+        [0.0] * (SKETCH_POINTS + 1),
+        "at most 128",
+    ),
+    "fewer values than ranks": ([1, 2], [0.5], "as many values as ranks"),
+    "a rank that is a float": ([1, 2.0], [0.5, 0.4], "ranks must be ints"),
+    "a value that is an int": ([1, 2], [1, 0.4], "values floats"),
+    "ranks from 0": ([0, 2], [0.5, 0.4], "increase from 1"),
+    "ranks beyond the candidates": ([1, 51], [0.5, 0.4], "num-candidates = 50"),
+    "ranks that do not increase": ([1, 3, 3], [0.5, 0.4, 0.3], "must increase"),
+    "a value that is nan": ([1, 2], [0.5, float("nan")], "finite"),
+    "an infinite value": ([1, 2], [float("inf"), 0.4], "finite"),
+    "values that increase": ([1, 2], [0.4, 0.5], "never increase"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_SKETCHES))
+def test_a_malformed_sketch_is_refused_with_its_reason(name):
+    ranks, values, reason = BAD_SKETCHES[name]
+    with pytest.raises(UploadError, match=reason):
+        ScoreSketch.check(ranks, values, candidates=50)
+
+
+def test_a_well_formed_sketch_is_taken_as_sent():
+    checked = ScoreSketch.check([1, 25, 50], [0.5, 0.5, -0.25], candidates=50)
+    assert checked.limit == 50 and checked.values.tolist() == [0.5, 0.5, -0.25]
+    assert ScoreSketch.check([], [], candidates=0).limit == 0
