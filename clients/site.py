@@ -36,11 +36,14 @@ from flwr_select.selection.ledger import SiteLedger
 from flwr_select.selection.protocol import (
     ACTION,
     METRICS_KEY,
+    NODE_MAX_BYTES_KEY,
+    QUOTA_KEY,
+    SUMMARY_ACTION,
     UNDELIVERED_KEY,
     UPLOAD_KEY,
     SelectionConfig,
 )
-from flwr_select.selection.site import site_round
+from flwr_select.selection.site import site_round, site_summary
 
 LEDGER_KEY = "flwr_select.sent-ids"
 """Key of the ArrayRecord in the node's context state that holds the ledger."""
@@ -154,6 +157,32 @@ def save_ledger(context: Context, ledger: SiteLedger) -> None:
         write_atomically(path, lambda file: np.savez(file, **arrays))
 
 
+def node_max_bytes(context: Context) -> int:
+    """Return the node's own cap on one upload's bytes (node config ``max-bytes``).
+
+    0 (the default) for none. An edge box behind a thin link declares it; the
+    site never sends more, and in a round with one global budget the server
+    allocates within it.
+
+    Raises
+    ------
+    ValueError
+        If the value is not an int >= 0, naming the node-config key.
+    """
+    cap = context.node_config.get(NODE_MAX_BYTES_KEY, 0)
+    if type(cap) is not int or cap < 0:
+        raise ValueError(
+            f"node config {NODE_MAX_BYTES_KEY} must be an int >= 0 (0: no cap), "
+            f"got {cap!r}"
+        )
+    return cap
+
+
+def site_key_of(context: Context) -> int:
+    """Return the key that seeds this site's choices: its partition id, or node id."""
+    return int(context.node_config.get("partition-id", context.node_id))
+
+
 def make_select_handler(
     load_site: SiteLoader = load_site,
     model_fn: ModelBuilder | None = None,
@@ -190,18 +219,57 @@ def select_and_upload(
 ) -> RecordDict:
     """Answer a ``train.select`` message: one ``site_round``, the ledger kept."""
     ledger = load_ledger(context)
+    quota = config.get(QUOTA_KEY)
     upload, metrics = site_round(
         model,
         site,
         SelectionConfig.from_config(config),
         server_round=int(config["server-round"]),
-        site_key=int(context.node_config.get("partition-id", context.node_id)),
+        site_key=site_key_of(context),
         ledger=ledger,
         undelivered=list(config.get(UNDELIVERED_KEY, [])),
         transform=transform,
+        quota=None if quota is None else int(quota),
+        node_max_bytes=node_max_bytes(context),
     )
     save_ledger(context, ledger)
     return RecordDict({UPLOAD_KEY: upload, METRICS_KEY: MetricRecord(metrics)})
+
+
+def make_summary_handler(
+    load_site: SiteLoader = load_site,
+    model_fn: ModelBuilder | None = None,
+    transform: Transform = None,
+) -> Handler:
+    """Return the ``query.select_summary`` handler: :func:`summarise_candidates`.
+
+    The arguments are :func:`make_select_handler`'s, and must be the same.
+    """
+    answer = functools.partial(summarise_candidates, transform=transform)
+    return make_handler(answer, load_site, model_fn)
+
+
+def summarise_candidates(
+    model: nn.Module,
+    site: SiteData,
+    config: ConfigRecord,
+    context: Context,
+    *,
+    transform: Transform = None,
+) -> RecordDict:
+    """Answer phase 1 of a round with one global budget: one ``site_summary``."""
+    metrics = site_summary(
+        model,
+        site,
+        SelectionConfig.from_config(config),
+        server_round=int(config["server-round"]),
+        site_key=site_key_of(context),
+        ledger=load_ledger(context),  # read, not changed: nothing is sent yet
+        undelivered=list(config.get(UNDELIVERED_KEY, [])),
+        transform=transform,
+        node_max_bytes=node_max_bytes(context),
+    )
+    return RecordDict({METRICS_KEY: MetricRecord(metrics)})
 
 
 def add_select_handler(
@@ -210,12 +278,13 @@ def add_select_handler(
     model_fn: ModelBuilder | None = None,
     transform: Transform = None,
 ) -> None:
-    """Register the ``train.select`` handler on an existing ClientApp.
+    """Register the ``train.select`` and ``query.select_summary`` handlers.
 
-    It answers beside the app's other handlers (a user's own ``@app.train()``);
+    They answer beside the app's other handlers (a user's own ``@app.train()``);
     ``load_site``, ``model_fn`` and ``transform`` are :func:`make_select_handler`'s.
     """
     app.train(ACTION)(make_select_handler(load_site, model_fn, transform))
+    app.query(SUMMARY_ACTION)(make_summary_handler(load_site, model_fn, transform))
 
 
 app = ClientApp()

@@ -276,6 +276,7 @@ class RoundLog:
             for words, key in (
                 ("suspect labels", "suspect_labels_by_node"),
                 ("suspect candidates", "suspect_candidates_by_node"),
+                ("quotas", "quota_by_node"),
             )
             if (counts := {n: c for n, c in (measured or {}).get(key, {}).items() if c})
         )
@@ -343,6 +344,7 @@ def run(grid: Grid, config: Mapping[str, Any]) -> None:
             record[key.replace("-", "_")] = int(metrics.get(key, 0))
         record["suspect_labels"] = int(metrics.get("suspect-labels", 0))
         record["suspect_candidates"] = int(metrics.get("suspect-candidates", 0))
+        record["summary_bytes"] = int(metrics.get("summary-bytes", 0))
         record["model_updated"] = int("train-loss" in metrics)
         record["train_loss"] = metrics.get("train-loss")
         record["buffer_size"] = len(strategy.buffer)
@@ -353,6 +355,7 @@ def run(grid: Grid, config: Mapping[str, Any]) -> None:
                 "samples_received_by_node": by_node(metrics, "samples-received"),
                 "suspect_labels_by_node": by_node(metrics, "suspect-labels"),
                 "suspect_candidates_by_node": by_node(metrics, "suspect-candidates"),
+                "quota_by_node": by_node(metrics, "quota"),
             },
         )
         return MetricRecord(

@@ -9,6 +9,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
+from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 from torch import nn
@@ -17,6 +18,8 @@ from flwr_select.data import SiteData
 from flwr_select.selection.protocol import (
     MESSAGE_TYPE,
     METRICS_KEY,
+    QUOTA_KEY,
+    SUMMARY_MESSAGE_TYPE,
     UPLOAD_KEY,
     request,
 )
@@ -69,7 +72,9 @@ class SampleSelection(TrainOnlyFedAvg, SelectionServer):
         )
         SelectionServer.__init__(self, model_fn, num_classes, **server)
         self.round_nodes: list[int] = []
-        """The nodes asked in the latest round."""
+        """The nodes asked for an upload in the latest round."""
+        self.timeout: float = 3600.0
+        """Seconds a round waits for replies (``start``'s); phase 1 waits as long."""
 
     def summary(self) -> None:
         """Log the selection config beside FedAvg's sampling summary."""
@@ -97,6 +102,7 @@ class SampleSelection(TrainOnlyFedAvg, SelectionServer):
         go to Flower's ``start`` as they are (``should_stop`` from Flower 1.43).
         """
         self.check_site_keys(train_config or {})
+        self.timeout = timeout
         state = self.begin(initial_arrays.to_torch_state_dict(), num_rounds)
         return super().start(
             grid,
@@ -122,23 +128,80 @@ class SampleSelection(TrainOnlyFedAvg, SelectionServer):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Send the current model and the selection config to the sampled nodes."""
+        """Send the current model and the selection config to the sampled nodes.
+
+        With one global budget (``allocation="global"``) this is phase 2: phase 1
+        (:meth:`allocate_quotas`) runs first, and each node with a quota is
+        asked for it.
+        """
         if self.is_finished(server_round):
             log(INFO, "round %s was completed before the restart", server_round)
             return []
         if self.fraction_train == 0.0:  # as FedAvg: no training round
             return []
         self.model.load_state_dict(arrays.to_torch_state_dict())
-        self.round_nodes = sample_round_nodes(self, grid, self.seed(server_round))
+        nodes = sample_round_nodes(self, grid, self.seed(server_round))
         extra = dict(config)
+        quotas: dict[int, dict[str, int]] = {node: {} for node in nodes}
+        if self.selection.allocation == "global":
+            phase_one = [
+                self.request_to(n, SUMMARY_MESSAGE_TYPE, server_round, arrays, extra)
+                for n in nodes
+            ]
+            replies = grid.send_and_receive(phase_one, timeout=self.timeout)
+            given = self.allocate_quotas(server_round, replies)
+            quotas = {n: {QUOTA_KEY: q} for n, q in given.items() if q > 0}
+        self.round_nodes = list(quotas)
         return [
-            Message(
-                request(arrays, {**extra, **self.round_config(server_round, node)}),
-                message_type=MESSAGE_TYPE,
-                dst_node_id=node,
+            self.request_to(
+                n, MESSAGE_TYPE, server_round, arrays, {**extra, **quotas[n]}
             )
-            for node in self.round_nodes
+            for n in self.round_nodes
         ]
+
+    def request_to(
+        self,
+        node: int,
+        message_type: str,
+        server_round: int,
+        arrays: ArrayRecord,
+        extra: dict[str, object],
+    ) -> Message:
+        """Return the node's request: the model, ``extra`` and the round's config."""
+        return Message(
+            request(arrays, {**extra, **self.round_config(server_round, node)}),
+            message_type=message_type,
+            dst_node_id=node,
+        )
+
+    def allocate_quotas(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> dict[int, int]:
+        """Return each node's quota from phase 1's replies (``allocate_round``).
+
+        Failures are logged and counted as in phase 2; each summary is unpacked
+        and checked as hostile (:meth:`unpack_summary`); what the replies weigh
+        (their serialized content) is reported as ``summary-bytes``.
+        """
+        replies, failures = replies_without_failures(server_round, replies)
+        size = sum(recorddict_to_proto(reply.content).ByteSize() for reply in replies)
+        summaries = [
+            (reply.metadata.src_node_id, functools.partial(self.unpack_summary, reply))
+            for reply in replies
+        ]
+        return self.allocate_round(
+            server_round, summaries, failures=failures, summary_bytes=size
+        )
+
+    @staticmethod
+    def unpack_summary(reply: Message) -> MetricRecord:
+        """Return a phase-1 reply's metrics, or raise ``UploadError``.
+
+        Exactly one MetricRecord; its keys and values are checked by
+        ``allocate_round``.
+        """
+        exact_content(reply.content, {METRICS_KEY: MetricRecord}, UploadError)
+        return reply.content[METRICS_KEY]
 
     @staticmethod
     def unpack_reply(reply: Message) -> tuple[ArrayRecord, SiteReport]:

@@ -3,7 +3,9 @@
 The environment variable ``CRASH_SITES`` lists ``round:partition`` pairs, e.g.
 ``"1:0 2:0 2:1"``: the site with that ``partition-id`` raises in its handler in that
 round instead of answering, as a site whose code or data breaks would. (Simulated
-sites see the environment of ``flower-simulation``, not its run config.)
+sites see the environment of ``flower-simulation``, not its run config.) Phase 1
+of a round with one global budget is always answered: a site that crashes there
+fails between the two phases.
 """
 
 import os
@@ -11,12 +13,13 @@ import os
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from clients.site import make_select_handler
-from flwr_select.selection.protocol import ACTION, CONFIG_KEY
+from clients.site import make_select_handler, make_summary_handler
+from flwr_select.selection.protocol import ACTION, CONFIG_KEY, SUMMARY_ACTION
 from simulations.mnist import DEFAULTS, check_config, server_app
 
 select_and_upload = make_select_handler()
 client_app = ClientApp()
+client_app.query(SUMMARY_ACTION)(make_summary_handler())
 
 
 @client_app.train(ACTION)

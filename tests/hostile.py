@@ -21,14 +21,21 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import zstandard
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flwr_select.data import SiteData
 from flwr_select.models import build_model
 from flwr_select.selection.buffer import TrainingBuffer
-from flwr_select.selection.protocol import METRICS_KEY, UPLOAD_KEY, SelectionConfig
+from flwr_select.selection.protocol import (
+    CONFIG_KEY,
+    MESSAGE_TYPE,
+    METRICS_KEY,
+    MODEL_KEY,
+    UPLOAD_KEY,
+    SelectionConfig,
+)
 from flwr_select.selection.server import SiteReport
 from flwr_select.selection.wire import ZSTD, encode
 from flwr_select.trainer import TrainConfig
@@ -45,11 +52,23 @@ def make_strategy(**options) -> SampleSelection:
     return SampleSelection(
         functools.partial(build_model, "lenet5"),
         10,
-        selection=SelectionConfig(rho=RHO),
+        selection=options.pop("selection", SelectionConfig(rho=RHO)),
         server_training=TrainConfig(epochs=1, batch_size=8),
         buffer=TrainingBuffer(10, device="cpu"),
         **{"sample_shape": SHAPE, **options},
     )
+
+
+def reply(
+    node: int, reply_content: RecordDict, message_type: str = MESSAGE_TYPE
+) -> Message:
+    """A reply from ``node``, as Flower hands it to the strategy."""
+    request = Message(
+        RecordDict({MODEL_KEY: ArrayRecord(), CONFIG_KEY: ConfigRecord()}),
+        message_type=message_type,
+        dst_node_id=node,
+    )
+    return Message(reply_content, reply_to=request)
 
 
 def good_upload(site: int, count: int = SENT, compress: bool = False) -> ArrayRecord:

@@ -1,12 +1,21 @@
 """One global budget across sites: the allocation's arithmetic, and its checks."""
 
+import re
+
 import numpy as np
 import pytest
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from hypothesis import given
 from hypothesis import strategies as st
 
 from flwr_select.selection.allocation import SKETCH_POINTS, ScoreSketch, allocate
+from flwr_select.selection.protocol import (
+    METRICS_KEY,
+    SUMMARY_MESSAGE_TYPE,
+    SelectionConfig,
+)
 from flwr_select.selection.wire import UploadError
+from tests.hostile import RHO, SENT, N, content, good_upload, make_strategy, reply
 
 
 def sketch(priorities, points=SKETCH_POINTS):
@@ -92,3 +101,112 @@ def test_a_well_formed_sketch_is_taken_as_sent():
     checked = ScoreSketch.check([1, 25, 50], [0.5, 0.5, -0.25], candidates=50)
     assert checked.limit == 50 and checked.values.tolist() == [0.5, 0.5, -0.25]
     assert ScoreSketch.check([], [], candidates=0).limit == 0
+
+
+# The server's phase 1, on Flower messages: hostile summaries and what quotas bind
+
+
+def summary(candidates=N, ranks=(1, 50, N), values=(0.9, 0.5, 0.1), **extra):
+    """A phase-1 reply's content: the site's metrics, and any ``extra`` records."""
+    metrics = {
+        "num-candidates": candidates,
+        "sketch-ranks": list(ranks),
+        "sketch-values": list(values),
+    }
+    return RecordDict({METRICS_KEY: MetricRecord(metrics), **extra})
+
+
+HOSTILE_SUMMARIES = {
+    "an upload beside it": (
+        summary(upload=ArrayRecord()),
+        r"got 'metrics' \(MetricRecord\), 'upload' \(ArrayRecord\)",
+    ),
+    "an unknown metric": (
+        RecordDict(
+            {
+                METRICS_KEY: MetricRecord(
+                    {
+                        "num-candidates": N,
+                        "sketch-ranks": [1],
+                        "sketch-values": [0.5],
+                        "bonus": 1,
+                    }
+                )
+            }
+        ),
+        "a summary holds",
+    ),
+    "no sketch": (
+        RecordDict({METRICS_KEY: MetricRecord({"num-candidates": N})}),
+        "a summary holds",
+    ),
+    "candidates as a float": (summary(candidates=100.0), "must be an int >= 0"),
+    "negative candidates": (summary(candidates=-1), "must be an int >= 0"),
+    "ranks beyond its candidates": (
+        summary(ranks=(1, 50, N + 1)),
+        f"num-candidates = {N}",
+    ),
+    "a nan worth": (summary(values=(0.9, float("nan"), 0.1)), "finite"),
+    "worth that rises": (summary(values=(0.1, 0.5, 0.9)), "never increase"),
+    "a huge sketch": (
+        summary(ranks=range(1, 2**12), values=[0.0] * (2**12 - 1)),
+        "at most 128",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_SUMMARIES))
+def test_a_hostile_summary_gets_no_quota_and_the_others_share_the_budget(
+    task_identity, name, caplog
+):
+    # Prepare: nodes 1 and 2 are honest, node 3 hostile
+    strategy = make_strategy(selection=SelectionConfig(rho=RHO, allocation="global"))
+    content, reason = HOSTILE_SUMMARIES[name]
+    replies = [
+        reply(1, summary(), SUMMARY_MESSAGE_TYPE),
+        reply(2, summary(values=(0.95, 0.9, 0.85)), SUMMARY_MESSAGE_TYPE),
+        reply(3, content, SUMMARY_MESSAGE_TYPE),
+    ]
+    # Execute
+    quotas = strategy.allocate_quotas(1, replies)
+    # Assert: the honest sites share what their per-site budgets would have been,
+    # node 2's better candidates first; node 3 is rejected with its reason
+    assert set(quotas) == {1, 2} and sum(quotas.values()) == 2 * SENT
+    assert quotas[2] > quotas[1]
+    phase_one = strategy.phase_one
+    assert (phase_one["summaries-accepted"], phase_one["summaries-rejected"]) == (2, 1)
+    assert phase_one["summary-bytes"] > 0 and phase_one["round-budget"] == 2 * SENT
+    logged = [r.getMessage() for r in caplog.records if "node 3" in r.getMessage()]
+    assert any(re.search(reason, line) for line in logged), logged
+
+
+def test_an_upload_beyond_its_quota_or_unlike_its_summary_is_rejected(task_identity):
+    # Prepare: quotas for nodes 1, 2 and 3 from their summaries
+    strategy = make_strategy(selection=SelectionConfig(rho=RHO, allocation="global"))
+    strategy.allocate_quotas(
+        1, [reply(n, summary(), SUMMARY_MESSAGE_TYPE) for n in (1, 2, 3)]
+    )
+    quota = strategy.quotas[1]
+    strategy.round_nodes = [1, 2, 3]
+    uploads = [
+        reply(1, content(good_upload(1, quota))),  # as asked
+        reply(2, content(good_upload(2, strategy.quotas[2] + 1))),  # one too many
+        reply(3, content(good_upload(3, strategy.quotas[3]), N + 1)),  # other count
+    ]
+    # Execute
+    _, metrics = strategy.aggregate_train(1, uploads)
+    # Assert
+    assert (metrics["sites-accepted"], metrics["sites-rejected"]) == (1, 2)
+    assert strategy.rounds[1]["samples-received.1"] == quota
+    assert metrics["summaries-accepted"] == 3 and metrics["round-budget"] == 3 * SENT
+
+
+def test_a_budget_in_bytes_buys_that_many_samples_at_their_wire_cost(task_identity):
+    selection = SelectionConfig(
+        rho=RHO, allocation="global", round_budget_bytes=7 * (784 + 9) + 5
+    )
+    strategy = make_strategy(selection=selection)
+    quotas = strategy.allocate_quotas(
+        1, [reply(n, summary(), SUMMARY_MESSAGE_TYPE) for n in (1, 2)]
+    )
+    assert sum(quotas.values()) == 7 == strategy.phase_one["round-budget"]

@@ -121,3 +121,43 @@ def test_crashing_sites_are_recorded_and_leave_the_model_unchanged_when_all_fail
     assert "no upload accepted; the model is unchanged" in done.stderr + done.stdout
     checkpoint = latest(tmp_path, device="cpu")
     assert checkpoint.round == 2 and len(checkpoint.buffer) == one["buffer_size"]
+
+
+def test_a_global_round_goes_on_without_a_site_that_fails_between_the_phases(
+    mnist_dir, tmp_path, flower_simulation
+):
+    # Prepare: three sites share one budget; site 0 answers phase 1 of round 1,
+    # then crashes instead of uploading its quota
+    sites = 3
+    config = run_config(
+        mnist_dir,
+        tmp_path,
+        2,
+        **{"pool-size": sites * 2 * FOLD, "allocation": "global"},
+    )
+    # Execute
+    done = flower_simulation(
+        "tests.crashing_site",
+        "--num-supernodes",
+        str(sites),
+        "--run-config",
+        config,
+        env={"CRASH_SITES": "1:0"},
+    )
+    # Assert: the budget is what the per-site budgets allow together, shared by
+    # quotas; round 1 goes on with the two others, round 2 spends it all
+    assert done.returncode == 0, done.stderr[-3000:]
+    _, one, two = records(tmp_path)
+    _, quota_one, quota_two = [
+        m["quota_by_node"] for m in read_json_lines(tmp_path / "execution.jsonl")
+    ]
+    budget = sites * SENT
+    assert sum(quota_one.values()) == sum(quota_two.values()) == budget
+    assert (one["sites_failed"], one["sites_accepted"]) == (1, 2)
+    received = read_json_lines(tmp_path / "execution.jsonl")[1]
+    (crashed,) = set(quota_one) - set(received["samples_received_by_node"])
+    assert one["samples_received"] == budget - quota_one[crashed]
+    assert (two["sites_accepted"], two["samples_received"]) == (3, budget)
+    # phase 1 costs a small part of what the uploads weigh
+    assert 0 < two["summary_bytes"] <= 0.05 * two["bytes_received"]
+    assert "quotas by node" in done.stdout

@@ -7,11 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord
 
 from flwr_select.files import read_json_lines
 from flwr_select.selection.checkpoint import latest
-from flwr_select.selection.protocol import CONFIG_KEY, MESSAGE_TYPE, MODEL_KEY
 from flwr_select.selection.server import SiteReport
 from tests.hostile import (
     SENT,
@@ -20,21 +19,12 @@ from tests.hostile import (
     fuzz,
     good_upload,
     make_strategy,
+    reply,
     state_of,
     unchanged,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def reply(node: int, reply_content: RecordDict) -> Message:
-    """A reply from ``node``, as Flower hands it to ``aggregate_train``."""
-    request = Message(
-        RecordDict({MODEL_KEY: ArrayRecord(), CONFIG_KEY: ConfigRecord()}),
-        message_type=MESSAGE_TYPE,
-        dst_node_id=node,
-    )
-    return Message(reply_content, reply_to=request)
 
 
 @pytest.fixture

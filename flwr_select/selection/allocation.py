@@ -87,6 +87,22 @@ class ScoreSketch:
         ranks = ranks.astype(np.int64)
         return cls(ranks, np.asarray(priorities, np.float64)[ranks - 1])
 
+    def clipped(self, limit: int) -> ScoreSketch:
+        """Return the sketch of at most ``limit`` samples (the same ranking).
+
+        Examples
+        --------
+        >>> sketch = ScoreSketch(np.array([1, 5]), np.array([1.0, 0.0]))
+        >>> sketch.clipped(3).ranks.tolist(), sketch.clipped(3).values.tolist()
+        ([1, 3], [1.0, 0.5])
+        """
+        if self.limit <= limit:
+            return self
+        keep = self.ranks < limit
+        ranks = np.append(self.ranks[keep], limit)[: max(limit, 0)]
+        values = np.append(self.values[keep], np.interp(limit, self.ranks, self.values))
+        return ScoreSketch(ranks, values[: len(ranks)])
+
     @property
     def limit(self) -> int:
         """The most samples the site can send (0 for none)."""

@@ -24,8 +24,17 @@ MODEL_KEY, CONFIG_KEY = "arrays", "config"
 """Keys of the server's message: the model's ArrayRecord and the ConfigRecord."""
 UPLOAD_KEY, METRICS_KEY = "upload", "metrics"
 """Keys of a site's reply: the upload's ArrayRecord and a MetricRecord."""
+ALLOCATIONS = ("per-site", "global")
+"""How a round's upload budget is shared: each site its rho, or one for all."""
 UNDELIVERED_KEY = "undelivered-rounds"
 """Config key of the rounds whose upload from this node the server did not keep."""
+SUMMARY_ACTION = "select_summary"
+"""The ClientApp action of phase 1 of a round with one global budget."""
+SUMMARY_MESSAGE_TYPE = f"query.{SUMMARY_ACTION}"
+QUOTA_KEY = "quota"
+"""Config key of phase 2: how many samples this node sends (its share of the budget)."""
+NODE_MAX_BYTES_KEY = "max-bytes"
+"""Node-config key: a site's own cap on one upload's bytes (its link budget)."""
 
 
 def request(arrays: ArrayRecord, config: Mapping[str, object]) -> RecordDict:
@@ -63,6 +72,15 @@ class SelectionConfig(RunConfigFields):
         upload counts those, whatever the policy.
     seed : int (default: 0)
         Sites seed their choices with ``(seed, round, site)``; >= 0.
+    allocation : str (default: "per-site")
+        ``"per-site"``: every site sends its own best ``rho`` share (the paper).
+        ``"global"``: a round has two phases; sites first say what their best
+        candidates are worth, and the server gives each a quota so that one
+        budget buys the best samples anywhere
+        (:mod:`~flwr_select.selection.allocation`).
+    round_budget_bytes : int (default: 0)
+        The global budget of a round, in upload bytes; 0: what the per-site
+        budgets would have allowed together, so that both spend the same.
 
     Raises
     ------
@@ -80,6 +98,8 @@ class SelectionConfig(RunConfigFields):
     temperature: float = 1.0
     trim: float = 0.01
     seed: int = 0
+    allocation: str = "per-site"
+    round_budget_bytes: int = 0
 
     def __post_init__(self) -> None:
         check("rho", self.rho, 0 < self.rho <= 1, "in (0, 1]")
@@ -93,6 +113,9 @@ class SelectionConfig(RunConfigFields):
         check("temperature", self.temperature, self.temperature > 0, "> 0")
         check("trim", self.trim, 0 < self.trim < 1, "in (0, 1)")
         check("seed", self.seed, self.seed >= 0, ">= 0")
+        check_name("allocation", self.allocation, ALLOCATIONS)
+        budget = self.round_budget_bytes
+        check("round-budget-bytes", budget, budget >= 0, ">= 0 (0: the per-site sum)")
 
     def budget(self) -> Budget:
         """Return the per-site, per-round budget."""

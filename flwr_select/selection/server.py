@@ -25,6 +25,7 @@ from torch import nn
 
 from flwr_select.data import SiteData
 from flwr_select.models import Transform, check_model, model_input
+from flwr_select.selection.allocation import ScoreSketch, allocate
 from flwr_select.selection.buffer import TrainingBuffer
 from flwr_select.selection.checkpoint import Checkpoint, latest
 from flwr_select.selection.policies import likely_mislabelled
@@ -47,6 +48,10 @@ class SiteReport(NamedTuple):
 
 Upload = tuple[int, Callable[[], tuple[ArrayRecord, SiteReport]]]
 """A site key and a function that returns its upload and :class:`SiteReport`."""
+Summary = tuple[int, Callable[[], Mapping[str, object]]]
+"""A site key and a function that returns its phase-1 metrics (a sketch)."""
+SUMMARY_METRICS = frozenset({"num-candidates", "sketch-ranks", "sketch-values"})
+"""The metrics of a site's phase-1 reply (see ``selection.site.site_summary``)."""
 
 SERVER_SITE = 0
 """The buffer's site key for samples the server holds itself (the initial set)."""
@@ -186,6 +191,12 @@ class SelectionServer:
         self.undelivered: dict[int, list[int]] = {}
         """Per site, the rounds whose upload was not kept (failed, rejected or never
         came). Each request tells the site, which offers those samples again."""
+        self.quotas: dict[int, int] = {}
+        """With one global budget: each site's quota in the latest round."""
+        self.summarised: dict[int, int] = {}
+        """With one global budget: each site's ``num-candidates`` of phase 1."""
+        self.phase_one: dict[str, int | float] = {}
+        """With one global budget: the metrics of the latest round's phase 1."""
 
     def is_finished(self, server_round: int) -> bool:
         """Say whether ``server_round`` is done (in this run or before a resume)."""
@@ -286,11 +297,19 @@ class SelectionServer:
             raise UploadError(f"{size} bytes exceed the cap of {cap} bytes")
         if type(candidates) is not int or candidates < 0:
             raise UploadError(f"num-candidates must be an int >= 0, got {candidates!r}")
+        limit = budget.sample_limit(candidates)
+        if self.selection.allocation == "global":
+            if candidates != self.summarised.get(site):
+                raise UploadError(
+                    f"num-candidates {candidates} is not the "
+                    f"{self.summarised.get(site)} of the site's summary"
+                )
+            limit = self.quotas[site]
         samples, _ = decode(
             record,
             self.num_classes,
             sample_shape=self.expected_sample_shape(),
-            max_samples=budget.sample_limit(candidates),
+            max_samples=limit,
             max_bytes=self.max_upload_bytes,
         )
         repeated = self.buffer.seen(site, samples.ids.numpy())
@@ -299,6 +318,85 @@ class SelectionServer:
                 f"{int(repeated.sum())} ids were already accepted from this site"
             )
         return samples, size
+
+    def allocate_round(
+        self,
+        server_round: int,
+        summaries: Iterable[Summary],
+        *,
+        failures: int = 0,
+        summary_bytes: int = 0,
+    ) -> dict[int, int]:
+        """Phase 1 of a round with one global budget: check each sketch, give quotas.
+
+        A summary that is not :data:`SUMMARY_METRICS` with an int
+        ``num-candidates`` >= 0 and a well-formed sketch
+        (:meth:`~flwr_select.selection.allocation.ScoreSketch.check`) is
+        rejected and logged, as an upload would be; its site gets no quota. A
+        site may be given at most what one upload can carry under
+        :attr:`max_upload_bytes`. The budget is ``round-budget-bytes`` in
+        samples (:meth:`sample_bytes` each), or with 0 what the per-site
+        budgets of the sites that answered would have allowed together.
+
+        Returns each accepted site's quota (:func:`allocate`), also kept in
+        :attr:`quotas`; :attr:`phase_one` keeps the phase's metrics:
+        ``summaries-accepted``, ``summaries-rejected``, ``summary-bytes`` (what
+        the replies weighed, as the strategy measured them), ``sites-failed``
+        (``failures``: sites that failed in phase 1), ``round-budget``
+        (samples) and ``quota.<site>``.
+        """
+        sketches, rejected, per_site = {}, 0, 0
+        per_upload = self.max_upload_bytes // int(np.prod(self.expected_sample_shape()))
+        for site, unpack in summaries:
+            try:
+                metrics = unpack()
+                if set(metrics) != SUMMARY_METRICS:
+                    raise UploadError(
+                        f"a summary holds {sorted(SUMMARY_METRICS)}; "
+                        f"got {sorted(metrics)}"
+                    )
+                candidates = metrics["num-candidates"]
+                if type(candidates) is not int or candidates < 0:
+                    raise UploadError(
+                        f"num-candidates must be an int >= 0, got {candidates!r}"
+                    )
+                sketch = ScoreSketch.check(
+                    metrics["sketch-ranks"], metrics["sketch-values"], candidates
+                )
+            except Exception as err:  # whatever one reply does, it rejects only itself
+                reason = str(err) if isinstance(err, UploadError) else repr(err)
+                logger.warning(
+                    "round %s: rejected the summary of node %s: %s",
+                    server_round,
+                    site,
+                    reason,
+                )
+                rejected += 1
+                continue
+            sketches[site] = sketch.clipped(per_upload)
+            self.summarised[site] = candidates
+            per_site += self.selection.budget().sample_limit(candidates)
+        budget = per_site
+        if self.selection.round_budget_bytes:
+            budget = self.selection.round_budget_bytes // self.sample_bytes()
+        self.quotas = allocate(sketches, budget)
+        self.phase_one = {
+            "summaries-accepted": len(sketches),
+            "summaries-rejected": rejected,
+            "summary-bytes": summary_bytes,
+            "sites-failed": failures,
+            "round-budget": budget,
+            **{f"quota.{site}": quota for site, quota in self.quotas.items()},
+        }
+        return self.quotas
+
+    def sample_bytes(self) -> int:
+        """Return what one sample costs on the wire, at most: pixels, label and id.
+
+        A global budget in bytes is this many bytes per sample (uncompressed;
+        a compressed upload costs less).
+        """
+        return int(np.prod(self.expected_sample_shape())) + 1 + 8
 
     def accept_uploads(
         self,
@@ -344,6 +442,9 @@ class SelectionServer:
             "suspect-labels": 0,
             "suspect-candidates": 0,
         }
+        if self.selection.allocation == "global":  # phase 1's, its failures too
+            metrics.update({**self.phase_one, "sites-failed": failures})
+            metrics["sites-failed"] += self.phase_one.get("sites-failed", 0)
         self.expected_sample_shape()  # the operator's error, not a site's: raise
         for site, unpack in uploads:
             try:

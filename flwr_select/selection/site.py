@@ -16,12 +16,93 @@ from torch import nn
 
 from flwr_select.data import SiteData
 from flwr_select.models import Transform, check_model, model_input
+from flwr_select.selection.allocation import ScoreSketch
 from flwr_select.selection.buffer import default_device
 from flwr_select.selection.ledger import SiteLedger
-from flwr_select.selection.policies import likely_mislabelled, select
+from flwr_select.selection.policies import Budget, likely_mislabelled, ranked
 from flwr_select.selection.protocol import SelectionConfig
-from flwr_select.selection.trial import trial_test
+from flwr_select.selection.trial import TrialResult, trial_test
 from flwr_select.selection.wire import pack, wire_bytes
+
+
+def rank_candidates(
+    model: nn.Module,
+    site: SiteData,
+    selection: SelectionConfig,
+    *,
+    server_round: int,
+    site_key: int,
+    ledger: SiteLedger,
+    undelivered: Sequence[int] = (),
+    transform: Transform = None,
+) -> tuple[TrialResult, np.ndarray, np.ndarray]:
+    """Trial-test the site's samples; return the trial and the policy's ranking.
+
+    The ranking is :func:`~flwr_select.selection.policies.ranked`'s: every
+    eligible position best first, and its priority. The same arguments give the
+    same ranking, so a round's two phases (summary, upload) agree.
+    """
+    model = model.to(default_device())
+    check_model(model, site.images.shape[1:], site.num_classes, transform)
+    trial = trial_test(model, site, transform=model_input(transform))
+    positions, priorities = ranked(
+        trial,
+        selection.policy(),
+        confidence=selection.confidence,
+        seed=(selection.seed, server_round, site_key),
+        sent=ledger.kept_by_server(server_round, undelivered),
+    )
+    return trial, positions, priorities
+
+
+def byte_cap(selection: SelectionConfig, node_max_bytes: int = 0) -> int | None:
+    """Return the cap on one upload's wire bytes: the run's and the node's, or None."""
+    caps = [cap for cap in (selection.max_bytes, node_max_bytes) if cap]
+    return min(caps) if caps else None
+
+
+def site_summary(
+    model: nn.Module,
+    site: SiteData,
+    selection: SelectionConfig,
+    *,
+    server_round: int,
+    site_key: int,
+    ledger: SiteLedger,
+    undelivered: Sequence[int] = (),
+    transform: Transform = None,
+    node_max_bytes: int = 0,
+) -> dict[str, int | list[int] | list[float]]:
+    """Phase 1 of a round with one global budget: what the site's best are worth.
+
+    The site ranks its candidates as :func:`site_round` would and sketches the
+    priorities of as many as it could send (``max-count``, and the run's and the
+    node's byte caps, measured on the wire format): ``num-candidates``,
+    ``sketch-ranks`` and ``sketch-values`` (:class:`ScoreSketch`). Nothing is
+    sent or recorded in the ledger.
+    """
+    _, positions, priorities = rank_candidates(
+        model,
+        site,
+        selection,
+        server_round=server_round,
+        site_key=site_key,
+        ledger=ledger,
+        undelivered=undelivered,
+        transform=transform,
+    )
+    if selection.max_count:
+        positions = positions[: selection.max_count]
+    cap = byte_cap(selection, node_max_bytes)
+    if cap is not None:
+        fits = pack(site, positions, max_bytes=cap, compress=selection.compress)
+        positions = positions[: len(fits["ids"].numpy())]
+    sketch = ScoreSketch.of(priorities, len(positions))
+    return {
+        "num-candidates": len(site),
+        "sketch-ranks": sketch.ranks.tolist(),
+        "sketch-values": sketch.values.tolist(),
+    }
 
 
 def site_round(
@@ -34,8 +115,15 @@ def site_round(
     ledger: SiteLedger,
     undelivered: Sequence[int] = (),
     transform: Transform = None,
+    quota: int | None = None,
+    node_max_bytes: int = 0,
 ) -> tuple[ArrayRecord, dict[str, int | float]]:
     """One site's round: trial test, selection, upload; ``ledger`` records the ids.
+
+    The site sends its best ``rho`` share (and at most ``max-count``), or, in a
+    round with one global budget, its ``quota`` (phase 2, after
+    :func:`site_summary`); never more bytes than the run's and the node's caps
+    (``node_max_bytes``: 0 for none).
 
     ``undelivered`` are the rounds whose upload the server says it did not keep
     (see :class:`~flwr_select.selection.ledger.SiteLedger`). Choices are seeded
@@ -51,19 +139,20 @@ def site_round(
     selection's ``trim`` (likely mislabelled), so that the server sees a noisy
     site even when its policy leaves those samples out of the upload.
     """
-    model = model.to(default_device())
-    check_model(model, site.images.shape[1:], site.num_classes, transform)
-    trial = trial_test(model, site, transform=model_input(transform))
-    budget = selection.budget()
-    chosen = select(
-        trial,
-        budget,
-        selection.policy(),
-        confidence=selection.confidence,
-        seed=(selection.seed, server_round, site_key),
-        sent=ledger.kept_by_server(server_round, undelivered),
+    trial, positions, _ = rank_candidates(
+        model,
+        site,
+        selection,
+        server_round=server_round,
+        site_key=site_key,
+        ledger=ledger,
+        undelivered=undelivered,
+        transform=transform,
     )
-    upload = pack(site, chosen, max_bytes=budget.max_bytes, compress=selection.compress)
+    budget = selection.budget() if quota is None else Budget(count=quota)
+    chosen = positions[: budget.sample_limit(len(trial))]
+    cap = byte_cap(selection, node_max_bytes)
+    upload = pack(site, chosen, max_bytes=cap, compress=selection.compress)
     sent_ids = upload["ids"].numpy().astype(np.int64)
     ledger.record(sent_ids, server_round)
     return upload, {
