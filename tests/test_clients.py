@@ -3,6 +3,7 @@
 import ast
 from pathlib import Path
 
+import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -87,3 +88,33 @@ def client_modules_imported(name: str) -> set[str]:
 def test_neither_client_imports_the_other_only_what_they_share():
     assert client_modules_imported("site.py") == {"clients.common"}
     assert client_modules_imported("worker.py") == {"clients.common"}
+
+
+def test_a_boxs_own_byte_cap_bounds_its_summary_and_its_upload(task_identity):
+    # Prepare: a box that declares 20 samples' worth of bytes (788 + headers each)
+    app = ClientApp()
+    add_select_handler(app, load_site=samples)
+    cap = 20 * 788 + 1400
+
+    def context(node_config):
+        return Context(
+            run_id=1,
+            node_id=1,
+            node_config=node_config,
+            state=RecordDict(),
+            run_config={},
+        )
+
+    config = SelectionConfig(rho=1.0, allocation="global").to_config()
+    # Execute: phase 1, then phase 2 with more than the box can take
+    summary = app(message("query.select_summary", config), context({"max-bytes": cap}))
+    upload = app(
+        message("train.select", {**config, "quota": 64}), context({"max-bytes": cap})
+    )
+    # Assert: the sketch says what fits, the upload holds no more, a bad cap is named
+    limit = summary.content.metric_records[METRICS_KEY]["sketch-ranks"][-1]
+    sent = upload.content.metric_records[METRICS_KEY]
+    assert 15 <= limit < 64 and sent["num-selected"] == limit
+    assert sent["upload-bytes"] <= cap
+    with pytest.raises(ValueError, match="node config max-bytes must be an int >= 0"):
+        app(message("train.select", config), context({"max-bytes": -1}))
