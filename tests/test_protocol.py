@@ -45,6 +45,8 @@ def test_defaults():
         "temperature": 1.0,
         "trim": 0.01,
         "seed": 0,
+        "allocation": "per-site",
+        "round-budget-bytes": 0,
     }
 
 
@@ -60,6 +62,8 @@ def test_to_config_uses_the_run_config_spellings():
         "temperature": 0.5,
         "trim": 0.01,
         "seed": 7,
+        "allocation": "per-site",
+        "round-budget-bytes": 0,
     }
 
 
