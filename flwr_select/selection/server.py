@@ -96,6 +96,17 @@ def site_report(metrics: Mapping[str, object]) -> SiteReport:
     return SiteReport(metrics["num-candidates"], metrics.get("num-suspect"))
 
 
+def log_rejection(server_round: int, what: str, site: int, err: Exception) -> None:
+    """Log that a site's ``what`` (upload, summary) was rejected, and why.
+
+    An ``UploadError`` says its reason; anything else is shown as raised.
+    """
+    reason = str(err) if isinstance(err, UploadError) else repr(err)
+    logger.warning(
+        "round %s: rejected the %s of node %s: %s", server_round, what, site, reason
+    )
+
+
 def check_suspect(report: SiteReport) -> int | None:
     """Return a report's ``num-suspect`` (None if unsaid), an int in [0, candidates].
 
@@ -364,13 +375,7 @@ class SelectionServer:
                     metrics["sketch-ranks"], metrics["sketch-values"], candidates
                 )
             except Exception as err:  # whatever one reply does, it rejects only itself
-                reason = str(err) if isinstance(err, UploadError) else repr(err)
-                logger.warning(
-                    "round %s: rejected the summary of node %s: %s",
-                    server_round,
-                    site,
-                    reason,
-                )
+                log_rejection(server_round, "summary", site, err)
                 rejected += 1
                 continue
             sketches[site] = sketch.clipped(per_upload)
@@ -454,13 +459,7 @@ class SelectionServer:
                 suspect = self.audit(samples)
                 self.buffer.add(site, samples)
             except Exception as err:  # whatever one reply does, it rejects only itself
-                reason = str(err) if isinstance(err, UploadError) else repr(err)
-                logger.warning(
-                    "round %s: rejected the upload of node %s: %s",
-                    server_round,
-                    site,
-                    reason,
-                )
+                log_rejection(server_round, "upload", site, err)
                 metrics["sites-rejected"] += 1
                 continue
             metrics["sites-accepted"] += 1
