@@ -107,6 +107,13 @@ def log_rejection(server_round: int, what: str, site: int, err: Exception) -> No
     )
 
 
+def check_candidates(candidates: object) -> int:
+    """Return a reply's ``num-candidates``, an int >= 0, or raise ``UploadError``."""
+    if type(candidates) is not int or candidates < 0:
+        raise UploadError(f"num-candidates must be an int >= 0, got {candidates!r}")
+    return candidates
+
+
 def check_suspect(report: SiteReport) -> int | None:
     """Return a report's ``num-suspect`` (None if unsaid), an int in [0, candidates].
 
@@ -306,9 +313,7 @@ class SelectionServer:
         cap = min(self.max_upload_bytes, budget.max_bytes or self.max_upload_bytes)
         if size > cap:
             raise UploadError(f"{size} bytes exceed the cap of {cap} bytes")
-        if type(candidates) is not int or candidates < 0:
-            raise UploadError(f"num-candidates must be an int >= 0, got {candidates!r}")
-        limit = budget.sample_limit(candidates)
+        limit = budget.sample_limit(check_candidates(candidates))
         if self.selection.allocation == "global":
             if candidates != self.summarised.get(site):
                 raise UploadError(
@@ -366,11 +371,7 @@ class SelectionServer:
                         f"a summary holds {sorted(SUMMARY_METRICS)}; "
                         f"got {sorted(metrics)}"
                     )
-                candidates = metrics["num-candidates"]
-                if type(candidates) is not int or candidates < 0:
-                    raise UploadError(
-                        f"num-candidates must be an int >= 0, got {candidates!r}"
-                    )
+                candidates = check_candidates(metrics["num-candidates"])
                 sketch = ScoreSketch.check(
                     metrics["sketch-ranks"], metrics["sketch-values"], candidates
                 )
