@@ -4,18 +4,22 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from hypothesis import given
 from hypothesis import strategies as st
 
+from flwr_select.data import SiteData
 from flwr_select.selection.allocation import SKETCH_POINTS, ScoreSketch, allocate
+from flwr_select.selection.ledger import SiteLedger
 from flwr_select.selection.protocol import (
     METRICS_KEY,
     SUMMARY_MESSAGE_TYPE,
     SelectionConfig,
 )
+from flwr_select.selection.site import site_round, site_summary
 from flwr_select.selection.wire import UploadError
-from tests.hostile import RHO, SENT, N, content, good_upload, make_strategy, reply
+from tests.hostile import RHO, SENT, N, content, make_strategy, reply
 
 
 def sketch(priorities, points=SKETCH_POINTS):
@@ -180,25 +184,64 @@ def test_a_hostile_summary_gets_no_quota_and_the_others_share_the_budget(
     assert any(re.search(reason, line) for line in logged), logged
 
 
-def test_an_upload_beyond_its_quota_or_unlike_its_summary_is_rejected(task_identity):
-    # Prepare: quotas for nodes 1, 2 and 3 from their summaries
-    strategy = make_strategy(selection=SelectionConfig(rho=RHO, allocation="global"))
+def site_of(node: int) -> SiteData:
+    """Node's N candidates: random 28x28 samples, ids ``1000 * node + i``."""
+    g = torch.Generator().manual_seed(node)
+    images = torch.randint(0, 256, (N, 28, 28), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (N,), generator=g)
+    return SiteData(images, labels, 10, torch.arange(N) + 1000 * node)
+
+
+def test_an_upload_beyond_its_quota_or_unlike_its_summary_is_rejected(
+    task_identity, caplog
+):
+    # Prepare: four sites' real summaries (the site's own code, the round's model);
+    # node 4 claims its best candidate is worth 0.5 more than it is
+    selection = SelectionConfig(rho=RHO, allocation="global")
+    strategy = make_strategy(selection=selection)
+    sites = {node: site_of(node) for node in (1, 2, 3, 4)}
+    site_args = {"server_round": 1, "ledger": SiteLedger()}
+    summaries = {
+        node: site_summary(strategy.model, data, selection, site_key=node, **site_args)
+        for node, data in sites.items()
+    }
+    summaries[4]["sketch-values"][0] += 0.5
     strategy.allocate_quotas(
-        1, [reply(n, summary(), SUMMARY_MESSAGE_TYPE) for n in (1, 2, 3)]
+        1,
+        [
+            reply(n, RecordDict({METRICS_KEY: MetricRecord(m)}), SUMMARY_MESSAGE_TYPE)
+            for n, m in summaries.items()
+        ],
     )
-    quota = strategy.quotas[1]
-    strategy.round_nodes = [1, 2, 3]
+    quotas, strategy.round_nodes = strategy.quotas, [1, 2, 3, 4]
+    assert min(quotas.values()) > 0
+
+    def upload(node, quota, candidates=N):
+        record, _ = site_round(
+            strategy.model,
+            sites[node],
+            selection,
+            site_key=node,
+            quota=quota,
+            **{**site_args, "ledger": SiteLedger()},
+        )
+        return reply(node, content(record, candidates))
+
     uploads = [
-        reply(1, content(good_upload(1, quota))),  # as asked
-        reply(2, content(good_upload(2, strategy.quotas[2] + 1))),  # one too many
-        reply(3, content(good_upload(3, strategy.quotas[3]), N + 1)),  # other count
+        upload(1, quotas[1]),  # as asked
+        upload(2, quotas[2] + 1),  # one too many
+        upload(3, quotas[3], N + 1),  # another count than its summary's
+        upload(4, quotas[4]),  # its real best, worth less than it claimed
     ]
     # Execute
     _, metrics = strategy.aggregate_train(1, uploads)
     # Assert
-    assert (metrics["sites-accepted"], metrics["sites-rejected"]) == (1, 2)
-    assert strategy.rounds[1]["samples-received.1"] == quota
-    assert metrics["summaries-accepted"] == 3 and metrics["round-budget"] == 3 * SENT
+    assert (metrics["sites-accepted"], metrics["sites-rejected"]) == (1, 3)
+    assert strategy.rounds[1]["samples-received.1"] == quotas[1]
+    assert metrics["summaries-accepted"] == 4 and metrics["round-budget"] == 4 * SENT
+    assert strategy.undelivered == {2: [1], 3: [1], 4: [1]}
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert re.search(r"node 4: at rank 1 the upload is worth .* claimed", logged)
 
 
 def test_a_budget_in_bytes_buys_that_many_samples_at_their_wire_cost(task_identity):

@@ -488,17 +488,28 @@ def ranked(
     (:mod:`~flwr_select.selection.allocation`).
     """
     policy = make_policy(policy) if isinstance(policy, str) else policy
-    check_confidence(confidence)
     if sent is None:
         eligible = np.arange(len(trial))
     else:
         eligible = np.flatnonzero(~sent.contains(trial.ids))
-    candidates = Candidates(
-        wrong=trial.wrong[eligible],
-        confidence=trial.confidence[confidence][eligible],
-        labels=trial.labels[eligible],
-        label_probability=trial.label_probability[eligible],
-        eps=eps,
-    )
+    candidates = candidates_of(trial, eligible, confidence=confidence, eps=eps)
     order = policy.order(candidates, np.random.default_rng(seed))
     return eligible[order], policy.priority(candidates)[order]
+
+
+def candidates_of(
+    trial: TrialResult,
+    positions: np.ndarray,
+    *,
+    confidence: str = "cross-entropy",
+    eps: float = DEFAULT_EPS,
+) -> Candidates:
+    """Return what a policy sees of the trial's samples at ``positions``."""
+    check_confidence(confidence)
+    return Candidates(
+        wrong=trial.wrong[positions],
+        confidence=trial.confidence[confidence][positions],
+        labels=trial.labels[positions],
+        label_probability=trial.label_probability[positions],
+        eps=eps,
+    )

@@ -28,9 +28,9 @@ from flwr_select.models import Transform, check_model, model_input
 from flwr_select.selection.allocation import ScoreSketch, allocate
 from flwr_select.selection.buffer import TrainingBuffer
 from flwr_select.selection.checkpoint import Checkpoint, latest
-from flwr_select.selection.policies import likely_mislabelled
+from flwr_select.selection.policies import candidates_of, likely_mislabelled
 from flwr_select.selection.protocol import UNDELIVERED_KEY, SelectionConfig
-from flwr_select.selection.trial import trial_test
+from flwr_select.selection.trial import TrialResult, trial_test
 from flwr_select.selection.wire import UploadError, decode, wire_bytes
 from flwr_select.trainer import TrainConfig, TrainResult, train
 
@@ -52,6 +52,9 @@ Summary = tuple[int, Callable[[], Mapping[str, object]]]
 """A site key and a function that returns its phase-1 metrics (a sketch)."""
 SUMMARY_METRICS = frozenset({"num-candidates", "sketch-ranks", "sketch-values"})
 """The metrics of a site's phase-1 reply (see ``selection.site.site_summary``)."""
+
+SUMMARY_TOLERANCE = 1e-4
+"""How far an upload's priorities may fall below its summary's (float noise)."""
 
 SERVER_SITE = 0
 """The buffer's site key for samples the server holds itself (the initial set)."""
@@ -211,8 +214,9 @@ class SelectionServer:
         came). Each request tells the site, which offers those samples again."""
         self.quotas: dict[int, int] = {}
         """With one global budget: each site's quota in the latest round."""
-        self.summarised: dict[int, int] = {}
-        """With one global budget: each site's ``num-candidates`` of phase 1."""
+        self.summarised: dict[int, tuple[int, ScoreSketch]] = {}
+        """With one global budget: each site's ``num-candidates`` and sketch of
+        phase 1, which its upload must agree with (:meth:`check_summary`)."""
         self.phase_one: dict[str, int | float] = {}
         """With one global budget: the metrics of the latest round's phase 1."""
 
@@ -315,10 +319,11 @@ class SelectionServer:
             raise UploadError(f"{size} bytes exceed the cap of {cap} bytes")
         limit = budget.sample_limit(check_candidates(candidates))
         if self.selection.allocation == "global":
-            if candidates != self.summarised.get(site):
+            summarised, _ = self.summarised.get(site, (None, None))
+            if candidates != summarised:
                 raise UploadError(
                     f"num-candidates {candidates} is not the "
-                    f"{self.summarised.get(site)} of the site's summary"
+                    f"{summarised} of the site's summary"
                 )
             limit = self.quotas[site]
         samples, _ = decode(
@@ -380,7 +385,7 @@ class SelectionServer:
                 rejected += 1
                 continue
             sketches[site] = sketch.clipped(per_upload)
-            self.summarised[site] = candidates
+            self.summarised[site] = (candidates, sketch)
             per_site += self.selection.budget().sample_limit(candidates)
         budget = per_site
         if self.selection.round_budget_bytes:
@@ -457,7 +462,7 @@ class SelectionServer:
                 record, report = unpack()
                 samples, size = self.check_upload(site, record, report.candidates)
                 reported = check_suspect(report)
-                suspect = self.audit(samples)
+                suspect = self.audit(site, samples)
                 self.buffer.add(site, samples)
             except Exception as err:  # whatever one reply does, it rejects only itself
                 log_rejection(server_round, "upload", site, err)
@@ -489,7 +494,7 @@ class SelectionServer:
         self.rounds[server_round] = metrics
         return metrics
 
-    def audit(self, samples: SiteData) -> int:
+    def audit(self, site: int, samples: SiteData) -> int:
         """Return how many of an upload's labels the model calls likely wrong.
 
         The model is the one the sites trial-tested with (the round's training
@@ -497,7 +502,9 @@ class SelectionServer:
         the selection's ``trim`` counts
         (:func:`~flwr_select.selection.policies.likely_mislabelled`). Per site
         and round, this shows an operator a site whose labels are noisy, or one
-        that sends such samples on purpose, whatever it claims.
+        that sends such samples on purpose, whatever it claims. With one global
+        budget the same trial checks the upload against the site's summary
+        (:meth:`check_summary`).
         """
         if len(samples) == 0:
             return 0
@@ -507,8 +514,36 @@ class SelectionServer:
             trial = trial_test(self.model, samples, transform=self.transform)
         finally:
             self.model.train(was_training)
+        if self.selection.allocation == "global":
+            self.check_summary(site, trial)
         suspect = likely_mislabelled(trial.label_probability, self.selection.trim)
         return int(suspect.sum())
+
+    def check_summary(self, site: int, trial: TrialResult) -> None:
+        """Refuse an upload whose worth falls short of what its summary claimed.
+
+        With one global budget, a site's upload is its best samples, so the
+        upload's k-th best priority (the policy's, under the round's model) is
+        the k-th best of its phase-1 sketch, at every sketched k the upload
+        reaches. A site that inflated its sketch to win budget is caught here;
+        :data:`SUMMARY_TOLERANCE` absorbs the float differences between its
+        device and the server's.
+        """
+        _, sketch = self.summarised[site]
+        selection = self.selection
+        worth = selection.policy().priority(
+            candidates_of(trial, np.arange(len(trial)), confidence=selection.confidence)
+        )
+        worth = np.sort(worth)[::-1]
+        ranks = sketch.ranks[sketch.ranks <= len(worth)]
+        claimed = sketch.values[: len(ranks)]
+        short = np.flatnonzero(worth[ranks - 1] < claimed - SUMMARY_TOLERANCE)
+        if len(short):
+            k = short[0]
+            raise UploadError(
+                f"at rank {ranks[k]} the upload is worth {worth[ranks[k] - 1]:.6g}; "
+                f"its summary claimed {claimed[k]:.6g}"
+            )
 
     def train_on_buffer(
         self, server_round: int, training: TrainConfig | None = None
