@@ -137,12 +137,21 @@ def logs_on_failure(deployment):
         raise
 
 
-def test_two_sites_upload_their_real_samples_over_tls_with_auth(
-    deployment, site_folders, mnist_dir, tmp_path
-):
-    # Prepare
-    out_dir = tmp_path / "out"
-    run_config = {
+def finished_run(deployment, run_config: dict) -> set[int]:
+    """Submit a run, wait for it to succeed; return the ServerApp pids seen."""
+    run = deployment.start_run(run_config)
+    serverapps, deadline = set(), time.monotonic() + 300
+    while run.running and time.monotonic() < deadline:
+        serverapps.update(deployment.serverapp_pids())
+        time.sleep(0.5)
+    assert not run.running, "the run did not finish in 300 s"
+    assert run.popen.returncode == 0, run.tail(60)
+    return serverapps
+
+
+def paper_run_config(mnist_dir, out_dir, **extra) -> dict:
+    """The short run both uploads tests submit: ROUNDS rounds at RHO."""
+    return {
         "num-server-rounds": ROUNDS,
         "rho": RHO,
         "validation-size": 1000,
@@ -151,20 +160,23 @@ def test_two_sites_upload_their_real_samples_over_tls_with_auth(
         "server-epochs": 1,
         "data-dir": str(mnist_dir),
         "out-dir": str(out_dir),
+        **extra,
     }
+
+
+def test_two_sites_upload_their_real_samples_over_tls_with_auth(
+    deployment, site_folders, mnist_dir, tmp_path
+):
+    # Prepare
+    out_dir = tmp_path / "out"
+    run_config = paper_run_config(mnist_dir, out_dir)
     node_ids = {node.node_id: node for node in deployment.supernodes if node.running}
 
     with logs_on_failure(deployment):
-        # Execute: submit, and watch for the ServerApp process while it runs
-        run = deployment.start_run(run_config)
-        serverapps, deadline = set(), time.monotonic() + 300
-        while run.running and time.monotonic() < deadline:
-            serverapps.update(deployment.serverapp_pids())
-            time.sleep(0.5)
-        assert not run.running, "the run did not finish in 300 s"
+        # Execute
+        serverapps = finished_run(deployment, run_config)
 
         # Assert: the run, then each round's record
-        assert run.popen.returncode == 0, run.tail(60)
         assert serverapps, "no flwr-serverapp process was seen during the run"
         records = read_json_lines(out_dir / "rounds.jsonl")
         assert [record["round"] for record in records] == list(range(ROUNDS + 1))
@@ -197,6 +209,37 @@ def test_two_sites_upload_their_real_samples_over_tls_with_auth(
                 at = [position[int(i)] for i in ids]
                 np.testing.assert_array_equal(images[rows], site["images"][at])
                 np.testing.assert_array_equal(labels[rows], site["labels"][at])
+
+
+def test_real_supernodes_share_one_global_budget_in_two_phases(
+    deployment, mnist_dir, tmp_path
+):
+    # Prepare: the same sites, one round, one budget: what their per-site
+    # budgets allow together
+    out_dir = tmp_path / "out"
+    run_config = paper_run_config(
+        mnist_dir, out_dir, allocation="global", **{"num-server-rounds": 1}
+    )
+    node_ids = {str(node.node_id) for node in deployment.supernodes if node.running}
+
+    with logs_on_failure(deployment):
+        # Execute
+        finished_run(deployment, run_config)
+
+        # Assert: both sites summarised and got quotas that spend the budget;
+        # their uploads kept to the quotas; phase 1 weighed little
+        records = read_json_lines(out_dir / "rounds.jsonl")[1:]
+        execution = read_json_lines(out_dir / "execution.jsonl")[1:]
+        assert len(records) == len(execution) == 1
+        for record, detail in zip(records, execution, strict=True):
+            assert record["sites_accepted"] == SITES, record
+            assert record["samples_received"] == SITES * PER_SITE_ROUND, record
+            assert set(detail["quota_by_node"]) == node_ids, detail
+            assert detail["samples_received_by_node"] == detail["quota_by_node"]
+            assert 0 < record["summary_bytes"] <= 0.05 * record["bytes_received"]
+        buffer = latest(out_dir, device="cpu").buffer
+        keys = buffer.sites.astype(np.int64) * 10**6 + buffer.ids
+        assert len(np.unique(keys)) == len(keys)  # each sample once
 
 
 def test_supernodes_without_a_registered_key_are_refused(
