@@ -101,13 +101,28 @@ ROUND_LINE = re.compile(r"\[ROUND (\d+)/\d+\]")
 AGGREGATED = re.compile(r"Aggregated MetricRecord: (\{.*\})")
 
 
-def run_simulation(data_dir: Path, out_dir: Path, timeout: float) -> float:
-    """Run the app through ``flower-simulation``; return its wall time."""
-    config = {**RUN_CONFIG, "data-dir": str(data_dir), "out-dir": str(out_dir)}
+def run_simulation(
+    data_dir: Path,
+    out_dir: Path,
+    timeout: float,
+    *,
+    sites: int = SITES,
+    **config: object,
+) -> float:
+    """Run the app through ``flower-simulation``; return its wall time.
+
+    The run config is :data:`RUN_CONFIG` with ``config``'s keys over it.
+    """
+    config = {
+        **RUN_CONFIG,
+        **config,
+        "data-dir": str(data_dir),
+        "out-dir": str(out_dir),
+    }
     run_config = " ".join(f"{key}={json.dumps(value)}" for key, value in config.items())
     command = [
         str(Path(sys.executable).with_name("flower-simulation")),
-        *("--app", "simulations.mnist", "--num-supernodes", str(SITES)),
+        *("--app", "simulations.mnist", "--num-supernodes", str(sites)),
         *("--run-config", run_config),
     ]
     log = out_dir / "simulation.log"
