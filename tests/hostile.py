@@ -71,13 +71,17 @@ def reply(
     return Message(reply_content, reply_to=request)
 
 
-def good_upload(site: int, count: int = SENT, compress: bool = False) -> ArrayRecord:
-    """A valid upload of ``count`` random 28x28 samples, ids ``1000 * site + i``."""
+def random_site(site: int, count: int = N) -> SiteData:
+    """``count`` random 28x28 samples of ``site``, ids ``1000 * site + i``."""
     g = torch.Generator().manual_seed(site)
     images = torch.randint(0, 256, (count, *SHAPE), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 10, (count,), generator=g)
-    ids = torch.arange(count) + 1000 * site
-    return encode(SiteData(images, labels, 10, ids), compress=compress)
+    return SiteData(images, labels, 10, torch.arange(count) + 1000 * site)
+
+
+def good_upload(site: int, count: int = SENT, compress: bool = False) -> ArrayRecord:
+    """A valid upload of ``count`` of :func:`random_site`'s samples."""
+    return encode(random_site(site, count), compress=compress)
 
 
 def content(upload: ArrayRecord, candidates: object = N, **extra) -> RecordDict:

@@ -4,12 +4,10 @@ import re
 
 import numpy as np
 import pytest
-import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flwr_select.data import SiteData
 from flwr_select.selection.allocation import SKETCH_POINTS, ScoreSketch, allocate
 from flwr_select.selection.ledger import SiteLedger
 from flwr_select.selection.protocol import (
@@ -19,7 +17,15 @@ from flwr_select.selection.protocol import (
 )
 from flwr_select.selection.site import site_round, site_summary
 from flwr_select.selection.wire import UploadError
-from tests.hostile import RHO, SENT, N, content, make_strategy, reply
+from tests.hostile import (
+    RHO,
+    SENT,
+    N,
+    content,
+    make_strategy,
+    random_site,
+    reply,
+)
 
 
 def sketch(priorities, points=SKETCH_POINTS):
@@ -184,14 +190,6 @@ def test_a_hostile_summary_gets_no_quota_and_the_others_share_the_budget(
     assert any(re.search(reason, line) for line in logged), logged
 
 
-def site_of(node: int) -> SiteData:
-    """Node's N candidates: random 28x28 samples, ids ``1000 * node + i``."""
-    g = torch.Generator().manual_seed(node)
-    images = torch.randint(0, 256, (N, 28, 28), dtype=torch.uint8, generator=g)
-    labels = torch.randint(0, 10, (N,), generator=g)
-    return SiteData(images, labels, 10, torch.arange(N) + 1000 * node)
-
-
 def test_an_upload_beyond_its_quota_or_unlike_its_summary_is_rejected(
     task_identity, caplog
 ):
@@ -199,10 +197,16 @@ def test_an_upload_beyond_its_quota_or_unlike_its_summary_is_rejected(
     # node 4 claims its best candidate is worth 0.5 more than it is
     selection = SelectionConfig(rho=RHO, allocation="global")
     strategy = make_strategy(selection=selection)
-    sites = {node: site_of(node) for node in (1, 2, 3, 4)}
-    site_args = {"server_round": 1, "ledger": SiteLedger()}
+    sites = {node: random_site(node) for node in (1, 2, 3, 4)}
     summaries = {
-        node: site_summary(strategy.model, data, selection, site_key=node, **site_args)
+        node: site_summary(
+            strategy.model,
+            data,
+            selection,
+            server_round=1,
+            site_key=node,
+            ledger=SiteLedger(),
+        )
         for node, data in sites.items()
     }
     summaries[4]["sketch-values"][0] += 0.5
@@ -221,9 +225,10 @@ def test_an_upload_beyond_its_quota_or_unlike_its_summary_is_rejected(
             strategy.model,
             sites[node],
             selection,
+            server_round=1,
             site_key=node,
+            ledger=SiteLedger(),
             quota=quota,
-            **{**site_args, "ledger": SiteLedger()},
         )
         return reply(node, content(record, candidates))
 
