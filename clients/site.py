@@ -39,7 +39,9 @@ from flwr_select.selection.protocol import (
     NODE_MAX_BYTES_KEY,
     QUOTA_KEY,
     SUMMARY_ACTION,
+    TOP_UP_KEY,
     UNDELIVERED_KEY,
+    UNDELIVERED_TOP_UPS_KEY,
     UPLOAD_KEY,
     SelectionConfig,
 )
@@ -130,10 +132,11 @@ def load_ledger(context: Context) -> SiteLedger:
     if path is not None:
         if not path.is_file():
             return SiteLedger()
-        arrays = {"ids": [np.dtype(np.int64)], "rounds": [np.dtype(np.int64)]}
+        required = {"ids": [np.dtype(np.int64)], "rounds": [np.dtype(np.int64)]}
+        arrays = {**required, "top-ups": [np.dtype(bool)]}
         try:
-            stored = read_npz(path, arrays, required=arrays)
-            return SiteLedger(stored["ids"], stored["rounds"])
+            stored = read_npz(path, arrays, required=required)
+            return SiteLedger(stored["ids"], stored["rounds"], stored.get("top-ups"))
         except ValueError as err:  # NpyError included
             raise ValueError(
                 f"the site's ledger {path} is damaged ({err}); fix or delete it "
@@ -141,7 +144,9 @@ def load_ledger(context: Context) -> SiteLedger:
             ) from None
     if LEDGER_KEY in context.state.array_records:
         stored = context.state.array_records[LEDGER_KEY]
-        return SiteLedger(stored["ids"].numpy(), stored["rounds"].numpy())
+        return SiteLedger(
+            stored["ids"].numpy(), stored["rounds"].numpy(), stored["top-ups"].numpy()
+        )
     return SiteLedger()
 
 
@@ -155,6 +160,14 @@ def save_ledger(context: Context, ledger: SiteLedger) -> None:
         )
     else:
         write_atomically(path, lambda file: np.savez(file, **arrays))
+
+
+def undelivered_of(config: ConfigRecord) -> dict[str, list[int]]:
+    """Return what the server says it did not keep: rounds, and rounds' top-ups."""
+    return {
+        "undelivered": list(config.get(UNDELIVERED_KEY, [])),
+        "undelivered_top_ups": list(config.get(UNDELIVERED_TOP_UPS_KEY, [])),
+    }
 
 
 def node_max_bytes(context: Context) -> int:
@@ -227,9 +240,10 @@ def select_and_upload(
         server_round=int(config["server-round"]),
         site_key=site_key_of(context),
         ledger=ledger,
-        undelivered=list(config.get(UNDELIVERED_KEY, [])),
+        **undelivered_of(config),
         transform=transform,
         quota=None if quota is None else int(quota),
+        top_up=bool(config.get(TOP_UP_KEY, False)),
         node_max_bytes=node_max_bytes(context),
     )
     save_ledger(context, ledger)
@@ -265,7 +279,7 @@ def summarise_candidates(
         server_round=int(config["server-round"]),
         site_key=site_key_of(context),
         ledger=load_ledger(context),  # read, not changed: nothing is sent yet
-        undelivered=list(config.get(UNDELIVERED_KEY, [])),
+        **undelivered_of(config),
         transform=transform,
         node_max_bytes=node_max_bytes(context),
     )

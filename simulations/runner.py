@@ -277,6 +277,7 @@ class RoundLog:
                 ("suspect labels", "suspect_labels_by_node"),
                 ("suspect candidates", "suspect_candidates_by_node"),
                 ("quotas", "quota_by_node"),
+                ("top-ups", "top_up_by_node"),
             )
             if (counts := {n: c for n, c in (measured or {}).get(key, {}).items() if c})
         )
@@ -345,6 +346,7 @@ def run(grid: Grid, config: Mapping[str, Any]) -> None:
         record["suspect_labels"] = int(metrics.get("suspect-labels", 0))
         record["suspect_candidates"] = int(metrics.get("suspect-candidates", 0))
         record["summary_bytes"] = int(metrics.get("summary-bytes", 0))
+        record["top_up_samples"] = int(metrics.get("top-up-samples", 0))
         record["model_updated"] = int("train-loss" in metrics)
         record["train_loss"] = metrics.get("train-loss")
         record["buffer_size"] = len(strategy.buffer)
@@ -356,6 +358,7 @@ def run(grid: Grid, config: Mapping[str, Any]) -> None:
                 "suspect_labels_by_node": by_node(metrics, "suspect-labels"),
                 "suspect_candidates_by_node": by_node(metrics, "suspect-candidates"),
                 "quota_by_node": by_node(metrics, "quota"),
+                "top_up_by_node": by_node(metrics, "top-up"),
             },
         )
         return MetricRecord(

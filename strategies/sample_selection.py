@@ -20,10 +20,17 @@ from flwr_select.selection.protocol import (
     METRICS_KEY,
     QUOTA_KEY,
     SUMMARY_MESSAGE_TYPE,
+    TOP_UP_KEY,
     UPLOAD_KEY,
     request,
 )
-from flwr_select.selection.server import SelectionServer, SiteReport, site_report
+from flwr_select.selection.server import (
+    SelectionServer,
+    SiteReport,
+    TopUp,
+    Upload,
+    site_report,
+)
 from flwr_select.selection.wire import UploadError
 from flwr_select.trainer import TrainConfig
 from strategies.nodes import (
@@ -75,6 +82,8 @@ class SampleSelection(TrainOnlyFedAvg, SelectionServer):
         """The nodes asked for an upload in the latest round."""
         self.timeout: float = 3600.0
         """Seconds a round waits for replies (``start``'s); phase 1 waits as long."""
+        self.top_up: TopUp | None = None
+        """With one global budget, how the latest round asks for a top-up."""
 
     def summary(self) -> None:
         """Log the selection config beside FedAvg's sampling summary."""
@@ -132,7 +141,8 @@ class SampleSelection(TrainOnlyFedAvg, SelectionServer):
 
         With one global budget (``allocation="global"``) this is phase 2: phase 1
         (:meth:`allocate_quotas`) runs first, and each node with a quota is
-        asked for it.
+        asked for it; what other nodes then fail to send is asked of those that
+        sent theirs (:meth:`ask_top_up`, from :meth:`aggregate_train`).
         """
         if self.is_finished(server_round):
             log(INFO, "round %s was completed before the restart", server_round)
@@ -143,6 +153,7 @@ class SampleSelection(TrainOnlyFedAvg, SelectionServer):
         nodes = sample_round_nodes(self, grid, self.seed(server_round))
         extra = dict(config)
         quotas: dict[int, dict[str, int]] = {node: {} for node in nodes}
+        self.top_up = None
         if self.selection.allocation == "global":
             phase_one = [
                 self.request_to(n, SUMMARY_MESSAGE_TYPE, server_round, arrays, extra)
@@ -151,6 +162,9 @@ class SampleSelection(TrainOnlyFedAvg, SelectionServer):
             replies = grid.send_and_receive(phase_one, timeout=self.timeout)
             given = self.allocate_quotas(server_round, replies)
             quotas = {n: {QUOTA_KEY: q} for n, q in given.items() if q > 0}
+            self.top_up = functools.partial(
+                self.ask_top_up, grid, server_round, arrays, extra
+            )
         self.round_nodes = list(quotas)
         return [
             self.request_to(
@@ -173,6 +187,45 @@ class SampleSelection(TrainOnlyFedAvg, SelectionServer):
             message_type=message_type,
             dst_node_id=node,
         )
+
+    def ask_top_up(
+        self,
+        grid: Grid,
+        server_round: int,
+        arrays: ArrayRecord,
+        extra: dict[str, object],
+        quotas: dict[int, int],
+    ) -> list[Upload]:
+        """Ask each node for its top-up quota (a ``train.select``); return the uploads.
+
+        The second pass of a global round (the server's
+        :meth:`~flwr_select.selection.server.SelectionServer.allocate_top_up`):
+        the model again, the quota and ``top-up``; failures are logged.
+        """
+        messages = [
+            self.request_to(
+                node,
+                MESSAGE_TYPE,
+                server_round,
+                arrays,
+                {**extra, QUOTA_KEY: quota, TOP_UP_KEY: True},
+            )
+            for node, quota in sorted(quotas.items())
+        ]
+        replies = grid.send_and_receive(messages, timeout=self.timeout)
+        return self.uploads_of(server_round, replies)[0]
+
+    def uploads_of(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[list[Upload], int]:
+        """Return the replies' uploads, in content order, and how many failed."""
+        replies, failures = replies_without_failures(server_round, replies)
+        replies.sort(key=content_digest)  # arrival order is not the seed's
+        uploads = [
+            (reply.metadata.src_node_id, functools.partial(self.unpack_reply, reply))
+            for reply in replies
+        ]
+        return uploads, failures
 
     def allocate_quotas(
         self, server_round: int, replies: Iterable[Message]
@@ -223,14 +276,13 @@ class SampleSelection(TrainOnlyFedAvg, SelectionServer):
         if self.is_finished(server_round):
             kept = self.rounds.get(server_round)
             return None, None if kept is None else MetricRecord(kept)
-        replies, failures = replies_without_failures(server_round, replies)
-        replies.sort(key=content_digest)  # arrival order is not the seed's
-        uploads = [
-            (reply.metadata.src_node_id, functools.partial(self.unpack_reply, reply))
-            for reply in replies
-        ]
+        uploads, failures = self.uploads_of(server_round, replies)
         metrics = self.accept_uploads(
-            server_round, uploads, failures=failures, asked=self.round_nodes
+            server_round,
+            uploads,
+            failures=failures,
+            asked=self.round_nodes,
+            top_up=self.top_up,
         )
         trained = "train-loss" in metrics
         totals = {k: v for k, v in metrics.items() if "." not in k}  # not per node

@@ -258,3 +258,89 @@ def test_a_budget_in_bytes_buys_that_many_samples_at_their_wire_cost(task_identi
         1, [reply(n, summary(), SUMMARY_MESSAGE_TYPE) for n in (1, 2)]
     )
     assert sum(quotas.values()) == 7 == strategy.phase_one["round-budget"]
+
+
+def test_the_quota_a_rejected_site_leaves_is_topped_up_by_the_others(
+    task_identity, caplog
+):
+    # Prepare: three sites' real summaries and uploads (their own code, ledgers
+    # kept across the passes); node 3's upload is one over its quota
+    selection = SelectionConfig(rho=RHO, allocation="global")
+    strategy = make_strategy(selection=selection)
+    sites = {node: random_site(node) for node in (1, 2, 3)}
+    ledgers = {node: SiteLedger() for node in sites}
+
+    def answer(node, **options):
+        record, _ = site_round(
+            strategy.model,
+            sites[node],
+            selection,
+            server_round=1,
+            site_key=node,
+            ledger=ledgers[node],
+            **options,
+        )
+        return reply(node, content(record))
+
+    def summary(node):
+        metrics = site_summary(
+            strategy.model,
+            sites[node],
+            selection,
+            server_round=1,
+            site_key=node,
+            ledger=ledgers[node],
+        )
+        return reply(
+            node, RecordDict({METRICS_KEY: MetricRecord(metrics)}), SUMMARY_MESSAGE_TYPE
+        )
+
+    quotas = dict(strategy.allocate_quotas(1, [summary(n) for n in sites]))
+    strategy.round_nodes = list(sites)
+    asked = []
+
+    def top_up(extra):  # the second pass; node 2 sends its first upload again
+        asked.append(dict(extra))
+        replies = [answer(n, quota=q, top_up=n != 2) for n, q in extra.items()]
+        return strategy.uploads_of(1, replies)[0]
+
+    phase_two = [answer(1, quota=quotas[1]), answer(2, quota=quotas[2])]
+    phase_two.append(answer(3, quota=quotas[3] + 1))
+    # Execute
+    metrics = strategy.accept_uploads(
+        1, strategy.uploads_of(1, phase_two)[0], asked=list(sites), top_up=top_up
+    )
+    # Assert: node 3's quota was offered to nodes 1 and 2, as their next best;
+    # node 1's top-up is in, node 2's repeat is refused and its top-up only is
+    # undelivered (its first upload stays kept)
+    (extra,) = asked
+    assert set(extra) == {1, 2} and sum(extra.values()) == quotas[3]
+    assert (metrics["top-up-budget"], metrics["top-up-samples"]) == (
+        quotas[3],
+        extra[1],
+    )
+    assert metrics["samples-received.1"] == quotas[1] + extra[1]
+    assert metrics["samples-received.2"] == quotas[2]
+    assert (metrics["sites-accepted"], metrics["sites-rejected"]) == (2, 1)
+    assert metrics["top-ups-failed"] == 1
+    assert strategy.undelivered == {3: [1]} and strategy.undelivered_top_ups == {2: [1]}
+    assert len(np.unique(strategy.buffer.ids)) == len(strategy.buffer)
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert re.search(r"rejected the top-up of node 2: .* already accepted", logged)
+
+
+def test_a_top_up_released_by_the_server_frees_only_its_own_ids():
+    # Prepare: round 1 sent ids 1-3, its top-up 4-5; round 2 sent 6
+    ledger = SiteLedger()
+    ledger.record(np.array([1, 2, 3]), 1)
+    ledger.record(np.array([4, 5]), 1, top_up=True)
+    ledger.record(np.array([6]), 2)
+    # Execute: the server asks for round 3; it kept round 1 but not its top-up
+    kept = ledger.kept_by_server(3, undelivered=[], undelivered_top_ups=[1])
+    # Assert
+    assert kept.to_array().tolist() == [1, 2, 3, 6]
+    assert ledger.before(3).to_array().tolist() == [1, 2, 3, 6]
+    stored = SiteLedger(
+        **{k.replace("-", "_"): v for k, v in ledger.to_arrays().items()}
+    )
+    assert stored.top_ups.tolist() == [False] * 4

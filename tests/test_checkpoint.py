@@ -57,6 +57,7 @@ def assert_same(back: Checkpoint, saved: Checkpoint) -> None:
         saved.config,
         saved.undelivered,
     )
+    assert back.undelivered_top_ups == saved.undelivered_top_ups
     assert back.train_metrics == saved.train_metrics and back.records == saved.records
     assert back.model_state.keys() == saved.model_state.keys()
     for name, value in saved.model_state.items():
@@ -174,6 +175,7 @@ def small_checkpoint() -> Checkpoint:
         records={0: {"accuracy": 0.1}, 3: {"accuracy": 0.9}},
         undelivered={BIG_SITE: [2, 3], 4: []},
         config={"rho": 0.05, "dataset": "mnist"},
+        undelivered_top_ups={4: [1, 3]},
     )
 
 
@@ -348,7 +350,8 @@ DAMAGE = {
     "state a list": (raw_state(b"[]"), r"'state' holds list; expected \['config'"),
     "state lacks round": (
         state(lambda fields: fields.pop("round")),
-        r"'state' holds \['config', 'records', 'train_metrics', 'undelivered'\]",
+        r"'state' holds \['config', 'records', 'train_metrics', 'undelivered', "
+        r"'undelivered_top_ups'\]",
     ),
     "state has an extra field": (
         field("extra", 1),
@@ -404,6 +407,10 @@ DAMAGE = {
         field("undelivered", {"4": [True]}),
         r"'undelivered' holds \[True\] at '4'",
     ),
+    "top-up undelivered after the round": (
+        field("undelivered_top_ups", {"4": [4]}),
+        r"'undelivered_top_ups' holds \[4\] at '4'",
+    ),
     "undelivered not a list": (
         field("undelivered", {"4": 2}),
         r"'undelivered' holds 2 at '4'",
@@ -418,6 +425,17 @@ def test_a_checkpoint_with_one_thing_wrong_is_refused_naming_it(saved, edit, pro
     rewrite(path, edit)
     # Execute / Assert
     assert re.search(problem, refused(path))
+
+
+def test_a_checkpoint_of_the_release_before_top_ups_still_resumes(saved):
+    # Prepare: the state as written before a global round had a top-up pass
+    checkpoint, path = saved
+    rewrite(path, state(lambda fields: fields.pop("undelivered_top_ups")))
+    # Execute
+    back = latest(path.parent, device="cpu")
+    # Assert: no top-up was undelivered; everything else as saved
+    assert back.undelivered_top_ups == {}
+    assert back.undelivered == checkpoint.undelivered and len(back.buffer) == 4
 
 
 @pytest.mark.parametrize("keep", [0, 1, 30, 0.5, -100, -22, -1])

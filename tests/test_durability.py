@@ -123,11 +123,12 @@ def test_crashing_sites_are_recorded_and_leave_the_model_unchanged_when_all_fail
     assert checkpoint.round == 2 and len(checkpoint.buffer) == one["buffer_size"]
 
 
-def test_a_global_round_goes_on_without_a_site_that_fails_between_the_phases(
+def test_a_global_round_tops_up_the_quota_of_a_site_that_fails_between_the_phases(
     mnist_dir, tmp_path, flower_simulation
 ):
-    # Prepare: three sites share one budget; site 0 answers phase 1 of round 1,
-    # then crashes instead of uploading its quota
+    # Prepare: three sites share one budget; in round 1 site 0 answers phase 1,
+    # then crashes instead of uploading its quota, and site 1 crashes in the
+    # top-up that asks it for part of that quota
     sites = 3
     config = run_config(
         mnist_dir,
@@ -142,22 +143,33 @@ def test_a_global_round_goes_on_without_a_site_that_fails_between_the_phases(
         str(sites),
         "--run-config",
         config,
-        env={"CRASH_SITES": "1:0"},
+        env={"CRASH_SITES": "1:0 1:1:top-up"},
     )
     # Assert: the budget is what the per-site budgets allow together, shared by
-    # quotas; round 1 goes on with the two others, round 2 spends it all
+    # quotas; in round 1 the crashed site's quota goes to the two others, and
+    # only the top-up that failed is lost
     assert done.returncode == 0, done.stderr[-3000:]
     _, one, two = records(tmp_path)
-    _, quota_one, quota_two = [
-        m["quota_by_node"] for m in read_json_lines(tmp_path / "execution.jsonl")
-    ]
+    _, first, second = read_json_lines(tmp_path / "execution.jsonl")
     budget = sites * SENT
-    assert sum(quota_one.values()) == sum(quota_two.values()) == budget
+    assert sum(first["quota_by_node"].values()) == budget
+    (crashed,) = set(first["quota_by_node"]) - set(first["samples_received_by_node"])
+    top_ups = first["top_up_by_node"]
+    assert (
+        crashed not in top_ups
+        and sum(top_ups.values()) == first["quota_by_node"][crashed]
+    )
+    assert len(top_ups) == 2 and min(top_ups.values()) > 0
     assert (one["sites_failed"], one["sites_accepted"]) == (1, 2)
-    received = read_json_lines(tmp_path / "execution.jsonl")[1]
-    (crashed,) = set(quota_one) - set(received["samples_received_by_node"])
-    assert one["samples_received"] == budget - quota_one[crashed]
-    assert (two["sites_accepted"], two["samples_received"]) == (3, budget)
+    delivered = one["top_up_samples"]
+    assert delivered in top_ups.values()  # one of the two top-ups came
+    assert (
+        one["samples_received"] == budget - first["quota_by_node"][crashed] + delivered
+    )
+    # round 2: every site's upload lands, none refused for a sample sent before:
+    # the failed top-up's samples were offered again, round 1's upload was not
+    assert (two["sites_accepted"], two["sites_rejected"]) == (3, 0)
+    assert two["samples_received"] == budget and not second["top_up_by_node"]
     # phase 1 costs a small part of what the uploads weigh
     assert 0 < two["summary_bytes"] <= 0.05 * two["bytes_received"]
-    assert "quotas by node" in done.stdout
+    assert "quotas by node" in done.stdout and "top-ups by node" in done.stdout

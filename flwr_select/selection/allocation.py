@@ -103,6 +103,22 @@ class ScoreSketch:
         values = np.append(self.values[keep], np.interp(limit, self.ranks, self.values))
         return ScoreSketch(ranks, values[: len(ranks)])
 
+    def after(self, count: int) -> ScoreSketch:
+        """Return the sketch of what follows the site's ``count`` best.
+
+        A top-up asks for the samples after those a site already sent; its
+        k-th best is the (count + k)-th of this sketch. Only sketched ranks are
+        kept (no interpolated value is claimed for the site).
+
+        Examples
+        --------
+        >>> sketch = ScoreSketch(np.array([1, 3, 5]), np.array([0.9, 0.5, 0.1]))
+        >>> sketch.after(2).ranks.tolist(), sketch.after(2).values.tolist()
+        ([1, 3], [0.5, 0.1])
+        """
+        keep = self.ranks > count
+        return ScoreSketch(self.ranks[keep] - count, self.values[keep])
+
     @property
     def limit(self) -> int:
         """The most samples the site can send (0 for none)."""

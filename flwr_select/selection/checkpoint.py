@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +43,17 @@ MEMBERS = {
     ),
 }
 """The arrays a checkpoint holds, with their dtypes, as :func:`read_npz` takes them."""
-STATE_KEYS = {"round", "config", "train_metrics", "records", "undelivered"}
+STATE_KEYS = {
+    "round",
+    "config",
+    "train_metrics",
+    "records",
+    "undelivered",
+    "undelivered_top_ups",
+}
 """The fields of the JSON ``state`` array."""
+ADDED_KEYS = {"undelivered_top_ups": {}}
+"""Fields a checkpoint of an earlier release lacks, with the value it means."""
 NUMBER = re.compile(r"0|[1-9][0-9]{0,19}")
 """A JSON key that is an int >= 0, as ``json.dumps`` writes it (2**64: 20 digits)."""
 
@@ -76,6 +85,8 @@ class Checkpoint:
         Per site, the rounds whose upload the server did not keep.
     config : dict
         The settings the run was started with; a resumed run must match them.
+    undelivered_top_ups : dict (default: none)
+        Per site, the rounds whose top-up (only) the server did not keep.
     """
 
     round: int
@@ -85,6 +96,7 @@ class Checkpoint:
     records: Metrics
     undelivered: dict[int, list[int]]
     config: dict[str, Any]
+    undelivered_top_ups: dict[int, list[int]] = field(default_factory=dict)
 
     def save(self, run_dir: str | Path) -> Path:
         """Write the checkpoint to ``run_dir/checkpoint.npz`` atomically."""
@@ -96,6 +108,7 @@ class Checkpoint:
             "train_metrics": self.train_metrics,
             "records": self.records,
             "undelivered": self.undelivered,
+            "undelivered_top_ups": self.undelivered_top_ups,
         }
         arrays = {
             "state": np.frombuffer(json.dumps(state).encode(), np.uint8),
@@ -178,6 +191,7 @@ def _read(path: Path, device: torch.device | str | None) -> Checkpoint:
         train_metrics=_by_round(state["train_metrics"]),
         records=_by_round(state["records"]),
         undelivered=_by_round(state["undelivered"]),
+        undelivered_top_ups=_by_round(state["undelivered_top_ups"]),
         config=state["config"],
     )
 
@@ -190,6 +204,8 @@ def _state(array: np.ndarray) -> dict[str, Any]:
         state = json.loads(array.tobytes().decode())
     except (ValueError, RecursionError) as err:
         raise ValueError(f"'state' is not JSON: {err}") from None
+    if isinstance(state, dict):
+        state = {**ADDED_KEYS, **state}
     if not isinstance(state, dict) or state.keys() != STATE_KEYS:
         found = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"'state' holds {found}; expected {sorted(STATE_KEYS)}")
@@ -202,19 +218,21 @@ def _state(array: np.ndarray) -> dict[str, Any]:
         raise ValueError(
             f"'state' field 'config' is {_shown(state['config'])}; expected a dict"
         )
-    for field in ("train_metrics", "records"):
+    for name in ("train_metrics", "records"):
         _check_keyed(
-            state, field, range(last + 1), lambda v: isinstance(v, dict), "a dict"
+            state, name, range(last + 1), lambda v: isinstance(v, dict), "a dict"
         )
-    _check_keyed(
-        state,
-        "undelivered",
-        range(2**64),
-        lambda v: (
-            isinstance(v, list) and all(type(r) is int and 1 <= r <= last for r in v)
-        ),
-        f"a list of rounds (ints in [1, {last}])",
-    )
+    for name in ("undelivered", "undelivered_top_ups"):
+        _check_keyed(
+            state,
+            name,
+            range(2**64),
+            lambda v: (
+                isinstance(v, list)
+                and all(type(r) is int and 1 <= r <= last for r in v)
+            ),
+            f"a list of rounds (ints in [1, {last}])",
+        )
     return state
 
 

@@ -53,39 +53,83 @@ class SiteLedger:
     offered again; with the server's refusal of ids it holds from a node, every
     sample lands in the buffer exactly once.
 
+    With one global budget a round may have a second pass (a top-up, after
+    other sites failed to send their quotas): its ids are marked, so that a
+    top-up the server did not keep releases only its own ids, not the round's
+    first upload, which the server kept.
+
     Parameters
     ----------
     ids, rounds : array-like of int (default: empty)
         A stored ledger (:meth:`to_arrays`).
+    top_ups : array-like of bool, optional
+        Which ids a top-up sent (default: none; a ledger stored before top-ups).
     """
 
     def __init__(
-        self, ids: np.ndarray | tuple = (), rounds: np.ndarray | tuple = ()
+        self,
+        ids: np.ndarray | tuple = (),
+        rounds: np.ndarray | tuple = (),
+        top_ups: np.ndarray | tuple | None = None,
     ) -> None:
         self.ids = np.asarray(ids, dtype=np.int64)
         self.rounds = np.asarray(rounds, dtype=np.int64)
-        if self.ids.shape != self.rounds.shape or self.ids.ndim != 1:
-            raise ValueError("a ledger needs one round per id")
+        self.top_ups = (
+            np.zeros(self.ids.shape, bool)
+            if top_ups is None
+            else np.asarray(top_ups, dtype=bool)
+        )
+        if not self.ids.shape == self.rounds.shape == self.top_ups.shape:
+            raise ValueError("a ledger needs one round and one top-up flag per id")
+        if self.ids.ndim != 1:
+            raise ValueError("a ledger's ids are one-dimensional")
 
     def kept_by_server(
-        self, server_round: int, undelivered: Sequence[int] = ()
+        self,
+        server_round: int,
+        undelivered: Sequence[int] = (),
+        undelivered_top_ups: Sequence[int] = (),
     ) -> SentLedger:
         """Release what the server did not keep; return the ids it did.
 
-        Released: what was sent in ``server_round`` or later, or in one of the
-        ``undelivered`` rounds the server lists for this node.
+        Released: what was sent in ``server_round`` or later, in one of the
+        ``undelivered`` rounds the server lists for this node, or by the top-up
+        of one of its ``undelivered_top_ups`` rounds.
         """
-        kept = (self.rounds < server_round) & ~np.isin(self.rounds, undelivered)
-        self.ids, self.rounds = self.ids[kept], self.rounds[kept]
+        kept = (
+            (self.rounds < server_round)
+            & ~np.isin(self.rounds, undelivered)
+            & ~(self.top_ups & np.isin(self.rounds, undelivered_top_ups))
+        )
+        self._keep(kept)
         return SentLedger(self.ids)
 
-    def record(self, ids: np.ndarray, server_round: int) -> None:
-        """Note ``ids`` as sent in ``server_round``."""
+    def sent_in(self, server_round: int) -> np.ndarray:
+        """Return the ids sent in ``server_round`` (a top-up skips them)."""
+        return self.ids[self.rounds == server_round]
+
+    def before(self, server_round: int) -> SentLedger:
+        """Return the ids sent before ``server_round``, releasing nothing.
+
+        A top-up ranks with what the round's first upload ranked with: these,
+        after that upload's :meth:`kept_by_server`.
+        """
+        return SentLedger(self.ids[self.rounds < server_round])
+
+    def record(
+        self, ids: np.ndarray, server_round: int, *, top_up: bool = False
+    ) -> None:
+        """Note ``ids`` as sent in ``server_round`` (by its top-up if ``top_up``)."""
         self.ids = np.concatenate([self.ids, np.asarray(ids, dtype=np.int64)])
         self.rounds = np.concatenate(
             [self.rounds, np.full(len(ids), server_round, np.int64)]
         )
+        self.top_ups = np.concatenate([self.top_ups, np.full(len(ids), top_up)])
+
+    def _keep(self, kept: np.ndarray) -> None:
+        self.ids, self.rounds = self.ids[kept], self.rounds[kept]
+        self.top_ups = self.top_ups[kept]
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """Return the ledger as ``ids`` and ``rounds`` arrays (to store it)."""
-        return {"ids": self.ids, "rounds": self.rounds}
+        """Return the ledger as ``ids``, ``rounds`` and ``top-ups`` arrays, to store."""
+        return {"ids": self.ids, "rounds": self.rounds, "top-ups": self.top_ups}

@@ -29,7 +29,11 @@ from flwr_select.selection.allocation import ScoreSketch, allocate
 from flwr_select.selection.buffer import TrainingBuffer
 from flwr_select.selection.checkpoint import Checkpoint, latest
 from flwr_select.selection.policies import candidates_of, likely_mislabelled
-from flwr_select.selection.protocol import UNDELIVERED_KEY, SelectionConfig
+from flwr_select.selection.protocol import (
+    UNDELIVERED_KEY,
+    UNDELIVERED_TOP_UPS_KEY,
+    SelectionConfig,
+)
 from flwr_select.selection.trial import TrialResult, trial_test
 from flwr_select.selection.wire import UploadError, decode, wire_bytes
 from flwr_select.trainer import TrainConfig, TrainResult, train
@@ -49,6 +53,8 @@ class SiteReport(NamedTuple):
 Upload = tuple[int, Callable[[], tuple[ArrayRecord, SiteReport]]]
 """A site key and a function that returns its upload and :class:`SiteReport`."""
 Summary = tuple[int, Callable[[], Mapping[str, object]]]
+TopUp = Callable[[Mapping[int, int]], Iterable[Upload]]
+"""Asks the sites for their top-up quotas; returns their uploads."""
 """A site key and a function that returns its phase-1 metrics (a sketch)."""
 SUMMARY_METRICS = frozenset({"num-candidates", "sketch-ranks", "sketch-values"})
 """The metrics of a site's phase-1 reply (see ``selection.site.site_summary``)."""
@@ -212,6 +218,8 @@ class SelectionServer:
         self.undelivered: dict[int, list[int]] = {}
         """Per site, the rounds whose upload was not kept (failed, rejected or never
         came). Each request tells the site, which offers those samples again."""
+        self.undelivered_top_ups: dict[int, list[int]] = {}
+        """Per site, the rounds whose top-up (only) was not kept; told likewise."""
         self.quotas: dict[int, int] = {}
         """With one global budget: each site's quota in the latest round."""
         self.summarised: dict[int, tuple[int, ScoreSketch]] = {}
@@ -250,6 +258,7 @@ class SelectionServer:
         config["server-round"] = server_round
         if site is not None:
             config[UNDELIVERED_KEY] = self.undelivered.get(site, [])
+            config[UNDELIVERED_TOP_UPS_KEY] = self.undelivered_top_ups.get(site, [])
         return config
 
     def check_site_keys(self, keys: Iterable[str]) -> None:
@@ -367,7 +376,6 @@ class SelectionServer:
         (samples) and ``quota.<site>``.
         """
         sketches, rejected, per_site = {}, 0, 0
-        per_upload = self.max_upload_bytes // int(np.prod(self.expected_sample_shape()))
         for site, unpack in summaries:
             try:
                 metrics = unpack()
@@ -384,7 +392,7 @@ class SelectionServer:
                 log_rejection(server_round, "summary", site, err)
                 rejected += 1
                 continue
-            sketches[site] = sketch.clipped(per_upload)
+            sketches[site] = sketch.clipped(self.samples_per_upload())
             self.summarised[site] = (candidates, sketch)
             per_site += self.selection.budget().sample_limit(candidates)
         budget = per_site
@@ -401,6 +409,33 @@ class SelectionServer:
         }
         return self.quotas
 
+    def samples_per_upload(self) -> int:
+        """Return the most samples one upload can carry (:attr:`max_upload_bytes`)."""
+        return self.max_upload_bytes // int(np.prod(self.expected_sample_shape()))
+
+    def allocate_top_up(self, received: Mapping[int, int]) -> dict[int, int]:
+        """Return the top-up quotas: the budget's unspent part, to who can send it.
+
+        ``received`` holds what each site whose upload was accepted sent. The
+        quotas other sites did not send (they failed, were rejected or sent
+        less) go to these sites' next best samples, as phase 1 would have given
+        them (:func:`allocate` on the sketches past what each sent). Only sites
+        with a quota are returned; their :attr:`summarised` sketch becomes that
+        of what follows, which their top-up must agree with.
+        """
+        unspent = self.phase_one.get("round-budget", 0) - sum(received.values())
+        rest = {
+            site: self.summarised[site][1].after(count)
+            for site, count in received.items()
+        }
+        clipped = {
+            site: s.clipped(self.samples_per_upload()) for site, s in rest.items()
+        }
+        quotas = {site: q for site, q in allocate(clipped, unspent).items() if q > 0}
+        for site in quotas:
+            self.summarised[site] = (self.summarised[site][0], rest[site])
+        return quotas
+
     def sample_bytes(self) -> int:
         """Return what one sample costs on the wire, at most: pixels, label and id.
 
@@ -416,6 +451,7 @@ class SelectionServer:
         *,
         failures: int = 0,
         asked: Iterable[int] = (),
+        top_up: TopUp | None = None,
     ) -> dict[str, int | float]:
         """Check and buffer each site's upload, then train if anything was accepted.
 
@@ -434,6 +470,11 @@ class SelectionServer:
         asked : iterable of int (default: ())
             The sites asked this round: each whose upload was not accepted is
             noted in :attr:`undelivered`, so it is told to offer it again.
+        top_up : callable, optional
+            With one global budget, a second pass: what the other sites did not
+            send (:meth:`allocate_top_up`) is asked of the accepted ones, whose
+            top-ups are checked as uploads; one not accepted is noted in
+            :attr:`undelivered_top_ups`. Without it, the unspent part is lost.
 
         Returns
         -------
@@ -442,7 +483,10 @@ class SelectionServer:
             there only if the model was trained (else it is unchanged).
             ``suspect-labels`` counts the uploads the server's :meth:`audit`
             calls likely mislabelled, ``suspect-candidates`` what the sites say
-            of all their candidates (``num-suspect``), both also per site.
+            of all their candidates (``num-suspect``), both also per site. A
+            top-up adds ``top-up-budget`` (the samples it asked for),
+            ``top-up-samples`` (those accepted), ``top-ups-failed`` (failed or
+            rejected) and ``top-up.<site>`` (the quotas).
         """
         metrics: dict[str, int | float] = {
             "samples-received": 0,
@@ -457,30 +501,12 @@ class SelectionServer:
             metrics.update({**self.phase_one, "sites-failed": failures})
             metrics["sites-failed"] += self.phase_one.get("sites-failed", 0)
         self.expected_sample_shape()  # the operator's error, not a site's: raise
-        for site, unpack in uploads:
-            try:
-                record, report = unpack()
-                samples, size = self.check_upload(site, record, report.candidates)
-                reported = check_suspect(report)
-                suspect = self.audit(site, samples)
-                self.buffer.add(site, samples)
-            except Exception as err:  # whatever one reply does, it rejects only itself
-                log_rejection(server_round, "upload", site, err)
-                metrics["sites-rejected"] += 1
-                continue
-            metrics["sites-accepted"] += 1
-            metrics["samples-received"] += len(samples)
-            metrics["bytes-received"] += size
-            metrics[f"samples-received.{site}"] = len(samples)
-            metrics[f"bytes-received.{site}"] = size
-            metrics["suspect-labels"] += suspect
-            metrics[f"suspect-labels.{site}"] = suspect
-            if reported is not None:
-                metrics["suspect-candidates"] += reported
-                metrics[f"suspect-candidates.{site}"] = reported
+        received = self._take(server_round, uploads, metrics)
         for site in asked:
-            if f"samples-received.{site}" not in metrics:
+            if site not in received:
                 self.undelivered.setdefault(site, []).append(server_round)
+        if top_up is not None and self.selection.allocation == "global":
+            self._top_up(server_round, received, top_up, metrics)
         if metrics["sites-accepted"]:
             result = self.train_on_buffer(server_round)
             metrics.update({"train-loss": result.loss, "train-seconds": result.seconds})
@@ -493,6 +519,68 @@ class SelectionServer:
         )
         self.rounds[server_round] = metrics
         return metrics
+
+    def _take(
+        self,
+        server_round: int,
+        uploads: Iterable[Upload],
+        metrics: dict,
+        what: str = "upload",
+    ) -> dict[int, int]:
+        """Check and buffer each upload, counting in ``metrics``; return what each sent.
+
+        Whatever goes wrong with one upload rejects it alone: logged with the
+        site and the reason, the buffer as it was.
+        """
+        received: dict[int, int] = {}
+        for site, unpack in uploads:
+            try:
+                record, report = unpack()
+                samples, size = self.check_upload(site, record, report.candidates)
+                reported = check_suspect(report)
+                suspect = self.audit(site, samples)
+                self.buffer.add(site, samples)
+            except Exception as err:  # whatever one reply does, it rejects only itself
+                log_rejection(server_round, what, site, err)
+                metrics["sites-rejected"] += 1
+                continue
+            received[site] = len(samples)
+            counts = {
+                "samples-received": len(samples),
+                "bytes-received": size,
+                "suspect-labels": suspect,
+                "suspect-candidates": reported,
+            }
+            for key, count in counts.items():
+                if count is not None:
+                    metrics[key] += count
+                    metrics[f"{key}.{site}"] = metrics.get(f"{key}.{site}", 0) + count
+        metrics["sites-accepted"] += len(received)
+        return received
+
+    def _top_up(
+        self,
+        server_round: int,
+        received: Mapping[int, int],
+        top_up: TopUp,
+        metrics: dict,
+    ) -> None:
+        """Ask again for the unspent budget: the second pass of a global round."""
+        self.quotas = self.allocate_top_up(received)
+        if not self.quotas:
+            return
+        uploads = top_up(self.quotas)
+        before = {k: metrics[k] for k in ("sites-accepted", "sites-rejected")}
+        samples = metrics["samples-received"]
+        topped = self._take(server_round, uploads, metrics, "top-up")
+        metrics.update(before)  # a top-up's site was counted by its upload
+        metrics["top-up-budget"] = sum(self.quotas.values())
+        metrics["top-up-samples"] = metrics["samples-received"] - samples
+        metrics["top-ups-failed"] = len(self.quotas) - len(topped)
+        for site, quota in self.quotas.items():
+            metrics[f"top-up.{site}"] = quota
+            if site not in topped:
+                self.undelivered_top_ups.setdefault(site, []).append(server_round)
 
     def audit(self, site: int, samples: SiteData) -> int:
         """Return how many of an upload's labels the model calls likely wrong.
@@ -614,6 +702,7 @@ class SelectionServer:
                 records=self.records,
                 undelivered=self.undelivered,
                 config=self.run_settings(),
+                undelivered_top_ups=self.undelivered_top_ups,
             ).save(self.run_dir)
 
     def begin(self, initial_state: Mapping[str, torch.Tensor], num_rounds: int) -> dict:
@@ -692,6 +781,7 @@ class SelectionServer:
         self.buffer = checkpoint.buffer
         self.rounds, self.records = checkpoint.train_metrics, checkpoint.records
         self.undelivered = checkpoint.undelivered
+        self.undelivered_top_ups = checkpoint.undelivered_top_ups
         self.completed_round = checkpoint.round
         logger.info(
             "Resuming %s after round %s, %s samples in the buffer",

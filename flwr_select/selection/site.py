@@ -34,13 +34,17 @@ def rank_candidates(
     site_key: int,
     ledger: SiteLedger,
     undelivered: Sequence[int] = (),
+    undelivered_top_ups: Sequence[int] = (),
     transform: Transform = None,
+    top_up: bool = False,
 ) -> tuple[TrialResult, np.ndarray, np.ndarray]:
     """Trial-test the site's samples; return the trial and the policy's ranking.
 
     The ranking is :func:`~flwr_select.selection.policies.ranked`'s: every
     eligible position best first, and its priority. The same arguments give the
-    same ranking, so a round's two phases (summary, upload) agree.
+    same ranking, so a round's phases (summary, upload, top-up) agree: a
+    ``top_up`` ranks with what the round's upload ranked with and leaves out
+    the samples that upload sent.
     """
     model = model.to(default_device())
     check_model(model, site.images.shape[1:], site.num_classes, transform)
@@ -50,8 +54,15 @@ def rank_candidates(
         selection.policy(),
         confidence=selection.confidence,
         seed=(selection.seed, server_round, site_key),
-        sent=ledger.kept_by_server(server_round, undelivered),
+        sent=(
+            ledger.before(server_round)
+            if top_up
+            else ledger.kept_by_server(server_round, undelivered, undelivered_top_ups)
+        ),
     )
+    if top_up:
+        fresh = ~np.isin(trial.ids[positions], ledger.sent_in(server_round))
+        positions, priorities = positions[fresh], priorities[fresh]
     return trial, positions, priorities
 
 
@@ -70,6 +81,7 @@ def site_summary(
     site_key: int,
     ledger: SiteLedger,
     undelivered: Sequence[int] = (),
+    undelivered_top_ups: Sequence[int] = (),
     transform: Transform = None,
     node_max_bytes: int = 0,
 ) -> dict[str, int | list[int] | list[float]]:
@@ -89,6 +101,7 @@ def site_summary(
         site_key=site_key,
         ledger=ledger,
         undelivered=undelivered,
+        undelivered_top_ups=undelivered_top_ups,
         transform=transform,
     )
     if selection.max_count:
@@ -114,8 +127,10 @@ def site_round(
     site_key: int,
     ledger: SiteLedger,
     undelivered: Sequence[int] = (),
+    undelivered_top_ups: Sequence[int] = (),
     transform: Transform = None,
     quota: int | None = None,
+    top_up: bool = False,
     node_max_bytes: int = 0,
 ) -> tuple[ArrayRecord, dict[str, int | float]]:
     """One site's round: trial test, selection, upload; ``ledger`` records the ids.
@@ -123,9 +138,12 @@ def site_round(
     The site sends its best ``rho`` share (and at most ``max-count``), or, in a
     round with one global budget, its ``quota`` (phase 2, after
     :func:`site_summary`); never more bytes than the run's and the node's caps
-    (``node_max_bytes``: 0 for none).
+    (``node_max_bytes``: 0 for none). A ``top_up`` (a second pass of a global
+    round, for the quotas other sites did not send) sends the ``quota`` best
+    after what the round's upload sent.
 
-    ``undelivered`` are the rounds whose upload the server says it did not keep
+    ``undelivered`` are the rounds whose upload the server says it did not keep,
+    ``undelivered_top_ups`` those whose top-up only it did not keep
     (see :class:`~flwr_select.selection.ledger.SiteLedger`). Choices are seeded
     by ``(selection.seed, server_round, site_key)``. ``transform`` says how the
     raw samples become model input, as on the server; a model that cannot take
@@ -147,14 +165,16 @@ def site_round(
         site_key=site_key,
         ledger=ledger,
         undelivered=undelivered,
+        undelivered_top_ups=undelivered_top_ups,
         transform=transform,
+        top_up=top_up,
     )
     budget = selection.budget() if quota is None else Budget(count=quota)
     chosen = positions[: budget.sample_limit(len(trial))]
     cap = byte_cap(selection, node_max_bytes)
     upload = pack(site, chosen, max_bytes=cap, compress=selection.compress)
     sent_ids = upload["ids"].numpy().astype(np.int64)
-    ledger.record(sent_ids, server_round)
+    ledger.record(sent_ids, server_round, top_up=top_up)
     return upload, {
         "num-candidates": len(site),
         "num-wrong": int(trial.wrong.sum()),
