@@ -10,6 +10,7 @@ file beside its data on an edge box, so that a restarted site sends nothing twic
 from __future__ import annotations
 
 import functools
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -45,12 +46,16 @@ from flwr_select.selection.protocol import (
     UPLOAD_KEY,
     SelectionConfig,
 )
-from flwr_select.selection.site import site_round, site_summary
+from flwr_select.selection.site import site_round, site_summary, site_trial
+from flwr_select.selection.trial import TrialResult
 
 LEDGER_KEY = "flwr_select.sent-ids"
 """Key of the ArrayRecord in the node's context state that holds the ledger."""
 LEDGER_FILE = "sent-ids.npz"
 """The ledger's file in an edge box's ``state-dir`` (default: its ``data-dir``)."""
+TRIAL_KEY = "flwr_select.round-trial"
+"""Key of the ArrayRecord in the node's context state that holds a global round's
+trial test (phase 1's), which phase 2 and the top-up reuse instead of re-running."""
 
 
 @functools.lru_cache(maxsize=4)
@@ -162,6 +167,59 @@ def save_ledger(context: Context, ledger: SiteLedger) -> None:
         write_atomically(path, lambda file: np.savez(file, **arrays))
 
 
+def trial_key(model: nn.Module, server_round: int) -> np.ndarray:
+    """Return what identifies a trial test: the round and a digest of the model."""
+    digest = hashlib.sha256(str(server_round).encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return np.frombuffer(digest.digest(), np.uint8)
+
+
+def keep_trial(
+    context: Context, model: nn.Module, server_round: int, trial: TrialResult
+) -> None:
+    """Keep phase 1's trial test in the node's state for the round's later phases."""
+    arrays = {
+        "key": trial_key(model, server_round),
+        "ids": trial.ids,
+        "labels": trial.labels,
+        "predictions": trial.predictions,
+        **{f"confidence/{k}": v for k, v in trial.confidence.items()},
+    }
+    context.state[TRIAL_KEY] = ArrayRecord(
+        {k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}
+    )
+
+
+def kept_trial(
+    context: Context, model: nn.Module, server_round: int, site: SiteData
+) -> TrialResult | None:
+    """Return the trial test phase 1 kept, if it is this model's of these samples.
+
+    None (the phase trial-tests again) when there is none, or it belongs to
+    another round or model, or the site's samples or labels changed since.
+    """
+    stored = context.state.array_records.get(TRIAL_KEY)
+    if stored is None:
+        return None
+    arrays = {k: v.numpy() for k, v in stored.items()}
+    same = (
+        np.array_equal(arrays.pop("key"), trial_key(model, server_round))
+        and np.array_equal(arrays["ids"], site.ids.numpy())
+        and np.array_equal(arrays["labels"], site.labels.numpy())
+    )
+    if not same:
+        return None
+    prefix = "confidence/"
+    return TrialResult(
+        arrays["ids"],
+        arrays["labels"],
+        arrays["predictions"],
+        {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)},
+    )
+
+
 def undelivered_of(config: ConfigRecord) -> dict[str, list[int]]:
     """Return what the server says it did not keep: rounds, and rounds' top-ups."""
     return {
@@ -230,14 +288,19 @@ def select_and_upload(
     *,
     transform: Transform = None,
 ) -> RecordDict:
-    """Answer a ``train.select`` message: one ``site_round``, the ledger kept."""
+    """Answer a ``train.select`` message: one ``site_round``, the ledger kept.
+
+    In a global round (a ``quota``) the trial test of phase 1 is reused when it
+    is this model's (:func:`kept_trial`).
+    """
     ledger = load_ledger(context)
     quota = config.get(QUOTA_KEY)
+    server_round = int(config["server-round"])
     upload, metrics = site_round(
         model,
         site,
         SelectionConfig.from_config(config),
-        server_round=int(config["server-round"]),
+        server_round=server_round,
         site_key=site_key_of(context),
         ledger=ledger,
         **undelivered_of(config),
@@ -245,6 +308,7 @@ def select_and_upload(
         quota=None if quota is None else int(quota),
         top_up=bool(config.get(TOP_UP_KEY, False)),
         node_max_bytes=node_max_bytes(context),
+        trial=None if quota is None else kept_trial(context, model, server_round, site),
     )
     save_ledger(context, ledger)
     return RecordDict({UPLOAD_KEY: upload, METRICS_KEY: MetricRecord(metrics)})
@@ -271,17 +335,24 @@ def summarise_candidates(
     *,
     transform: Transform = None,
 ) -> RecordDict:
-    """Answer phase 1 of a round with one global budget: one ``site_summary``."""
+    """Answer phase 1 of a round with one global budget: one ``site_summary``.
+
+    Its trial test is kept (:func:`keep_trial`) for the round's later phases.
+    """
+    server_round = int(config["server-round"])
+    trial = site_trial(model, site, transform)
+    keep_trial(context, model, server_round, trial)
     metrics = site_summary(
         model,
         site,
         SelectionConfig.from_config(config),
-        server_round=int(config["server-round"]),
+        server_round=server_round,
         site_key=site_key_of(context),
         ledger=load_ledger(context),  # read, not changed: nothing is sent yet
         **undelivered_of(config),
         transform=transform,
         node_max_bytes=node_max_bytes(context),
+        trial=trial,
     )
     return RecordDict({METRICS_KEY: MetricRecord(metrics)})
 

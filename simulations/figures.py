@@ -79,6 +79,37 @@ def plot_experiment(
     plt.close(fig)
 
 
+def plot_quotas(runs: list[list[dict[str, Any]]], path: Path) -> None:
+    """Draw what each site sent per round, per line of the first seed (PNG).
+
+    One panel per scheme (``proxy``, ``proxy-global``...), a stacked bar per
+    round of each site's samples (``samples_by_site``: its rho share, or its
+    quota and top-up under one global budget), so where the budget went shows.
+    """
+    first: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        first.setdefault(run[-1]["scheme"], run)
+    fig, axes = plt.subplots(
+        1, len(first), figsize=(5 * len(first), 3.8), squeeze=False, sharey=True
+    )
+    for ax, (scheme, run) in zip(axes[0], sorted(first.items()), strict=True):
+        rounds = [r for r in run if r.get("samples_by_site")]
+        sites = sorted({s for r in rounds for s in r["samples_by_site"]}, key=int)
+        bottom = [0] * len(rounds)
+        for site in sites:
+            counts = [r["samples_by_site"].get(site, 0) for r in rounds]
+            ax.bar([r["round"] for r in rounds], counts, bottom=bottom, label=site)
+            bottom = [b + c for b, c in zip(bottom, counts, strict=True)]
+        ax.set(title=f"{scheme} (seed {run[-1]['seed']})", xlabel="round")
+        ax.grid(alpha=0.3, axis="y")
+    axes[0][0].set(ylabel="samples sent")
+    axes[0][-1].legend(title="site", fontsize=7, ncols=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_data_parallel(summary: dict[str, Any], path: Path) -> None:
     """Draw the data-parallel comparison to ``path`` (PNG).
 

@@ -2,12 +2,18 @@ r"""N sites through the Flower simulation, their data split IID or by Dirichlet.
 
     python -m simulations.sites --partitioner dirichlet --alpha 0.5 --num-sites 5 \\
         --data-dir DIR --out-dir results
+    python -m simulations.sites --partitioner dirichlet --alpha 0.1 --num-sites 10 \\
+        --policies proxy --allocations per-site global --data-dir DIR
 
 The paper studies one site; here the same protocol runs on ``--num-sites``
 virtual SuperNodes of Flower's simulation engine (``flower-simulation``), each
 holding an IID or a Dirichlet(alpha) non-IID share of the pool (Flower Datasets
 partitioners), for the paper's three schemes. Each run's ``rounds.jsonl`` becomes
 a record file like the single-site ones, so the same summary and figure follow.
+``--allocations`` compares each site's own rho with one global budget of the
+same bytes (``allocation="global"``; its lines are labelled ``<policy>-global``),
+and each round's record holds what every site (by partition id) was given and
+sent, from which :func:`~simulations.figures.plot_quotas` draws the quotas.
 """
 
 from __future__ import annotations
@@ -29,7 +35,9 @@ from flwr_select.noise import CLEAN, NOISE_KINDS, LabelNoise
 from flwr_select.partition import SiteShareConfig
 from flwr_select.selection.checkpoint import latest
 from flwr_select.selection.policies import POLICIES
+from flwr_select.selection.protocol import ALLOCATIONS
 from flwr_select.selection.server import SERVER_SITE
+from simulations.figures import plot_quotas
 from simulations.paper import (
     PAPER_SCHEMES,
     PROTOCOLS,
@@ -96,19 +104,14 @@ def simulate(
         )
 
 
-def audit_by_site(
-    share: SiteShareConfig,
-    seed: int,
-    num_sites: int,
-    execution: list[dict[str, Any]],
-    buffer: dict[str, Any],
-) -> list[dict[str, int]]:
-    """Return, per round, suspect counts at the noisy sites and the clean ones' most.
+def node_sites(
+    share: SiteShareConfig, seed: int, num_sites: int, buffer: dict[str, Any]
+) -> dict[str, int]:
+    """Return each engine node id's partition id, from the samples it uploaded.
 
-    ``suspect_*`` are the server's audit of the uploads, ``reported_*`` what
-    the sites said of all their candidates. The engine's node ids are new every
-    run; a node is told apart by the samples it uploaded, which lie in exactly
-    one site's share.
+    The engine's node ids are new every run; a node is told apart by the
+    samples it uploaded, which lie in exactly one site's share (a node that
+    uploaded nothing is missing).
     """
     labels = load_dataset(
         share.dataset, resolve_data_dir(share.dataset, share.data_dir), "train"
@@ -120,11 +123,47 @@ def audit_by_site(
                 labels.numpy(), seed=seed, partition_id=site, num_partitions=num_sites
             )
         ] = site
-    node_site = {
+    return {
         str(int(node)): int(owner[int(ident)])
         for node, ident in zip(buffer["sites"], buffer["ids"], strict=True)
         if int(node) != SERVER_SITE
     }
+
+
+def by_site(
+    execution: list[dict[str, Any]], node_site: dict[str, int]
+) -> list[dict[str, dict[str, int]]]:
+    """Return, per round, each site's quota, top-up and samples sent (by partition id).
+
+    What the quotas figure draws, and what tells per-site and global allocation
+    apart: with ``per-site`` only ``samples_by_site`` is there.
+    """
+    rounds = []
+    for measured in execution[1:]:
+        record = {}
+        for key, name in (
+            ("quota_by_node", "quota_by_site"),
+            ("top_up_by_node", "top_up_by_site"),
+            ("samples_received_by_node", "samples_by_site"),
+        ):
+            record[name] = {
+                str(node_site.get(node, -1)): count
+                for node, count in measured.get(key, {}).items()
+            }
+        rounds.append(record)
+    return rounds
+
+
+def audit_by_site(
+    share: SiteShareConfig,
+    node_site: dict[str, int],
+    execution: list[dict[str, Any]],
+) -> list[dict[str, int]]:
+    """Return, per round, suspect counts at the noisy sites and the clean ones' most.
+
+    ``suspect_*`` are the server's audit of the uploads, ``reported_*`` what
+    the sites said of all their candidates; ``node_site`` is :func:`node_sites`.
+    """
     noisy = share.noisy_sites()
     rounds = []
     for measured in execution[1:]:
@@ -157,8 +196,15 @@ def run_sites(
     schemes: list[Scheme] = PAPER_SCHEMES,
     label_noise: LabelNoise = CLEAN,
     noisy_sites: str = "all",
+    allocations: tuple[str, ...] = ("per-site",),
+    round_budget_bytes: int = 0,
 ) -> dict[str, Any]:
-    """Run each (scheme, seed) not on disk yet; summarise as for the paper's runs.
+    """Run each (scheme, allocation, seed) not on disk yet; summarise them.
+
+    With ``"global"`` among ``allocations`` a scheme also runs with one global
+    budget of ``round_budget_bytes`` a round (0: what the per-site budgets
+    allow together, so both spend the same bytes), as the line
+    ``<label>-global``.
 
     With ``label_noise``, the sites ``noisy_sites`` names (``"all"`` or
     partition ids, comma-separated) hold flipped labels, and each round's
@@ -168,6 +214,10 @@ def run_sites(
     reported them (``reported_noisy``, ``reported_clean_max``).
     """
     name = f"sites-{partitioner}"
+    if label_noise.fraction and noisy_sites != "all":
+        name += "-noisy-site"
+    if "global" in allocations:
+        name += "-allocation"
     runs_dir = out_dir / ("runs-short" if protocol == SHORT else "runs")
     runs_dir.mkdir(parents=True, exist_ok=True)
     split = (
@@ -178,7 +228,14 @@ def run_sites(
     else:
         split += label_noise.tag
     paths = []
-    for scheme in schemes:
+    lines = [
+        (Scheme(f"{s.label}-global", s.policy, s.confidence), "global")
+        if allocation == "global"
+        else (s, allocation)
+        for s in schemes
+        for allocation in allocations
+    ]
+    for scheme, allocation in lines:
         for seed in seeds:
             stem = f"{dataset}-{protocol.recipe}-{split}-{scheme.label}"
             path = runs_dir / f"{stem}-rho{rho}-seed{seed}.jsonl"
@@ -198,6 +255,8 @@ def run_sites(
                     "label-noise": label_noise.fraction,
                     "label-noise-kind": label_noise.kind,
                     "label-noise-sites": noisy_sites,
+                    "allocation": allocation,
+                    "round-budget-bytes": round_budget_bytes,
                 },
             )
             meta = {
@@ -213,14 +272,17 @@ def run_sites(
                 "label_noise": label_noise.fraction,
                 "label_noise_kind": label_noise.kind,
                 "noisy_sites": noisy_sites,
+                "allocation": allocation,
             }
             rounds, execution, buffer = simulate(dataset, num_sites, words(config))
+            share = SiteShareConfig.from_config({**config, "dataset": dataset})
+            node_site = node_sites(share, seed, num_sites, buffer)
+            per_site = [{}] + by_site(execution, node_site)
             audits = [{}] * len(rounds)
             if label_noise.fraction:
-                share = SiteShareConfig.from_config({**config, "dataset": dataset})
-                audits = [{}] + audit_by_site(share, seed, num_sites, execution, buffer)
+                audits = [{}] + audit_by_site(share, node_site, execution)
             records, samples, size = [], 0, 0
-            for r, audit in zip(rounds, audits, strict=True):
+            for r, audit, sites in zip(rounds, audits, per_site, strict=True):
                 samples += r["samples_received"]
                 size += r["bytes_received"]
                 records.append(
@@ -228,6 +290,7 @@ def run_sites(
                         **meta,
                         **r,
                         **audit,
+                        **sites,
                         "samples": r["samples_received"],
                         "bytes": r["bytes_received"],
                         "samples_total": samples,
@@ -242,7 +305,13 @@ def run_sites(
                 f"{records[-1]['accuracy']:.4f}",
                 flush=True,
             )
-    return summarise(name, dataset, paths, out_dir / name)
+    summary = summarise(name, dataset, paths, out_dir / name)
+    if "global" in allocations:
+        plot_quotas(
+            [read_json_lines(p) for p in paths],
+            out_dir / name / f"{name}-quotas-{dataset}.png",
+        )
+    return summary
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -269,6 +338,19 @@ def main(argv: list[str] | None = None) -> None:
         "--noisy-sites", default="all", help='"all" or partition ids, e.g. "0,3"'
     )
     parser.add_argument(
+        "--allocations",
+        nargs="+",
+        default=["per-site"],
+        choices=ALLOCATIONS,
+        help="each site its rho, one global budget, or both side by side",
+    )
+    parser.add_argument(
+        "--round-budget-bytes",
+        type=int,
+        default=0,
+        help="the global budget a round (0: what the per-site budgets allow)",
+    )
+    parser.add_argument(
         "--policies",
         nargs="+",
         default=[s.policy for s in PAPER_SCHEMES],
@@ -290,6 +372,8 @@ def main(argv: list[str] | None = None) -> None:
         schemes=[Scheme(policy, policy) for policy in args.policies],
         label_noise=LabelNoise(args.label_noise, args.label_noise_kind),
         noisy_sites=args.noisy_sites,
+        allocations=tuple(args.allocations),
+        round_budget_bytes=args.round_budget_bytes,
     )
 
 

@@ -1,14 +1,16 @@
 """The site's and the worker's handlers: one ClientApp, beside a user's own."""
 
 import ast
+import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.site import add_select_handler
+from clients.site import add_select_handler, keep_trial, kept_trial
 from clients.worker import add_gradient_handler
 from flwr_select.data import SiteData
 from flwr_select.models import build_model
@@ -21,6 +23,8 @@ from flwr_select.selection.protocol import (
     UPLOAD_KEY,
     SelectionConfig,
 )
+from flwr_select.selection.site import site_trial
+from flwr_select.selection.wire import wire_bytes
 
 CLIENTS = Path(__file__).resolve().parents[1] / "clients"
 
@@ -118,3 +122,59 @@ def test_a_boxs_own_byte_cap_bounds_its_summary_and_its_upload(task_identity):
     assert sent["upload-bytes"] <= cap
     with pytest.raises(ValueError, match="node config max-bytes must be an int >= 0"):
         app(message("train.select", config), context({"max-bytes": -1}))
+
+
+def test_a_global_rounds_later_phases_reuse_phase_ones_trial_test(task_identity):
+    # Prepare: a node that answered phase 1 of round 1
+    app = ClientApp()
+    add_select_handler(app, load_site=samples)
+    context = Context(
+        run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}
+    )
+    config = SelectionConfig(rho=0.25, allocation="global").to_config()
+    phase_one = message("query.select_summary", config)
+    app(phase_one, context)
+    model, site = build_model("lenet5"), samples(None, None)
+    model.load_state_dict(phase_one.content[MODEL_KEY].to_torch_state_dict())
+
+    def phase_two():  # the same model, with a quota
+        msg = message("train.select", {**config, "quota": 16})
+        msg.content[MODEL_KEY] = phase_one.content[MODEL_KEY]
+        return msg
+
+    # Execute
+    kept = kept_trial(context, model, 1, site)
+    # Assert: the kept trial is this model's of these samples, to the bit, and
+    # phase 2 sends what a fresh trial test would have chosen
+    fresh = site_trial(model, site, None)
+    assert kept is not None
+    for name in ("ids", "labels", "predictions"):
+        assert np.array_equal(getattr(kept, name), getattr(fresh, name))
+    assert kept.confidence.keys() == fresh.confidence.keys()
+    assert all(
+        np.array_equal(kept.confidence[k], v) for k, v in fresh.confidence.items()
+    )
+    reused = app(phase_two(), context)
+    alone = Context(
+        run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}
+    )
+    anew = app(phase_two(), alone)
+    assert wire_bytes(reused.content[UPLOAD_KEY]) == wire_bytes(
+        anew.content[UPLOAD_KEY]
+    )
+    assert np.array_equal(
+        reused.content[UPLOAD_KEY]["ids"].numpy(),
+        anew.content[UPLOAD_KEY]["ids"].numpy(),
+    )
+    # phase 2 ranks by the kept trial: one kept with reversed scores changes it
+    reversed_scores = {k: -v for k, v in fresh.confidence.items()}
+    keep_trial(
+        context, model, 1, dataclasses.replace(fresh, confidence=reversed_scores)
+    )
+    changed = app(phase_two(), context).content[UPLOAD_KEY]["ids"].numpy()
+    assert not np.array_equal(changed, anew.content[UPLOAD_KEY]["ids"].numpy())
+    # another round, another model or other samples: tested anew
+    assert kept_trial(context, model, 2, site) is None
+    assert kept_trial(context, build_model("lenet5", seed=3), 1, site) is None
+    relabelled = SiteData(site.images, (site.labels + 1) % 10, 10, ids=site.ids)
+    assert kept_trial(context, model, 1, relabelled) is None

@@ -155,10 +155,13 @@ def test_rounds_to_target_and_equivalence_arithmetic():
     assert np.isclose(eq["proxy_final_accuracy"], 0.95)
 
 
-def test_n_dirichlet_sites_through_the_flower_simulation(mnist_dir, out):
+def test_n_dirichlet_sites_share_one_budget_through_the_flower_simulation(
+    mnist_dir, out
+):
     from simulations.sites import run_sites
 
-    # Execute: 3 virtual SuperNodes, Dirichlet(0.5) shares, short protocol, one scheme
+    # Execute: 3 virtual SuperNodes, Dirichlet(0.5) shares, short protocol, the
+    # proxy with one global budget (what the per-site budgets allow together)
     summary = run_sites(
         "mnist",
         str(mnist_dir),
@@ -169,15 +172,25 @@ def test_n_dirichlet_sites_through_the_flower_simulation(mnist_dir, out):
         seeds=[0],
         protocol=SHORT,
         schemes=[Scheme("proxy", "proxy")],
+        allocations=("global",),
     )
-    # Assert: the records were converted whole and the figure drawn
+    # Assert: the records were converted whole and the figures drawn
     (run,) = [r for name, r in runs_of(out).items() if "dirichlet" in name]
     assert [r["round"] for r in run] == list(range(SHORT.rounds + 1))
     assert run[-1]["samples_total"] == sum(r["samples_received"] for r in run) > 0
-    # each site sends floor(0.05 * its fold): at most 5 % of the pool in all
+    assert run[-1]["allocation"] == "global" and run[-1]["scheme"] == "proxy-global"
+    # each round's quotas, by partition id, are what the sites sent
+    for record in run[1:]:
+        assert sum(record["quota_by_site"].values()) == record["samples_received"]
+        assert record["quota_by_site"] == record["samples_by_site"]
+        assert set(record["samples_by_site"]) <= {"0", "1", "2"}
+    # the budget is the per-site one's: at most 5 % of the pool in all
     assert run[-1]["samples_total"] <= 0.05 * SHORT.fold * SHORT.rounds
-    assert summary["lines"]["proxy@0.05"]["accuracy_mean"][-1] > run[0]["accuracy"]
-    assert (out / "sites-dirichlet" / "sites-dirichlet-mnist.png").is_file()
+    line = summary["lines"]["proxy-global@0.05"]
+    assert line["accuracy_mean"][-1] > run[0]["accuracy"]
+    folder = out / "sites-dirichlet-allocation"
+    assert (folder / "sites-dirichlet-allocation-mnist.png").is_file()
+    assert (folder / "sites-dirichlet-allocation-quotas-mnist.png").is_file()
 
 
 def test_the_report_prints_the_readme_tables(data, out, capsys):
@@ -219,7 +232,7 @@ def test_runs_side_by_side_give_the_same_records_as_one_after_another(data, tmp_
 
 def test_the_sites_audit_is_told_apart_by_the_samples_each_node_sent(mnist_dir):
     from flwr_select.partition import SiteShareConfig
-    from simulations.sites import audit_by_site
+    from simulations.sites import audit_by_site, by_site, node_sites
 
     # Prepare: 3 IID sites, site 1 noisy; nodes 11, 22, 33 hold sites 2, 1, 0
     share = SiteShareConfig(
@@ -246,10 +259,21 @@ def test_the_sites_audit_is_told_apart_by_the_samples_each_node_sent(mnist_dir):
             "round": 1,
             "suspect_labels_by_node": {"11": 2, "22": 40, "33": 5},
             "suspect_candidates_by_node": {"11": 9, "22": 300, "33": 4},
+            "samples_received_by_node": {"11": 1, "22": 2, "33": 1, "44": 0},
         },
     ]
-    # Execute / Assert: the noisy site's count, and the most of the clean ones
-    assert audit_by_site(share, 0, 3, execution, buffer) == [
+    # Execute
+    node_site = node_sites(share, 0, 3, buffer)
+    # Assert: each node's site; the noisy site's count, and the most of the clean
+    # ones; what each site sent (a node that sent nothing is site -1)
+    assert node_site == {"11": 2, "22": 1, "33": 0}
+    assert by_site(execution, node_site)[0]["samples_by_site"] == {
+        "2": 1,
+        "1": 2,
+        "0": 1,
+        "-1": 0,
+    }
+    assert audit_by_site(share, node_site, execution) == [
         {
             "suspect_noisy": 40,
             "suspect_clean_max": 5,

@@ -37,6 +37,7 @@ def rank_candidates(
     undelivered_top_ups: Sequence[int] = (),
     transform: Transform = None,
     top_up: bool = False,
+    trial: TrialResult | None = None,
 ) -> tuple[TrialResult, np.ndarray, np.ndarray]:
     """Trial-test the site's samples; return the trial and the policy's ranking.
 
@@ -44,11 +45,11 @@ def rank_candidates(
     eligible position best first, and its priority. The same arguments give the
     same ranking, so a round's phases (summary, upload, top-up) agree: a
     ``top_up`` ranks with what the round's upload ranked with and leaves out
-    the samples that upload sent.
+    the samples that upload sent. ``trial`` is this model's trial test of these
+    samples if the site already ran it (phase 1); else it is run here.
     """
-    model = model.to(default_device())
-    check_model(model, site.images.shape[1:], site.num_classes, transform)
-    trial = trial_test(model, site, transform=model_input(transform))
+    if trial is None:
+        trial = site_trial(model, site, transform)
     positions, priorities = ranked(
         trial,
         selection.policy(),
@@ -64,6 +65,17 @@ def rank_candidates(
         fresh = ~np.isin(trial.ids[positions], ledger.sent_in(server_round))
         positions, priorities = positions[fresh], priorities[fresh]
     return trial, positions, priorities
+
+
+def site_trial(model: nn.Module, site: SiteData, transform: Transform) -> TrialResult:
+    """Trial-test the site's samples with the received model, on the site's device.
+
+    A model that cannot take the samples is refused first, with the fix named
+    (:func:`~flwr_select.models.check_model`).
+    """
+    model = model.to(default_device())
+    check_model(model, site.images.shape[1:], site.num_classes, transform)
+    return trial_test(model, site, transform=model_input(transform))
 
 
 def byte_cap(selection: SelectionConfig, node_max_bytes: int = 0) -> int | None:
@@ -84,6 +96,7 @@ def site_summary(
     undelivered_top_ups: Sequence[int] = (),
     transform: Transform = None,
     node_max_bytes: int = 0,
+    trial: TrialResult | None = None,
 ) -> dict[str, int | list[int] | list[float]]:
     """Phase 1 of a round with one global budget: what the site's best are worth.
 
@@ -91,7 +104,7 @@ def site_summary(
     priorities of as many as it could send (``max-count``, and the run's and the
     node's byte caps, measured on the wire format): ``num-candidates``,
     ``sketch-ranks`` and ``sketch-values`` (:class:`ScoreSketch`). Nothing is
-    sent or recorded in the ledger.
+    sent or recorded in the ledger. ``trial``: as for :func:`rank_candidates`.
     """
     _, positions, priorities = rank_candidates(
         model,
@@ -103,6 +116,7 @@ def site_summary(
         undelivered=undelivered,
         undelivered_top_ups=undelivered_top_ups,
         transform=transform,
+        trial=trial,
     )
     if selection.max_count:
         positions = positions[: selection.max_count]
@@ -132,6 +146,7 @@ def site_round(
     quota: int | None = None,
     top_up: bool = False,
     node_max_bytes: int = 0,
+    trial: TrialResult | None = None,
 ) -> tuple[ArrayRecord, dict[str, int | float]]:
     """One site's round: trial test, selection, upload; ``ledger`` records the ids.
 
@@ -146,9 +161,8 @@ def site_round(
     ``undelivered_top_ups`` those whose top-up only it did not keep
     (see :class:`~flwr_select.selection.ledger.SiteLedger`). Choices are seeded
     by ``(selection.seed, server_round, site_key)``. ``transform`` says how the
-    raw samples become model input, as on the server; a model that cannot take
-    them is refused first with the fix named
-    (:func:`~flwr_select.models.check_model`).
+    raw samples become model input, as on the server (see :func:`site_trial`);
+    ``trial`` is the round's trial test if phase 1 already ran it.
 
     Returns the upload and the site's metrics (the keys of
     :data:`~flwr_select.selection.server.SITE_METRICS`): candidates, wrong
@@ -168,6 +182,7 @@ def site_round(
         undelivered_top_ups=undelivered_top_ups,
         transform=transform,
         top_up=top_up,
+        trial=trial,
     )
     budget = selection.budget() if quota is None else Budget(count=quota)
     chosen = positions[: budget.sample_limit(len(trial))]
