@@ -9,7 +9,7 @@ machine's load falls on both::
 
 on a small run (1,000 initial samples, a 10,000-sample pool, one server epoch)
 where the server's training is short, so what phase 1 adds (one more message
-to every site, a second trial test there, the quotas) weighs as much as it can
+to every site, the model sent twice, the quotas) weighs as much as it can
 (the sibling ``flower_overhead.py``'s run config, with 5 sites and 6 rounds).
 A round's wall time is the ``seconds`` of ``out-dir/execution.jsonl``; round 1
 holds Ray's and the sites' start-up, so the median of rounds 2 on is each run's

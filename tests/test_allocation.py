@@ -190,6 +190,40 @@ def test_a_hostile_summary_gets_no_quota_and_the_others_share_the_budget(
     assert any(re.search(reason, line) for line in logged), logged
 
 
+class RealSites:
+    """Sites of random samples whose summaries and uploads are the site's own code.
+
+    Each has its ledger, kept across a round's phases, and trial-tests with the
+    strategy's model (the round's).
+    """
+
+    def __init__(self, strategy, selection, nodes):
+        self.strategy, self.selection = strategy, selection
+        self.data = {node: random_site(node) for node in nodes}
+        self.ledgers = {node: SiteLedger() for node in nodes}
+
+    def _of(self, node):
+        return {
+            "server_round": 1,
+            "site_key": node,
+            "ledger": self.ledgers[node],
+        }
+
+    def summary(self, node) -> dict:
+        model, data = self.strategy.model, self.data[node]
+        return site_summary(model, data, self.selection, **self._of(node))
+
+    def summary_reply(self, node, metrics=None):
+        metrics = self.summary(node) if metrics is None else metrics
+        content = RecordDict({METRICS_KEY: MetricRecord(metrics)})
+        return reply(node, content, SUMMARY_MESSAGE_TYPE)
+
+    def upload(self, node, candidates=N, **options):
+        model, data = self.strategy.model, self.data[node]
+        record, _ = site_round(model, data, self.selection, **self._of(node), **options)
+        return reply(node, content(record, candidates))
+
+
 def test_an_upload_beyond_its_quota_or_unlike_its_summary_is_rejected(
     task_identity, caplog
 ):
@@ -197,46 +231,19 @@ def test_an_upload_beyond_its_quota_or_unlike_its_summary_is_rejected(
     # node 4 claims its best candidate is worth 0.5 more than it is
     selection = SelectionConfig(rho=RHO, allocation="global")
     strategy = make_strategy(selection=selection)
-    sites = {node: random_site(node) for node in (1, 2, 3, 4)}
-    summaries = {
-        node: site_summary(
-            strategy.model,
-            data,
-            selection,
-            server_round=1,
-            site_key=node,
-            ledger=SiteLedger(),
-        )
-        for node, data in sites.items()
-    }
+    sites = RealSites(strategy, selection, (1, 2, 3, 4))
+    summaries = {node: sites.summary(node) for node in sites.data}
     summaries[4]["sketch-values"][0] += 0.5
     strategy.allocate_quotas(
-        1,
-        [
-            reply(n, RecordDict({METRICS_KEY: MetricRecord(m)}), SUMMARY_MESSAGE_TYPE)
-            for n, m in summaries.items()
-        ],
+        1, [sites.summary_reply(n, metrics) for n, metrics in summaries.items()]
     )
     quotas, strategy.round_nodes = strategy.quotas, [1, 2, 3, 4]
     assert min(quotas.values()) > 0
-
-    def upload(node, quota, candidates=N):
-        record, _ = site_round(
-            strategy.model,
-            sites[node],
-            selection,
-            server_round=1,
-            site_key=node,
-            ledger=SiteLedger(),
-            quota=quota,
-        )
-        return reply(node, content(record, candidates))
-
     uploads = [
-        upload(1, quotas[1]),  # as asked
-        upload(2, quotas[2] + 1),  # one too many
-        upload(3, quotas[3], N + 1),  # another count than its summary's
-        upload(4, quotas[4]),  # its real best, worth less than it claimed
+        sites.upload(1, quota=quotas[1]),  # as asked
+        sites.upload(2, quota=quotas[2] + 1),  # one too many
+        sites.upload(3, N + 1, quota=quotas[3]),  # another count than its summary's
+        sites.upload(4, quota=quotas[4]),  # its real best, worth less than it claimed
     ]
     # Execute
     _, metrics = strategy.aggregate_train(1, uploads)
@@ -267,48 +274,23 @@ def test_the_quota_a_rejected_site_leaves_is_topped_up_by_the_others(
     # kept across the passes); node 3's upload is one over its quota
     selection = SelectionConfig(rho=RHO, allocation="global")
     strategy = make_strategy(selection=selection)
-    sites = {node: random_site(node) for node in (1, 2, 3)}
-    ledgers = {node: SiteLedger() for node in sites}
-
-    def answer(node, **options):
-        record, _ = site_round(
-            strategy.model,
-            sites[node],
-            selection,
-            server_round=1,
-            site_key=node,
-            ledger=ledgers[node],
-            **options,
-        )
-        return reply(node, content(record))
-
-    def summary(node):
-        metrics = site_summary(
-            strategy.model,
-            sites[node],
-            selection,
-            server_round=1,
-            site_key=node,
-            ledger=ledgers[node],
-        )
-        return reply(
-            node, RecordDict({METRICS_KEY: MetricRecord(metrics)}), SUMMARY_MESSAGE_TYPE
-        )
-
-    quotas = dict(strategy.allocate_quotas(1, [summary(n) for n in sites]))
-    strategy.round_nodes = list(sites)
+    sites = RealSites(strategy, selection, (1, 2, 3))
+    quotas = dict(
+        strategy.allocate_quotas(1, [sites.summary_reply(n) for n in (1, 2, 3)])
+    )
+    strategy.round_nodes = [1, 2, 3]
     asked = []
 
     def top_up(extra):  # the second pass; node 2 sends its first upload again
         asked.append(dict(extra))
-        replies = [answer(n, quota=q, top_up=n != 2) for n, q in extra.items()]
+        replies = [sites.upload(n, quota=q, top_up=n != 2) for n, q in extra.items()]
         return strategy.uploads_of(1, replies)[0]
 
-    phase_two = [answer(1, quota=quotas[1]), answer(2, quota=quotas[2])]
-    phase_two.append(answer(3, quota=quotas[3] + 1))
+    phase_two = [sites.upload(n, quota=quotas[n]) for n in (1, 2)]
+    phase_two.append(sites.upload(3, quota=quotas[3] + 1))
     # Execute
     metrics = strategy.accept_uploads(
-        1, strategy.uploads_of(1, phase_two)[0], asked=list(sites), top_up=top_up
+        1, strategy.uploads_of(1, phase_two)[0], asked=[1, 2, 3], top_up=top_up
     )
     # Assert: node 3's quota was offered to nodes 1 and 2, as their next best;
     # node 1's top-up is in, node 2's repeat is refused and its top-up only is

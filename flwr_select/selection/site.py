@@ -16,7 +16,7 @@ from torch import nn
 
 from flwr_select.data import SiteData
 from flwr_select.models import Transform, check_model, model_input
-from flwr_select.selection.allocation import ScoreSketch
+from flwr_select.selection.allocation import SKETCH_POINTS, ScoreSketch
 from flwr_select.selection.buffer import default_device
 from flwr_select.selection.ledger import SiteLedger
 from flwr_select.selection.policies import Budget, likely_mislabelled, ranked
@@ -103,7 +103,9 @@ def site_summary(
     The site ranks its candidates as :func:`site_round` would and sketches the
     priorities of as many as it could send (``max-count``, and the run's and the
     node's byte caps, measured on the wire format): ``num-candidates``,
-    ``sketch-ranks`` and ``sketch-values`` (:class:`ScoreSketch`). Nothing is
+    ``sketch-ranks`` and ``sketch-values`` (:class:`ScoreSketch`, at up to
+    twice as many ranks as its rho share, so that phase 1 weighs little beside the
+    uploads, and at most :data:`SKETCH_POINTS`). Nothing is
     sent or recorded in the ledger. ``trial``: as for :func:`rank_candidates`.
     """
     _, positions, priorities = rank_candidates(
@@ -124,7 +126,11 @@ def site_summary(
     if cap is not None:
         fits = pack(site, positions, max_bytes=cap, compress=selection.compress)
         positions = positions[: len(fits["ids"].numpy())]
-    sketch = ScoreSketch.of(priorities, len(positions))
+    # at most twice the points the site's own rho would send: phase 1 stays a
+    # small part of what the round uploads, however few samples a site holds
+    share = selection.budget().sample_limit(len(site))
+    points = min(SKETCH_POINTS, max(2, 2 * share))
+    sketch = ScoreSketch.of(priorities, len(positions), points)
     return {
         "num-candidates": len(site),
         "sketch-ranks": sketch.ranks.tolist(),
