@@ -311,6 +311,25 @@ def test_resent_ids_and_broken_replies_are_rejected(task_identity):
     )
 
 
+def test_empty_uploads_to_an_empty_buffer_leave_the_model_as_it_was(
+    task_identity, caplog
+):
+    # Prepare: a server holding none of its own samples; a site sends nothing
+    strategy = make_strategy()
+    before = weights(strategy)
+    # Execute
+    arrays, metrics = strategy.aggregate_train(
+        1, [forged_reply(strategy, 3, good_upload(3, count=0))]
+    )
+    # Assert: accepted, nothing to train on, the round goes on unchanged
+    assert arrays is None and metrics["sites-accepted"] == 1
+    assert len(strategy.buffer) == 0 and "train-loss" not in strategy.rounds[1]
+    assert all(
+        torch.equal(a, b) for a, b in zip(before, weights(strategy), strict=True)
+    )
+    assert "no upload accepted held a sample" in caplog.text
+
+
 def test_the_same_ids_from_another_site_are_accepted(task_identity):
     strategy = make_strategy()
     upload = good_upload(3)

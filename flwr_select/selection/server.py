@@ -507,12 +507,14 @@ class SelectionServer:
                 self.undelivered.setdefault(site, []).append(server_round)
         if top_up is not None and self.selection.allocation == "global":
             self._top_up(server_round, received, top_up, metrics)
-        if metrics["sites-accepted"]:
+        if metrics["sites-accepted"] and len(self.buffer):
             result = self.train_on_buffer(server_round)
             metrics.update({"train-loss": result.loss, "train-seconds": result.seconds})
-        else:
+        else:  # nothing accepted, or empty uploads and nothing buffered to train on
             logger.warning(
-                "round %s: no upload accepted; the model is unchanged", server_round
+                "round %s: no upload accepted%s; the model is unchanged",
+                server_round,
+                " held a sample" if metrics["sites-accepted"] else "",
             )
         metrics.update(
             {"buffer-size": len(self.buffer), "buffer-bytes": self.buffer.nbytes}
