@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from flwr_select.config import ConfigError
 from flwr_select.data import load_dataset, resolve_data_dir
 from flwr_select.files import read_json_lines, write_json_lines
 from flwr_select.noise import CLEAN, NOISE_KINDS, LabelNoise
@@ -358,6 +359,16 @@ def main(argv: list[str] | None = None) -> None:
         help="the schemes run (default: the paper's three)",
     )
     args = parser.parse_args(argv)
+    try:  # the sites' keys, checked before any run starts
+        SiteShareConfig(
+            partitioner=args.partitioner,
+            dirichlet_alpha=args.alpha,
+            label_noise=args.label_noise,
+            label_noise_kind=args.label_noise_kind,
+            label_noise_sites=args.noisy_sites,
+        )
+    except ConfigError as err:
+        parser.error(str(err))
     protocol = SHORT if args.short else PROTOCOLS[args.dataset]
     run_sites(
         args.dataset,

@@ -257,3 +257,15 @@ def test_the_project_apps_named_in_refusals_are_the_modules_with_defaults():
 
     # Assert
     assert set(cli.PROJECT_APPS) == with_defaults
+
+
+def test_the_sites_experiment_refuses_a_bad_noisy_site_list_before_any_run(
+    monkeypatch, capsys
+):
+    from simulations import sites
+
+    monkeypatch.setattr(sites, "run_sites", lambda *_, **__: pytest.fail("it ran"))
+    with pytest.raises(SystemExit) as exit:
+        sites.main(["--label-noise", "0.3", "--noisy-sites", "0,x"])
+    assert exit.value.code == 2
+    assert "label-noise-sites must be" in capsys.readouterr().err
