@@ -177,6 +177,13 @@ class SiteShareConfig(ShareConfig):
     label_noise_sites : str (default: "all")
         Which sites hold the flipped labels: ``"all"``, or their partition ids,
         comma-separated (``"0"``, ``"0,3"``); the others hold clean ones.
+    easy_sites : str (default: "": none)
+        Partition ids of sites that hold only samples of ``easy_classes`` (the
+        pool's, split evenly between them), data the initial model already
+        classifies right; the other sites share the rest by ``partitioner``.
+    easy_classes : str (default: "0,1")
+        The classes of the easy sites, comma-separated (MNIST's 0 and 1: the
+        digits its models get most right).
     """
 
     initial_size: int = 5000
@@ -185,6 +192,8 @@ class SiteShareConfig(ShareConfig):
     label_noise: float = 0.0
     label_noise_kind: str = "symmetric"
     label_noise_sites: str = "all"
+    easy_sites: str = ""
+    easy_classes: str = "0,1"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -194,6 +203,7 @@ class SiteShareConfig(ShareConfig):
         check("label-noise", noise, 0.0 <= noise < 1.0, "in [0, 1)")
         check_name("label-noise-kind", self.label_noise_kind, NOISE_KINDS)
         self.noisy_sites()
+        self.easy()
 
     def site_pool(
         self,
@@ -210,6 +220,17 @@ class SiteShareConfig(ShareConfig):
         the label noise); every round's fold is cut from it.
         """
         pool = self.split(len(labels), seed=seed).pool
+        easy, classes = self.easy()
+        if easy:  # the easy classes to the easy sites, the rest to the others
+            of_easy = np.isin(labels[pool], list(classes))
+            if partition_id in easy:
+                easy_pool = pool[of_easy]
+                return np.array_split(easy_pool, len(easy))[
+                    sorted(easy).index(partition_id)
+                ]
+            others = [p for p in range(num_partitions) if p not in easy]
+            pool = pool[~of_easy]
+            partition_id, num_partitions = others.index(partition_id), len(others)
         return partition_pool(
             pool,
             labels[pool],
@@ -232,18 +253,41 @@ class SiteShareConfig(ShareConfig):
         """
         if self.label_noise_sites == "all":
             return None
-        words = self.label_noise_sites.split(",")
-        allowed = '"all" or partition ids >= 0, comma-separated (e.g. "0,3")'
-        ok = all(w.strip().isdigit() for w in words)
-        ids = [int(w) for w in words] if ok else []
-        check("label-noise-sites", self.label_noise_sites, ok, allowed)
-        check(
+        return id_list(
             "label-noise-sites",
             self.label_noise_sites,
-            len(set(ids)) == len(ids),
-            allowed + ", each once",
+            '"all" or partition ids >= 0, comma-separated (e.g. "0,3")',
         )
-        return frozenset(ids)
+
+    def easy(self) -> tuple[frozenset[int], frozenset[int]]:
+        """Return the easy sites' partition ids and their classes (no sites: none).
+
+        Raises
+        ------
+        ConfigError
+            Unless ``easy-sites`` is empty or distinct ids >= 0, and
+            ``easy-classes`` distinct ids, comma-separated.
+        """
+        num_classes = DATASETS[self.dataset].num_classes
+        classes = id_list(
+            "easy-classes",
+            self.easy_classes,
+            f'classes in [0, {num_classes}), comma-separated (e.g. "0,1")',
+        )
+        check(
+            "easy-classes",
+            self.easy_classes,
+            max(classes) < num_classes,
+            f"classes in [0, {num_classes})",
+        )
+        if not self.easy_sites:
+            return frozenset(), classes
+        sites = id_list(
+            "easy-sites",
+            self.easy_sites,
+            '"" (none) or partition ids >= 0, comma-separated (e.g. "0,1")',
+        )
+        return sites, classes
 
     def site_labels(
         self, labels: torch.Tensor, *, seed: int, partition_id: int, num_classes: int
@@ -268,6 +312,22 @@ class SiteShareConfig(ShareConfig):
         model, and the sites share the pool.
         """
         return self._split(num_samples, seed=seed, initial=self.initial_size)
+
+
+def id_list(key: str, value: str, allowed: str) -> frozenset[int]:
+    """Return the distinct ints >= 0 of a comma-separated run-config ``value``.
+
+    Raises
+    ------
+    ConfigError
+        Naming ``key`` and what is ``allowed``.
+    """
+    words = value.split(",")
+    ok = all(w.strip().isdigit() for w in words)
+    check(key, value, ok, allowed)
+    ids = [int(w) for w in words]
+    check(key, value, len(set(ids)) == len(ids), allowed + ", each once")
+    return frozenset(ids)
 
 
 def site_partition(

@@ -199,13 +199,16 @@ def run_sites(
     noisy_sites: str = "all",
     allocations: tuple[str, ...] = ("per-site",),
     round_budget_bytes: int = 0,
+    easy_sites: str = "",
 ) -> dict[str, Any]:
     """Run each (scheme, allocation, seed) not on disk yet; summarise them.
 
     With ``"global"`` among ``allocations`` a scheme also runs with one global
     budget of ``round_budget_bytes`` a round (0: what the per-site budgets
     allow together, so both spend the same bytes), as the line
-    ``<label>-global``.
+    ``<label>-global``. ``easy_sites`` (partition ids, ``easy-sites``) hold
+    only classes 0 and 1 (``easy-classes``' default: MNIST's easiest digits),
+    the others the rest.
 
     With ``label_noise``, the sites ``noisy_sites`` names (``"all"`` or
     partition ids, comma-separated) hold flipped labels, and each round's
@@ -217,6 +220,8 @@ def run_sites(
     name = f"sites-{partitioner}"
     if label_noise.fraction and noisy_sites != "all":
         name += "-noisy-site"
+    if easy_sites:
+        name += "-easy"
     if "global" in allocations:
         name += "-allocation"
     runs_dir = out_dir / ("runs-short" if protocol == SHORT else "runs")
@@ -228,6 +233,8 @@ def run_sites(
         split += f"{label_noise.tag}-at{noisy_sites.replace(',', '+')}"
     else:
         split += label_noise.tag
+    if easy_sites:
+        split += f"-easy{easy_sites.replace(',', '+')}"
     paths = []
     lines = [
         (Scheme(f"{s.label}-global", s.policy, s.confidence), "global")
@@ -258,6 +265,7 @@ def run_sites(
                     "label-noise-sites": noisy_sites,
                     "allocation": allocation,
                     "round-budget-bytes": round_budget_bytes,
+                    "easy-sites": easy_sites,
                 },
             )
             meta = {
@@ -274,6 +282,7 @@ def run_sites(
                 "label_noise_kind": label_noise.kind,
                 "noisy_sites": noisy_sites,
                 "allocation": allocation,
+                "easy_sites": easy_sites,
             }
             rounds, execution, buffer = simulate(dataset, num_sites, words(config))
             share = SiteShareConfig.from_config({**config, "dataset": dataset})
@@ -339,6 +348,11 @@ def main(argv: list[str] | None = None) -> None:
         "--noisy-sites", default="all", help='"all" or partition ids, e.g. "0,3"'
     )
     parser.add_argument(
+        "--easy-sites",
+        default="",
+        help='partition ids that hold only classes 0 and 1, e.g. "0,1"',
+    )
+    parser.add_argument(
         "--allocations",
         nargs="+",
         default=["per-site"],
@@ -366,6 +380,7 @@ def main(argv: list[str] | None = None) -> None:
             label_noise=args.label_noise,
             label_noise_kind=args.label_noise_kind,
             label_noise_sites=args.noisy_sites,
+            easy_sites=args.easy_sites,
         )
     except ConfigError as err:
         parser.error(str(err))
@@ -385,6 +400,7 @@ def main(argv: list[str] | None = None) -> None:
         noisy_sites=args.noisy_sites,
         allocations=tuple(args.allocations),
         round_budget_bytes=args.round_budget_bytes,
+        easy_sites=args.easy_sites,
     )
 
 

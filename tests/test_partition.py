@@ -215,6 +215,8 @@ SITE_SHARE = {
     "label-noise": 0.1,
     "label-noise-kind": "asymmetric",
     "label-noise-sites": "0,2",
+    "easy-sites": "1",
+    "easy-classes": "3,7",
 }
 
 
@@ -223,7 +225,7 @@ def test_share_configs_read_back_what_they_write():
     sent = {**SITE_SHARE, "server-round": 2, "num-classes": 10, "seed": 3}
     # Execute
     site, worker = SiteShareConfig.from_config(sent), ShareConfig.from_config(sent)
-    # Assert: a site's keys are a worker's and six more, each declared once
+    # Assert: a site's keys are a worker's and eight more, each declared once
     assert site.to_config() == SITE_SHARE
     assert worker.to_config() == WORKER_SHARE
     assert SiteShareConfig.from_config(site.to_config()) == site
@@ -318,3 +320,28 @@ def test_only_the_named_sites_hold_the_flipped_labels():
     assert torch.equal(
         everywhere.site_labels(labels, seed=0, partition_id=0, num_classes=10), site(1)
     )
+
+
+@pytest.mark.parametrize("partitioner", ["iid", "dirichlet"])
+def test_easy_sites_hold_the_easy_classes_and_the_others_the_rest(partitioner):
+    # Prepare: 5 sites, 0 and 3 easy (digits 0 and 1 only)
+    labels = np.arange(6000) % 10
+    config = SiteShareConfig(
+        validation_size=500,
+        initial_size=500,
+        partitioner=partitioner,
+        easy_sites="0,3",
+    )
+    # Execute
+    shares = [
+        config.site_pool(labels, seed=1, partition_id=p, num_partitions=5)
+        for p in range(5)
+    ]
+    # Assert: every pool sample at exactly one site; the easy ones hold half
+    # each of the pool's 0s and 1s, the others none of them
+    pool = config.split(6000, seed=1).pool
+    assert sorted(np.concatenate(shares).tolist()) == sorted(pool.tolist())
+    easy = np.isin(labels[pool], [0, 1]).sum()
+    assert {len(shares[0]), len(shares[3])} <= {easy // 2, easy - easy // 2}
+    assert set(labels[shares[0]]) == set(labels[shares[3]]) == {0, 1}
+    assert all(not np.isin(labels[shares[p]], [0, 1]).any() for p in (1, 2, 4))
