@@ -152,6 +152,16 @@ def test_an_edge_box_keeps_its_ledger_on_disk_across_a_restart(task_identity, tm
     assert [p.name for p in tmp_path.iterdir() if "tmp" in p.name] == []
 
 
+def test_an_edge_boxs_ledger_from_before_top_ups_is_still_read(tmp_path):
+    # Prepare: a ledger file as an earlier release wrote it (no top-up marks)
+    np.savez(tmp_path / "sent-ids.npz", ids=np.array([4, 9]), rounds=np.array([1, 2]))
+    # Execute
+    ledger = load_ledger(node_context(1, {"data-dir": str(tmp_path)}))
+    # Assert: its ids and rounds, none sent by a top-up
+    assert ledger.ids.tolist() == [4, 9] and ledger.rounds.tolist() == [1, 2]
+    assert ledger.top_ups.tolist() == [False, False]
+
+
 def test_an_upload_lost_on_the_way_is_offered_again_and_kept_once(
     task_identity, tmp_path
 ):
