@@ -34,9 +34,12 @@ SITE_KEYS = {
     "label-noise",
     "label-noise-kind",
     "label-noise-sites",
+    "easy-sites",
+    "easy-classes",
 }
-"""The keys sites are sent: a checkpoint's settings hold them (the last three since
-issue 15; an older checkpoint is refused on resume, naming them)."""
+"""The keys sites are sent: a checkpoint's settings hold them (the label-noise three
+since issue 15, the easy-site two since issue 16; an older checkpoint is refused on
+resume, naming them)."""
 WORKER_KEYS = {
     "dataset",
     "data-dir",
