@@ -265,7 +265,7 @@ def run_sites(
                     "label-noise-sites": noisy_sites,
                     "allocation": allocation,
                     "round-budget-bytes": round_budget_bytes,
-                    "easy-sites": easy_sites,
+                    **({"easy-sites": easy_sites} if easy_sites else {}),
                 },
             )
             meta = {

@@ -713,7 +713,7 @@ def test_a_damaged_ledger_is_refused_naming_the_file(tmp_path):
         ),
         "unequal": (
             lambda: np.savez(path, ids=np.array([1, 2]), rounds=np.array([1])),
-            "a ledger needs one round per id",
+            "a ledger needs one round and one top-up flag per id",
         ),
     }
     for damage, message in cases.values():
