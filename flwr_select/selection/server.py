@@ -53,9 +53,9 @@ class SiteReport(NamedTuple):
 Upload = tuple[int, Callable[[], tuple[ArrayRecord, SiteReport]]]
 """A site key and a function that returns its upload and :class:`SiteReport`."""
 Summary = tuple[int, Callable[[], Mapping[str, object]]]
+"""A site key and a function that returns its phase-1 metrics (a sketch)."""
 TopUp = Callable[[Mapping[int, int]], Iterable[Upload]]
 """Asks the sites for their top-up quotas; returns their uploads."""
-"""A site key and a function that returns its phase-1 metrics (a sketch)."""
 SUMMARY_METRICS = frozenset({"num-candidates", "sketch-ranks", "sketch-values"})
 """The metrics of a site's phase-1 reply (see ``selection.site.site_summary``)."""
 
