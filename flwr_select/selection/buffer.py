@@ -5,11 +5,16 @@ each batch), labels are int64, both on the device the server trains on (CUDA
 when it has one). Which site sent what is kept beside them on the CPU, and a
 (site, sample id) pair is accepted once only, ever, even after the buffer has
 dropped that sample to respect its cap.
+
+What was accepted since the buffer was last saved is its journal
+(:meth:`TrainingBuffer.unsaved`): the server's checkpoint writes it once, as an
+append-only segment, so that a round's checkpoint costs what the round added,
+not the whole buffer (:mod:`flwr_select.selection.checkpoint`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +43,8 @@ first, second, ... site of ``accepted_sites``.
 """
 NPZ_DTYPES = {name: (dtype,) for name, dtype in DTYPES.items()}
 """:data:`DTYPES` as :func:`flwr_select.npy.read_npz` takes them."""
+SEGMENT_ARRAYS = {"sites", "ids", "labels", "images"}
+"""The arrays of a segment (:meth:`TrainingBuffer.unsaved`), of :data:`DTYPES`."""
 
 
 def default_device() -> torch.device:
@@ -83,9 +90,11 @@ class TrainingBuffer:
         self._images: Tensor | None = None
         self._labels = torch.zeros(0, dtype=torch.long, device=self.device)
         self._size = 0
-        self.sites = np.zeros(0, dtype=np.uint64)
-        self.ids = np.zeros(0, dtype=np.int64)
+        self._sites = np.zeros(0, dtype=np.uint64)
+        self._ids = np.zeros(0, dtype=np.int64)
         self._accepted: dict[int, SentLedger] = {}
+        # (sites, ids) of each add since the last mark_saved(), in order
+        self._journal: list[tuple[np.ndarray, np.ndarray]] = []
 
     def __len__(self) -> int:
         return self._size
@@ -99,6 +108,16 @@ class TrainingBuffer:
     def labels(self) -> Tensor:
         """The accepted labels, int64 (n,) on :attr:`device`."""
         return self._labels[: self._size]
+
+    @property
+    def sites(self) -> np.ndarray:
+        """The site each accepted sample came from, uint64 (n,), on the CPU."""
+        return self._sites[: self._size]
+
+    @property
+    def ids(self) -> np.ndarray:
+        """Each accepted sample's id at its site, int64 (n,), on the CPU."""
+        return self._ids[: self._size]
 
     @property
     def nbytes(self) -> int:
@@ -137,16 +156,18 @@ class TrainingBuffer:
         new = np.flatnonzero(~self.seen(site, samples.ids.numpy()))
         if len(new) == 0:
             return 0
-        fresh = samples.subset(new)
-        self._append(fresh.images, fresh.labels)
-        self.sites = np.concatenate([self.sites, np.full(len(new), site, np.uint64)])
-        self.ids = np.concatenate([self.ids, fresh.ids.numpy()])
-        self._accepted.setdefault(site, SentLedger()).add(fresh.ids.numpy())
+        fresh = samples if len(new) == len(samples) else samples.subset(new)
+        sites, ids = np.full(len(new), site, np.uint64), fresh.ids.numpy().copy()
+        self._append(fresh.images, fresh.labels, sites, ids)
+        self._accepted.setdefault(site, SentLedger()).add(ids)
+        self._journal.append((sites, ids))
         if self.max_samples is not None and len(self) > self.max_samples:
             self._keep_newest(self.max_samples)
         return len(new)
 
-    def _append(self, images: Tensor, labels: Tensor) -> None:
+    def _append(
+        self, images: Tensor, labels: Tensor, sites: np.ndarray, ids: np.ndarray
+    ) -> None:
         size, count = self._size, len(labels)
         capacity = 0 if self._images is None else len(self._images)
         if size + count > capacity:
@@ -161,9 +182,13 @@ class TrainingBuffer:
                 grown[:size] = self._images[:size]
                 grown_labels[:size] = self._labels[:size]
             self._images, self._labels = grown, grown_labels
+            self._sites = np.resize(self._sites[:size], capacity)
+            self._ids = np.resize(self._ids[:size], capacity)
         assert self._images is not None
         self._images[size : size + count] = images.to(self.device)
         self._labels[size : size + count] = labels.to(self.device)
+        self._sites[size : size + count] = sites
+        self._ids[size : size + count] = ids
         self._size = size + count
 
     def _keep_newest(self, count: int) -> None:
@@ -173,17 +198,48 @@ class TrainingBuffer:
             self.images[-count:].clone(),
             self.labels[-count:].clone(),
         )
+        self._sites, self._ids = self.sites[-count:].copy(), self.ids[-count:].copy()
         self._size = count
-        self.sites, self.ids = self.sites[-count:], self.ids[-count:]
+
+    def unsaved(self) -> dict[str, np.ndarray]:
+        """Return what was accepted since :meth:`mark_saved`, as a segment's arrays.
+
+        ``sites`` and ``ids`` (uint64, int64) hold every (site, id) pair accepted
+        since, in order, even those the cap has dropped already (the ledger must
+        not forget them); ``labels`` and ``images`` the last ``len(labels)`` of
+        them, those still in the buffer (``images`` absent when there are none).
+        Concatenating every segment, oldest first, gives the buffer back: see
+        :meth:`from_segments`.
+        """
+        sites = _joined([sites for sites, _ in self._journal], np.uint64)
+        ids = _joined([ids for _, ids in self._journal], np.int64)
+        held = min(len(ids), len(self))
+        segment = {
+            "sites": sites,
+            "ids": ids,
+            "labels": self.labels[len(self) - held :].cpu().numpy(),
+        }
+        if held:
+            segment["images"] = self.images[len(self) - held :].cpu().numpy()
+        return segment
+
+    def mark_saved(self) -> None:
+        """Forget the journal: what :meth:`unsaved` returned is on disk now."""
+        self._journal = []
+
+    def settings(self) -> dict[str, np.ndarray]:
+        """Return ``num_classes`` and ``max_samples`` (-1: no cap) as 0-d arrays."""
+        cap = -1 if self.max_samples is None else self.max_samples
+        return {
+            "num_classes": np.array(self.num_classes, np.int64),
+            "max_samples": np.array(cap, np.int64),
+        }
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Return everything the buffer holds as named NumPy arrays (to store it)."""
         sites = sorted(self._accepted)
         arrays = {
-            "num_classes": np.array(self.num_classes, np.int64),
-            "max_samples": np.array(
-                -1 if self.max_samples is None else self.max_samples, np.int64
-            ),
+            **self.settings(),
             "labels": self.labels.cpu().numpy(),
             "sites": self.sites,
             "ids": self.ids,
@@ -226,9 +282,84 @@ class TrainingBuffer:
             buffer._images = torch.from_numpy(arrays["images"]).to(buffer.device)
         buffer._labels = torch.from_numpy(arrays["labels"]).to(buffer.device)
         buffer._size = len(buffer._labels)
-        buffer.sites, buffer.ids = arrays["sites"], arrays["ids"]
+        buffer._sites, buffer._ids = arrays["sites"], arrays["ids"]
         for i, site in enumerate(arrays["accepted_sites"].tolist()):
             buffer._accepted[int(site)] = SentLedger(arrays[f"accepted_{i}"])
+        # all of it is unsaved: first the ledger's ids the cap dropped, then the held
+        for site, ledger in buffer._accepted.items():
+            ids = ledger.to_array()
+            dropped = ids[~np.isin(ids, buffer.ids[buffer.sites == site])]
+            buffer._journal.append((np.full(len(dropped), site, np.uint64), dropped))
+        buffer._journal.append((buffer.sites, buffer.ids))
+        return buffer
+
+    @classmethod
+    def from_segments(
+        cls,
+        settings: Mapping[str, np.ndarray],
+        segments: Sequence[Mapping[str, np.ndarray]],
+        *,
+        device: torch.device | str | None = None,
+    ) -> TrainingBuffer:
+        """Rebuild a buffer from its :meth:`settings` and :meth:`unsaved` arrays.
+
+        ``segments`` are what :meth:`unsaved` returned at each save, oldest
+        first. The ledger is every segment's (site, id) pairs; the buffer the
+        images they hold, the newest ``max_samples`` of them. The result is
+        checked as :meth:`from_arrays` checks a whole buffer, and nothing of it
+        is unsaved.
+
+        Raises
+        ------
+        ValueError
+            Naming the segment (by its index) and what is wrong, unless each is
+            what :meth:`unsaved` returns and no pair comes twice.
+        """
+        pairs, held = [], []
+        for index, segment in enumerate(segments):
+            try:
+                held.append(_held(segment))  # checks the arrays first
+                pairs.append((segment["sites"], segment["ids"]))
+            except ValueError as err:
+                raise ValueError(f"segment {index}: {err}") from None
+        sites = _joined([sites for sites, _ in pairs], np.uint64)
+        ids = _joined([ids for _, ids in pairs], np.int64)
+        order = np.lexsort((ids, sites))
+        twice = np.flatnonzero(
+            (np.diff(sites[order]) == 0) & (np.diff(ids[order]) == 0)
+        )
+        if len(twice):
+            first = order[twice[0]]
+            raise ValueError(
+                f"the segments accept (site {sites[first]}, id {ids[first]}) twice"
+            )
+        with_images = [h[0] for h in held if len(h[0])]
+        shapes = sorted({images.shape[1:] for images in with_images})
+        if len(shapes) > 1:
+            raise ValueError(f"the segments hold images of shapes {shapes}")
+        cap = int(_array(settings, "max_samples", ndims=(0,)))
+        newest = slice(-cap if cap > 0 else 0, None)
+        images = _joined(with_images, np.uint8)[newest]
+        labels, held_sites, held_ids = (
+            _joined([h[i] for h in held], dtype)[newest]
+            for i, dtype in ((1, np.int64), (2, np.uint64), (3, np.int64))
+        )
+        accepted = np.unique(sites)
+        arrays = {
+            **settings,
+            "labels": labels,
+            "sites": held_sites,
+            "ids": held_ids,
+            "accepted_sites": accepted,
+            **{
+                f"accepted_{i}": np.unique(ids[sites == site])
+                for i, site in enumerate(accepted)
+            },
+        }
+        if len(images):
+            arrays["images"] = images
+        buffer = cls.from_arrays(arrays, device=device)
+        buffer.mark_saved()
         return buffer
 
     def save(self, path: str | Path) -> None:
@@ -324,6 +455,38 @@ def _check(arrays: Mapping[str, np.ndarray]) -> None:
             f"buffer array 'sites' holds {strays[0]}, which has no ledger in "
             "'accepted_sites'"
         )
+
+
+def _held(
+    segment: Mapping[str, np.ndarray],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Return a segment's held images, labels, sites and ids; raise ValueError."""
+    unknown = sorted(segment.keys() - SEGMENT_ARRAYS)
+    missing = sorted(SEGMENT_ARRAYS - {"images"} - segment.keys())
+    if unknown or missing:
+        raise ValueError(f"arrays {missing} are missing, {unknown} unexpected")
+    sites, ids, labels = (_array(segment, n) for n in ("sites", "ids", "labels"))
+    count = len(labels)
+    if len(sites) != len(ids) or count > len(ids):
+        raise ValueError(
+            f"{len(sites)} sites, {len(ids)} ids and {count} labels: expected one "
+            "site per id and at most as many labels"
+        )
+    images = segment.get("images")
+    if images is None and count:
+        raise ValueError(f"{count} labels but no images")
+    if images is not None:
+        images = _array(segment, "images", ndims=(3, 4))
+        if len(images) != count:
+            raise ValueError(f"{len(images)} images; expected {count}, one per label")
+    else:
+        images = np.zeros(0, np.uint8)
+    return images, labels, sites[len(ids) - count :], ids[len(ids) - count :]
+
+
+def _joined(parts: list[np.ndarray], dtype: type) -> np.ndarray:
+    """Concatenate ``parts`` (an empty array of ``dtype`` when there are none)."""
+    return np.concatenate(parts) if parts else np.zeros(0, dtype)
 
 
 def _array(

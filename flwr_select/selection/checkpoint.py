@@ -1,21 +1,31 @@
-"""The server's checkpoint: all a run needs to resume after a crash, in one file.
+"""The server's checkpoint: all a run needs to resume after a crash.
 
-After every round the server writes ``checkpoint.npz`` in its run folder: the
-round, the central model, the whole training buffer (with the ledger of which
-(site, id) pairs were ever accepted), every round's metrics and records, and the
-settings the run was started with. It is one file written atomically (see
-:mod:`flwr_select.files`), so a crash at any moment leaves either the previous
-round's checkpoint or this one, never a mix.
+After every round the server writes, in its run folder, the samples the round
+accepted as one new append-only segment, ``segments/<index>.npz``, and then
+``checkpoint.npz``, a small manifest: the round, the central model, every
+round's metrics and records, the settings the run was started with, and the
+size and sha256 of each segment written so far. So a round's checkpoint costs
+what the round added and the model, not the whole buffer. Both files are
+written atomically (see :mod:`flwr_select.files`), the segment first: a crash at
+any moment leaves the previous round's manifest, which does not list a segment
+written after it (that round is redone and its segment written again), or this
+round's, never a mix. Resuming reads every listed segment, oldest first, and
+rebuilds the buffer and its ledger exactly (:meth:`TrainingBuffer.from_segments`).
+A checkpoint of the release before segments, with the whole buffer in the
+manifest, still resumes; its next save writes the buffer as the first segment.
 
-Resuming trusts nothing in that file: :func:`latest` reads it strictly and checks
-it whole (every member, every field, the buffer's invariants, and what the
-resuming run expects) before returning anything, so a damaged file or another
-run's is refused with a :class:`CheckpointError` that says what is wrong, rather
-than crashing the next round.
+Resuming trusts nothing in these files: :func:`latest` reads them strictly and
+checks them whole (every member, every field, each segment's size and digest,
+the buffer's invariants, and what the resuming run expects) before returning
+anything, so a damaged file or another run's is refused with a
+:class:`CheckpointError` that says what is wrong, rather than crashing the next
+round.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import re
 from collections.abc import Callable
@@ -29,10 +39,16 @@ from torch import Tensor
 
 from flwr_select.files import write_atomically
 from flwr_select.npy import read_npz
-from flwr_select.selection.buffer import NPZ_DTYPES, TrainingBuffer
+from flwr_select.selection.buffer import NPZ_DTYPES, SEGMENT_ARRAYS, TrainingBuffer
 
 CHECKPOINT = "checkpoint.npz"
-"""The checkpoint's file name in a run folder."""
+"""The checkpoint's (the manifest's) file name in a run folder."""
+SEGMENTS = "segments"
+"""The folder of a run folder that holds the buffer's segments."""
+SEGMENT_DTYPES = {name: NPZ_DTYPES[name] for name in SEGMENT_ARRAYS}
+"""The arrays a segment holds, with their dtypes, as :func:`read_npz` takes them."""
+BUFFER_SETTINGS = {"num_classes", "max_samples"}
+"""The buffer's arrays in a manifest that lists segments."""
 MEMBERS = {
     "state": (np.dtype(np.uint8),),
     **{f"buffer/{name}": dtypes for name, dtypes in NPZ_DTYPES.items()},
@@ -50,11 +66,17 @@ STATE_KEYS = {
     "records",
     "undelivered",
     "undelivered_top_ups",
+    "segments",
 }
-"""The fields of the JSON ``state`` array."""
-ADDED_KEYS = {"undelivered_top_ups": {}}
-"""Fields a checkpoint of an earlier release lacks, with the value it means."""
+"""The fields of the JSON ``state`` array (``segments``: absent before segments)."""
+ADDED_KEYS = {"undelivered_top_ups": {}, "segments": None}
+"""Fields a checkpoint of an earlier release lacks, with the value it means.
+
+``segments`` None: the release before segments, whose manifest holds the whole
+buffer (the arrays of :meth:`TrainingBuffer.to_arrays`).
+"""
 NUMBER = re.compile(r"0|[1-9][0-9]{0,19}")
+SHA256 = re.compile(r"[0-9a-f]{64}")
 """A JSON key that is an int >= 0, as ``json.dumps`` writes it (2**64: 20 digits)."""
 
 Metrics = dict[int, dict[str, Any]]
@@ -63,6 +85,19 @@ Metrics = dict[int, dict[str, Any]]
 
 class CheckpointError(ValueError):
     """A checkpoint file that is damaged or was not written by the resuming run."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    """What the manifest knows of one segment file: its size and sha256 digest."""
+
+    bytes: int
+    sha256: str
+
+
+def segment_path(run_dir: str | Path, index: int) -> Path:
+    """Return the file of the ``index``-th segment (0: the first) of ``run_dir``."""
+    return Path(run_dir) / SEGMENTS / f"{index:06d}.npz"
 
 
 @dataclass
@@ -87,6 +122,9 @@ class Checkpoint:
         The settings the run was started with; a resumed run must match them.
     undelivered_top_ups : dict (default: none)
         Per site, the rounds whose top-up (only) the server did not keep.
+    segments : list of Segment (default: none)
+        The buffer's segments on disk, oldest first (what :meth:`save` wrote
+        before, or :func:`latest` read).
     """
 
     round: int
@@ -97,11 +135,21 @@ class Checkpoint:
     undelivered: dict[int, list[int]]
     config: dict[str, Any]
     undelivered_top_ups: dict[int, list[int]] = field(default_factory=dict)
+    segments: list[Segment] = field(default_factory=list)
 
     def save(self, run_dir: str | Path) -> Path:
-        """Write the checkpoint to ``run_dir/checkpoint.npz`` atomically."""
-        path = Path(run_dir) / CHECKPOINT
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Write what the buffer accepted since it was last saved, then the manifest.
+
+        The new samples (:meth:`TrainingBuffer.unsaved`) go to the next segment
+        file, when there are any, and :attr:`segments` lists it once the
+        manifest that lists it is on disk; ``run_dir`` must be the folder the
+        earlier segments went to. Returns the manifest's path.
+        """
+        run_dir = Path(run_dir)
+        segments = list(self.segments)
+        new = self.buffer.unsaved()
+        if len(new["ids"]):
+            segments.append(_write_segment(segment_path(run_dir, len(segments)), new))
         state = {
             "round": self.round,
             "config": self.config,
@@ -109,17 +157,32 @@ class Checkpoint:
             "records": self.records,
             "undelivered": self.undelivered,
             "undelivered_top_ups": self.undelivered_top_ups,
+            "segments": [vars(segment) for segment in segments],
         }
         arrays = {
             "state": np.frombuffer(json.dumps(state).encode(), np.uint8),
-            **{f"buffer/{k}": v for k, v in self.buffer.to_arrays().items()},
+            **{f"buffer/{k}": v for k, v in self.buffer.settings().items()},
             **{
                 f"model/{k}": v.detach().cpu().numpy()
                 for k, v in self.model_state.items()
             },
         }
+        path = run_dir / CHECKPOINT
+        path.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(path, lambda file: np.savez(file, **arrays))
+        self.segments = segments
+        self.buffer.mark_saved()
         return path
+
+
+def _write_segment(path: Path, arrays: dict[str, np.ndarray]) -> Segment:
+    """Write ``arrays`` to ``path`` atomically; return its size and digest."""
+    data = io.BytesIO()
+    np.savez(data, **arrays)
+    content = data.getbuffer()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, lambda file: file.write(content))
+    return Segment(len(content), hashlib.sha256(content).hexdigest())
 
 
 def latest(
@@ -184,16 +247,47 @@ def _read(path: Path, device: torch.device | str | None) -> Checkpoint:
     for key, array in arrays.items():
         part, _, name = key.partition("/")
         parts[part][name] = array
+    segments = state["segments"]
+    if segments is None:
+        buffer = TrainingBuffer.from_arrays(parts["buffer"], device=device)
+    elif parts["buffer"].keys() != BUFFER_SETTINGS:
+        raise ValueError(
+            f"the manifest holds the buffer arrays {sorted(parts['buffer'])}; "
+            f"one that lists segments holds {sorted(BUFFER_SETTINGS)}"
+        )
+    else:
+        buffer = TrainingBuffer.from_segments(
+            parts["buffer"],
+            [_read_segment(path.parent, i, s) for i, s in enumerate(segments)],
+            device=device,
+        )
     return Checkpoint(
         round=state["round"],
         model_state={k: torch.from_numpy(v) for k, v in parts["model"].items()},
-        buffer=TrainingBuffer.from_arrays(parts["buffer"], device=device),
+        buffer=buffer,
         train_metrics=_by_round(state["train_metrics"]),
         records=_by_round(state["records"]),
         undelivered=_by_round(state["undelivered"]),
         undelivered_top_ups=_by_round(state["undelivered_top_ups"]),
         config=state["config"],
+        segments=[] if segments is None else segments,
     )
+
+
+def _read_segment(run_dir: Path, index: int, segment: Segment) -> dict[str, np.ndarray]:
+    """Read the ``index``-th segment; raise ValueError unless it is ``segment``."""
+    path = segment_path(run_dir, index)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ValueError(f"segment {path} cannot be read: {err}") from None
+    if len(data) != segment.bytes or hashlib.sha256(data).hexdigest() != segment.sha256:
+        raise ValueError(
+            f"segment {path} holds {len(data)} bytes that are not the segment the "
+            f"manifest lists ({segment.bytes} bytes, sha256 {segment.sha256[:12]}...): "
+            "damaged, cut short or replaced"
+        )
+    return read_npz(io.BytesIO(data), SEGMENT_DTYPES, name=str(path))
 
 
 def _state(array: np.ndarray) -> dict[str, Any]:
@@ -222,6 +316,7 @@ def _state(array: np.ndarray) -> dict[str, Any]:
         _check_keyed(
             state, name, range(last + 1), lambda v: isinstance(v, dict), "a dict"
         )
+    state["segments"] = _segments(state["segments"])
     for name in ("undelivered", "undelivered_top_ups"):
         _check_keyed(
             state,
@@ -234,6 +329,30 @@ def _state(array: np.ndarray) -> dict[str, Any]:
             f"a list of rounds (ints in [1, {last}])",
         )
     return state
+
+
+def _segments(listed: Any) -> list[Segment] | None:
+    """Return the manifest's segments; raise ValueError unless each is sound."""
+    if listed is None:
+        return None
+    if not isinstance(listed, list):
+        raise ValueError(
+            f"'state' field 'segments' is {_shown(listed)}; expected a list"
+        )
+    for index, entry in enumerate(listed):
+        if (
+            not isinstance(entry, dict)
+            or entry.keys() != {"bytes", "sha256"}
+            or type(entry["bytes"]) is not int
+            or entry["bytes"] < 0
+            or not isinstance(entry["sha256"], str)
+            or not SHA256.fullmatch(entry["sha256"])
+        ):
+            raise ValueError(
+                f"'state' field 'segments' holds {_shown(entry)} at {index}; expected "
+                "{'bytes': an int >= 0, 'sha256': 64 hex digits}"
+            )
+    return [Segment(**entry) for entry in listed]
 
 
 def _check_keyed(

@@ -27,7 +27,7 @@ from flwr_select.data import SiteData
 from flwr_select.models import Transform, check_model, model_input
 from flwr_select.selection.allocation import ScoreSketch, allocate
 from flwr_select.selection.buffer import TrainingBuffer
-from flwr_select.selection.checkpoint import Checkpoint, latest
+from flwr_select.selection.checkpoint import Checkpoint, Segment, latest
 from flwr_select.selection.policies import candidates_of, likely_mislabelled
 from flwr_select.selection.protocol import (
     UNDELIVERED_KEY,
@@ -220,6 +220,9 @@ class SelectionServer:
         came). Each request tells the site, which offers those samples again."""
         self.undelivered_top_ups: dict[int, list[int]] = {}
         """Per site, the rounds whose top-up (only) was not kept; told likewise."""
+        self.segments: list[Segment] = []
+        """The buffer's segments in :attr:`run_dir`, oldest first (see
+        :mod:`~flwr_select.selection.checkpoint`)."""
         self.quotas: dict[int, int] = {}
         """With one global budget: each site's quota in the latest round."""
         self.summarised: dict[int, tuple[int, ScoreSketch]] = {}
@@ -696,7 +699,7 @@ class SelectionServer:
             self.records[server_round] = dict(record)
         self.completed_round = server_round
         if self.run_dir is not None:
-            Checkpoint(
+            checkpoint = Checkpoint(
                 round=server_round,
                 model_state=self.model.state_dict(),
                 buffer=self.buffer,
@@ -705,7 +708,10 @@ class SelectionServer:
                 undelivered=self.undelivered,
                 config=self.run_settings(),
                 undelivered_top_ups=self.undelivered_top_ups,
-            ).save(self.run_dir)
+                segments=self.segments,
+            )
+            checkpoint.save(self.run_dir)
+            self.segments = checkpoint.segments
 
     def begin(self, initial_state: Mapping[str, torch.Tensor], num_rounds: int) -> dict:
         """Resume from :attr:`run_dir` if it holds a run, else load ``initial_state``.
@@ -784,6 +790,7 @@ class SelectionServer:
         self.rounds, self.records = checkpoint.train_metrics, checkpoint.records
         self.undelivered = checkpoint.undelivered
         self.undelivered_top_ups = checkpoint.undelivered_top_ups
+        self.segments = checkpoint.segments
         self.completed_round = checkpoint.round
         logger.info(
             "Resuming %s after round %s, %s samples in the buffer",

@@ -24,7 +24,12 @@ import zstandard
 from flwr.app import Array, ArrayRecord
 
 from flwr_select.data import SiteData
-from flwr_select.flower_private import get_all_nested_objects
+from flwr_select.flower_private import (
+    ArrayChunk,
+    add_header_to_object_body,
+    get_all_nested_objects,
+    no_object_id_recompute,
+)
 from flwr_select.npy import NpyError, array_from_bytes
 
 IMAGES, LABELS, IDS, SCORES = "images", "labels", "ids", "scores"
@@ -291,7 +296,18 @@ def wire_bytes(record: ArrayRecord) -> int:
     each chunk of at most 5 MiB) and sends each distinct one once; this is the sum
     of their sizes. Transport framing (gRPC, TLS) is not included.
     """
-    return sum(len(obj.deflate()) for obj in get_all_nested_objects(record).values())
+    with no_object_id_recompute():  # else each chunk is hashed again per parent
+        objects = get_all_nested_objects(record).values()
+        return sum(_deflated_size(obj) for obj in objects)
+
+
+def _deflated_size(obj: object) -> int:
+    """Return ``len(obj.deflate())``; a chunk's without copying its bytes."""
+    if not isinstance(obj, ArrayChunk):
+        return len(obj.deflate())  # type: ignore[attr-defined]
+    size = len(obj.data)
+    header = len(add_header_to_object_body(b"", obj))  # its length field: "0"
+    return header - 1 + len(str(size)) + size
 
 
 def pack(
