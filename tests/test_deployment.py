@@ -329,7 +329,7 @@ def test_a_supernode_killed_mid_round_is_left_out_and_then_lands_its_samples_onc
     # Prepare: a third site (its own key, its own MNIST samples), three rounds
     images, labels = load_mnist(mnist_dir, "train")
     ids = np.arange(len(labels) - SITE_SIZE, len(labels))
-    folder = tmp_path / "site-2"
+    folder = tmp_path / "data"
     folder.mkdir()
     np.savez(
         folder / "data.npz",
