@@ -272,7 +272,7 @@ class RoundLog:
             if isinstance(record.get(key), int | float)
         )
         by_node = "".join(
-            f", {words} by node {counts}"
+            f", {words} by node {shown_by_node(counts)}"
             for words, key in (
                 ("suspect labels", "suspect_labels_by_node"),
                 ("suspect candidates", "suspect_candidates_by_node"),
@@ -281,11 +281,34 @@ class RoundLog:
             )
             if (counts := {n: c for n, c in (measured or {}).get(key, {}).items() if c})
         )
+        replied = record.get("sites_accepted", 0) + record.get("sites_rejected", 0)
+        asked = replied + record.get("sites_failed", 0)
+        sites = (
+            f", sites replied {replied}/{asked} ({record['sites_rejected']} rejected)"
+            if asked
+            else ""
+        )
         print(
             f"round {record['round']:>3}: accuracy {record['accuracy']:.4f}, "
-            f"{extras}{by_node}",
+            f"{extras}{sites}{by_node}",
             flush=True,
         )
+
+
+SHOWN_NODES = 5
+"""A progress line names at most this many nodes per figure (the largest counts)."""
+
+
+def shown_by_node(counts: Mapping[str, int]) -> str:
+    """Return ``counts`` for a progress line: all, or the largest and how many more.
+
+    With hundreds of sites a line naming every node would be unreadable; the
+    ones with the most (say, suspect labels) are the ones an operator looks for.
+    ``execution.jsonl`` keeps every node's count.
+    """
+    largest = dict(sorted(counts.items(), key=lambda item: -item[1])[:SHOWN_NODES])
+    more = len(counts) - len(largest)
+    return f"{largest}" + (f" and {more} more nodes" if more else "")
 
 
 def run(grid: Grid, config: Mapping[str, Any]) -> None:

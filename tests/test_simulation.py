@@ -14,6 +14,7 @@ from flwr_select.partition import paper_split, partition_pool, round_fold
 from flwr_select.selection.checkpoint import latest
 from flwr_select.selection.wire import encode, wire_bytes
 from simulations.mnist import DEFAULTS
+from simulations.runner import RoundLog
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUNDS, SITES, FOLD = 2, 2, 2000  # pool 8,000 -> 4,000 per site -> 2,000 per round
@@ -304,3 +305,26 @@ def test_a_site_with_flipped_labels_is_named_by_the_audit_in_every_round(
     records = read_json_lines(tmp_path / "rounds.jsonl")
     assert all(r["suspect_labels"] > 0 for r in records[1:])
     assert all(r["suspect_candidates"] >= r["suspect_labels"] for r in records[1:])
+
+
+def test_the_progress_line_counts_the_sites_and_names_the_largest_nodes(
+    tmp_path, capsys
+):
+    # Prepare: a round of 10 asked sites, 7 of them with suspect labels
+    log = RoundLog(tmp_path)
+    record = {"round": 1, "accuracy": 0.9, "sites_accepted": 8, "sites_rejected": 1}
+    record["sites_failed"] = 1
+    suspects = {str(node): node for node in range(1, 8)}
+    # Execute
+    log.write(record, {"suspect_labels_by_node": suspects})
+    # Assert: replied of asked, the five largest counts and how many more
+    line = capsys.readouterr().out
+    assert "sites replied 9/10 (1 rejected)" in line
+    assert (
+        "suspect labels by node {'7': 7, '6': 6, '5': 5, '4': 4, '3': 3} and 2 more"
+        in line
+    )
+    assert (
+        read_json_lines(tmp_path / "execution.jsonl")[0]["suspect_labels_by_node"]
+        == suspects
+    )
