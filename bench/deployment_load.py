@@ -12,15 +12,18 @@ the buffer per round), so the uploads and Flower's handling of them dominate.
 Defaults: 10 sites x 5,000 samples per round x 3 rounds = 150,000 samples,
 about 118 MB of raw pixels.
 
-Reported, per round and over the run (from ``out-dir/rounds.jsonl``):
+Reported, per round and over the run (from ``out-dir/rounds.jsonl`` and
+``execution.jsonl``):
 
 * samples/s and MB/s received into the buffer: ``samples_received`` and
-  ``bytes_received`` (wire bytes) over the round's ``seconds`` (its whole wall
-  time: sites' trial tests and uploads, the server's checks, training,
-  evaluation and checkpoint), and over the round's time less the server's
+  ``bytes_received`` (wire bytes) over the round's ``seconds`` (in
+  ``execution.jsonl``: its whole wall time: sites' trial tests and uploads,
+  the server's checks, training, evaluation and checkpoint), and over the
+  round's time less the server's
   training (``train-seconds`` of the strategy's metrics, from the checkpoint);
 * wire bytes per sample beside the raw 785 (784 pixels and a label byte);
-* peak memory of the ServerApp process (``server_peak_rss_bytes``, its
+* peak memory of the ServerApp process (``server_peak_rss_bytes`` of
+  ``execution.jsonl``, its
   ``getrusage`` maximum) and of the SuperLink process (``VmHWM`` in
   ``/proc/<pid>/status``, read before it is stopped), beside the raw size of
   the final buffer;
@@ -40,6 +43,14 @@ hour). The site then counts as undelivered for that round: the server tells it
 so, and it offers those samples again in its next round (so the run ends with
 fewer than per-round x rounds from it, each once).
 
+With ``--replay`` the sites do no work: each SuperNode runs
+``bench/replay_site.py``, which sends the round's next ``--per-round`` samples
+of its folder as a ready upload (no torch, no model, no trial test), so what is
+measured is the server's ingest: the SuperLink's transfer and the ServerApp's
+checks, buffer, audit, training and checkpoint (``bench/ingest.py`` times the
+ServerApp's stages alone). Its exactly-once check compares each site's buffer
+rows with the blocks it replayed in the rounds the server kept.
+
 Run from the repository root with the ``test`` or ``experiments`` extra installed
 (5-6 minutes on this project's 2-core machine at the default size; ``--sites 3
 --site-size 3000 --per-round 1000 --rounds 2`` for a quick look)::
@@ -53,6 +64,7 @@ Run from the repository root with the ``test`` or ``experiments`` extra installe
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -67,7 +79,9 @@ from flwr_select.selection.checkpoint import latest
 # The loopback harness is test code (tests/loopback.py), not installed: python puts
 # only bench/ on the path of a script.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.loopback import LocalDeployment
+from bench import replay_site  # noqa: E402
+from flwr_select.selection import protocol  # noqa: E402
+from tests.loopback import PROJECT_DIR, LocalDeployment, packed_files  # noqa: E402
 
 RAW_PER_SAMPLE = 28 * 28 + 1  # pixels + one label byte
 INITIAL_SIZE, VALIDATION_SIZE = 1000, 1000
@@ -93,6 +107,31 @@ def write_site_folders(
     return folders
 
 
+def replay_app(folder: Path) -> Path:
+    """Write the project's app with the replaying ClientApp into ``folder``."""
+    names = (protocol.ACTION, protocol.CONFIG_KEY, protocol.UPLOAD_KEY)
+    replayed = (replay_site.ACTION, replay_site.CONFIG_KEY, replay_site.UPLOAD_KEY)
+    if names + (protocol.METRICS_KEY,) != replayed + (replay_site.METRICS_KEY,):
+        sys.exit("bench/replay_site.py's message names are not the protocol's")
+    for name in packed_files():  # and "" (the FAB's size), .info/ (its manifest)
+        if not (PROJECT_DIR / name).is_file():
+            continue
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(PROJECT_DIR / name, folder / name)
+    shutil.copyfile(Path(replay_site.__file__), folder / "replay_site.py")
+    pyproject = (folder / "pyproject.toml").read_text()
+    replaced = pyproject.replace(
+        'clientapp = "simulations.mnist:client_app"',
+        'clientapp = "replay_site:client_app"',
+    ).replace("fab-include = [\n", 'fab-include = [\n    "replay_site.py",\n')
+    if replaced.count("replay_site") != 2:
+        sys.exit(
+            "pyproject.toml's components or fab-include changed: update replay_app"
+        )
+    (folder / "pyproject.toml").write_text(replaced)
+    return folder
+
+
 def process_peak_rss_bytes(pid: int) -> int:
     """Return a live process's peak resident memory (``VmHWM``), in bytes."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -116,6 +155,11 @@ def main() -> None:
         "--in-memory-state",
         action="store_true",
         help="run the SuperLink without --database (state and uploads in memory)",
+    )
+    parser.add_argument(
+        "--replay",
+        action="store_true",
+        help="sites replay ready uploads (bench/replay_site.py): the server's ingest",
     )
     parser.add_argument(
         "--timeout", type=float, default=1800.0, help="limit for the run, s"
@@ -158,8 +202,14 @@ def main() -> None:
         }
         sites = [{"data-dir": str(folder)} for folder in folders]
         started = time.perf_counter()
+        app_dir = PROJECT_DIR
+        if args.replay:
+            app_dir = replay_app(work / "replay-app")
         with LocalDeployment(
-            work / "flower", sites, database=not args.in_memory_state
+            work / "flower",
+            sites,
+            database=not args.in_memory_state,
+            app_dir=app_dir,
         ) as deployment:
             ready = time.perf_counter()
             done = deployment.run(run_config, timeout=args.timeout)
@@ -173,16 +223,24 @@ def main() -> None:
                 print(deployment.log_tails(40))
                 sys.exit(f"flwr run failed (exit {done.returncode})")
         records = read_json_lines(out_dir / "rounds.jsonl")
+        measured = {e["round"]: e for e in read_json_lines(out_dir / "execution.jsonl")}
         checkpoint = latest(out_dir, device="cpu")
         if checkpoint is None:
             sys.exit(f"no checkpoint in {out_dir}")
         ledgers = {}  # what each site counts as sent: (ids, rounds)
         for node_id, folder in site_folders.items():
+            if args.replay:  # the blocks it replayed, round after round
+                with np.load(folder / "data.npz") as data:
+                    ids = data["ids"][: args.rounds * args.per_round]
+                rounds = np.arange(len(ids)) // args.per_round + 1
+                ledgers[node_id] = ids, rounds
+                continue
             with np.load(folder / "sent-ids.npz") as ledger:
                 ledgers[node_id] = ledger["ids"], ledger["rounds"]
 
     print(
-        f"{args.sites} SuperNodes x {args.per_round:,} samples per round x "
+        f"{args.sites} {'replaying ' if args.replay else ''}SuperNodes x "
+        f"{args.per_round:,} samples per round x "
         f"{args.rounds} rounds on loopback (insecure, SuperLink state "
         f"{'in memory' if args.in_memory_state else 'in SQLite'}); deployment up in "
         f"{ready - started:.1f} s, run {finished - ready:.1f} s"
@@ -196,7 +254,7 @@ def main() -> None:
     totals = {"samples": 0, "bytes": 0, "seconds": 0.0, "train": 0.0}
     for record in records[1:]:
         samples, wire = record["samples_received"], record["bytes_received"]
-        seconds = record["seconds"]
+        seconds = measured[record["round"]]["seconds"]
         train = float(
             checkpoint.train_metrics.get(record["round"], {}).get("train-seconds", 0.0)
         )
@@ -228,7 +286,7 @@ def main() -> None:
 
     buffer = checkpoint.buffer
     buffer_raw = len(buffer) * RAW_PER_SAMPLE
-    server_peak = max(record.get("server_peak_rss_bytes", 0) for record in records)
+    server_peak = max(e["server_peak_rss_bytes"] for e in measured.values())
     print(
         f"peak memory: ServerApp {server_peak / MB:,.0f} MB, SuperLink "
         f"{superlink_peak / MB:,.0f} MB; final buffer {len(buffer):,} samples = "
