@@ -271,6 +271,20 @@ class TrainingBuffer:
             one site and id (>= 0) per image, at most ``max_samples`` (-1: no
             cap) of them, and one sorted ledger per site holding all its ids.
         """
+        buffer = cls._checked(arrays, device)
+        # all of it is unsaved: first the ledger's ids the cap dropped, then the held
+        for site, ledger in buffer._accepted.items():
+            ids = ledger.to_array()
+            dropped = ids[~np.isin(ids, buffer.ids[buffer.sites == site])]
+            buffer._journal.append((np.full(len(dropped), site, np.uint64), dropped))
+        buffer._journal.append((buffer.sites, buffer.ids))
+        return buffer
+
+    @classmethod
+    def _checked(
+        cls, arrays: Mapping[str, np.ndarray], device: torch.device | str | None
+    ) -> TrainingBuffer:
+        """Check ``arrays`` as :meth:`from_arrays` does; build them, journal empty."""
         _check(arrays)
         max_samples = int(arrays["max_samples"])
         buffer = cls(
@@ -285,12 +299,6 @@ class TrainingBuffer:
         buffer._sites, buffer._ids = arrays["sites"], arrays["ids"]
         for i, site in enumerate(arrays["accepted_sites"].tolist()):
             buffer._accepted[int(site)] = SentLedger(arrays[f"accepted_{i}"])
-        # all of it is unsaved: first the ledger's ids the cap dropped, then the held
-        for site, ledger in buffer._accepted.items():
-            ids = ledger.to_array()
-            dropped = ids[~np.isin(ids, buffer.ids[buffer.sites == site])]
-            buffer._journal.append((np.full(len(dropped), site, np.uint64), dropped))
-        buffer._journal.append((buffer.sites, buffer.ids))
         return buffer
 
     @classmethod
@@ -358,9 +366,7 @@ class TrainingBuffer:
         }
         if len(images):
             arrays["images"] = images
-        buffer = cls.from_arrays(arrays, device=device)
-        buffer.mark_saved()
-        return buffer
+        return cls._checked(arrays, device)
 
     def save(self, path: str | Path) -> None:
         """Write the buffer to ``path`` (``.npz``) atomically: temp file, rename."""
