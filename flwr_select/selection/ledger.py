@@ -29,12 +29,23 @@ class SentLedger:
         return len(self._ids)
 
     def contains(self, ids: np.ndarray) -> np.ndarray:
-        """Return a bool mask, True where an id was sent before."""
-        return np.isin(ids, self._ids)
+        """Return a bool mask, True where an id was sent before.
+
+        A binary search of the sorted ledger per id: O(len(ids) log n), where
+        ``np.isin`` would sort the whole ledger again on every upload.
+        """
+        ids = np.asarray(ids, dtype=np.int64)
+        at = np.searchsorted(self._ids, ids)
+        found = np.zeros(len(ids), bool)
+        inside = at < len(self._ids)
+        found[inside] = self._ids[at[inside]] == ids[inside]
+        return found
 
     def add(self, ids: Sequence[int] | np.ndarray) -> None:
-        """Record ``ids`` as sent."""
-        self._ids = np.union1d(self._ids, np.asarray(ids, dtype=np.int64))
+        """Record ``ids`` as sent: merged into a copy of the ledger, no sort."""
+        new = np.unique(np.asarray(ids, dtype=np.int64))
+        new = new[~self.contains(new)]
+        self._ids = np.insert(self._ids, np.searchsorted(self._ids, new), new)
 
     def to_array(self) -> np.ndarray:
         """Return the sent ids, sorted, as int64 (to store the ledger)."""
