@@ -17,6 +17,9 @@ the site side), over ``--rounds`` rounds:
   upload (how many labels it calls likely wrong); not memory-bound, shown apart;
 - checkpoint: ``SelectionServer.finish_round`` (the round's segment, manifest).
 
+Last, a site's ledger at scale (``--ledger`` ids): checking and adding an
+upload's ids against ``np.isin`` and ``np.union1d`` over it, side by side.
+
 Beside them, the floor: one plain copy of the same upload bytes into a
 preallocated array (``np.copyto``), what memory bandwidth allows on this CPU.
 The ratio of decode + validation + buffer add to that copy is printed (target
@@ -41,6 +44,7 @@ import torch
 from flwr_select.data import SiteData, add_data_dir_option, load_mnist
 from flwr_select.models import build_model
 from flwr_select.selection.buffer import TrainingBuffer
+from flwr_select.selection.ledger import SentLedger
 from flwr_select.selection.protocol import SelectionConfig
 from flwr_select.selection.server import SelectionServer
 from flwr_select.selection.wire import pack, wire_bytes
@@ -55,6 +59,7 @@ def main() -> None:
     parser.add_argument("--sites", type=int, default=100)
     parser.add_argument("--per-site", type=int, default=250)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--ledger", type=int, default=1_000_000, help="ids, at scale")
     args = parser.parse_args()
     torch.set_num_threads(1)  # one core: what one upload's handling costs
     images, labels = load_mnist(args.data_dir)
@@ -132,6 +137,38 @@ def main() -> None:
     print(
         f"decode + validation + buffer add: {owned:.4f} s/round, "
         f"{owned / median['copy (floor)']:.1f}x the copy (target <= 4x)"
+    )
+    ledger_at_scale(args.ledger, args.per_site)
+
+
+def ledger_at_scale(size: int, count: int) -> None:
+    """Time a site's ledger of ``size`` ids against NumPy's set operations on it.
+
+    Every upload is checked against its site's ledger and merged into it; a
+    ledger grows with every round the site sends in, so this cost must not grow
+    with it as a sort of the whole ledger would.
+    """
+    held = np.arange(0, 2 * size, 2)  # even ids held, the new ones odd
+    new = [np.arange(2 * i * count + 1, 2 * (i + 1) * count, 2) for i in range(5)]
+    timed: dict[str, list[float]] = defaultdict(list)
+    for ids in new:
+        ledger = SentLedger(held)
+        for name, action in (
+            ("SentLedger.contains", lambda: ledger.contains(ids)),  # noqa: B023
+            ("np.isin", lambda: np.isin(ids, held)),  # noqa: B023
+            ("SentLedger.add", lambda: ledger.add(ids)),  # noqa: B023
+            ("np.union1d", lambda: np.union1d(held, ids)),  # noqa: B023
+        ):
+            start = time.perf_counter()
+            action()
+            timed[name].append(time.perf_counter() - start)
+    ms = {name: statistics.median(values) * 1e3 for name, values in timed.items()}
+    check, isin = ms["SentLedger.contains"], ms["np.isin"]
+    add, union = ms["SentLedger.add"], ms["np.union1d"]
+    print(
+        f"a ledger of {size:,} ids, {count:,} new ones: check {check:.2f} ms "
+        f"(np.isin {isin:.2f} ms, {isin / check:.0f}x), add {add:.2f} ms "
+        f"(np.union1d {union:.2f} ms, {union / add:.0f}x)"
     )
 
 
