@@ -8,8 +8,9 @@ buffer of ``--samples`` 28x28 images (random pixels, 100 sites, default
 
 - a round's checkpoint: ``--new`` (default 5,000) new samples added and
   ``Checkpoint.save`` (segment + manifest, each written, synced, renamed);
-- the full rewrite the same round cost before: the whole buffer and the model in
-  one file (``TrainingBuffer.save``, written, synced, renamed);
+- the full rewrite the same round cost before: the whole buffer in one file
+  (``TrainingBuffer.save``, written, synced, renamed; the model, 0.25 MB, left
+  out);
 - a resume: ``latest``, reading and checking every segment.
 
 Medians of ``--reps`` are printed, with the ratio of the full rewrite to a

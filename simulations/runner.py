@@ -6,7 +6,8 @@ trial-tests a fresh fold of its data and uploads its rho share; the server
 trains on everything accepted so far and evaluates. Every round is one JSON line
 in ``out-dir/rounds.jsonl`` (round 0 is the initial model). After every round the
 model, the training buffer and the records are checkpointed to
-``out-dir/checkpoint.npz`` (:mod:`flwr_select.selection.checkpoint`); a run started
+``out-dir/checkpoint.npz`` and ``out-dir/segments/``
+(:mod:`flwr_select.selection.checkpoint`); a run started
 again on the same ``out-dir`` resumes after the last complete round.
 """
 
