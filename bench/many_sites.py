@@ -31,27 +31,22 @@ from pathlib import Path
 from flwr_select.data import add_data_dir_option
 from flwr_select.files import read_json_lines
 
+# The process-tree walk is the loopback harness's (test code, not installed): python
+# puts only bench/ on the path of a script.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.loopback import descendants  # noqa: E402
+
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def tree_rss(root: int) -> int:
     """Bytes resident in ``root`` and every process below it, from ``/proc``."""
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            parents.setdefault(parent, []).append(int(entry.name))
-    total, pending = 0, [root]
-    while pending:
-        pid = pending.pop()
+    total = 0
+    for pid in [root, *(pid for pid, _ in descendants(root))]:
         try:
             total += int((Path("/proc") / str(pid) / "statm").read_text().split()[1])
-        except (OSError, IndexError, ValueError):
+        except (OSError, IndexError, ValueError):  # it exited meanwhile
             pass
-        pending += parents.get(pid, [])
     return total * PAGE
 
 
