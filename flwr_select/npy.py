@@ -33,17 +33,12 @@ CHUNK = 1 << 20
 """Bytes a member's body is read (and inflated) at a time."""
 LENGTH_FORMATS = {1: "<H", 2: "<I"}
 """How long the header-length field is, per major version."""
-_DIM = rb"(?:0|[1-9][0-9]{0,18})"
 CANONICAL_HEADER = re.compile(
-    rb"\{'descr': '([<>|][a-z][0-9]{1,2})', 'fortran_order': False, 'shape': \(("
-    + rb"|"
-    + _DIM
-    + rb",|"
-    + _DIM
-    + rb"(?:, "
-    + _DIM
-    + rb")+"
-    + rb")\), \} *\n"
+    rb"\{'descr': '([<>|][a-z][0-9]{1,2})', 'fortran_order': False, "
+    rb"'shape': \((|D,|D(?:, D)+)\), \} *\n".replace(
+        b"D",
+        rb"(?:0|[1-9][0-9]{0,18})",  # a dimension: an int < 10**19, as Python
+    )
 )
 """A header exactly as ``np.save`` writes it (a plain dtype, C order)."""
 
