@@ -76,3 +76,29 @@ def flower_simulation(flower_simulation_command):
         )
 
     return run
+
+
+@pytest.fixture
+def refusal(monkeypatch, capsys):
+    """Run ``flower-simulation``'s ``main`` in this process; return its refusal.
+
+    ``refusal(*argv)`` expects argparse's exit 2 and returns the error message
+    (what follows ``flower-simulation: error: ``). An engine start fails the test:
+    what is asserted is that the command refuses before any engine starts. One
+    real-process refusal (``tests/test_simulation.py``) shows the same through the
+    installed command.
+    """
+    from simulations import cli
+
+    def no_engine(**_):
+        raise AssertionError("the engine started")
+
+    monkeypatch.setattr(cli, "_run_simulation", no_engine)
+
+    def refuse(*argv: str) -> str:
+        with pytest.raises(SystemExit) as exit:
+            cli.main(list(argv))
+        assert exit.value.code == 2
+        return capsys.readouterr().err.split("flower-simulation: error: ")[-1]
+
+    return refuse

@@ -214,22 +214,14 @@ def test_an_importable_module_of_an_app_finds_the_pyproject_above_it(
     ],
 )
 def test_what_cannot_run_is_refused_before_the_engine_starts(
-    app_folder, monkeypatch, capsys, app, run_config, messages
+    app_folder, refusal, app, run_config, messages
 ):
-    # Prepare: an engine start would fail the test
-    def no_engine(**_):
-        raise AssertionError("the engine started")
-
-    monkeypatch.setattr(cli, "_run_simulation", no_engine)
-    app = app.format(app_folder=app_folder)
-
     # Execute
-    with pytest.raises(SystemExit) as exit:
-        cli.main(["--app", app, "--run-config", run_config])
+    error = refusal(
+        "--app", app.format(app_folder=app_folder), "--run-config", run_config
+    )
 
     # Assert: argparse's refusal, naming what runs where it is the app that is refused
-    assert exit.value.code == 2
-    error = capsys.readouterr().err.split("flower-simulation: error: ")[-1]
     assert all(message in error for message in messages), error
     if "is not an app" in error:
         assert (

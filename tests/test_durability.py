@@ -25,6 +25,7 @@ def run_config(mnist_dir, out, rounds: int, **extra) -> str:
         "pool-size": SITES * rounds * FOLD,
         "initial-epochs": 1,
         "server-epochs": 2,
+        "model": "lenet5",  # the paper's: the app is tested, not the recipe
         **extra,
     }
     text = " ".join(
@@ -41,7 +42,7 @@ def test_a_killed_server_resumes_with_every_accepted_sample(
     mnist_dir, tmp_path, flower_simulation_command
 ):
     # Prepare
-    rounds = 5
+    rounds = 3
     command, env = flower_simulation_command
     argv = [
         *command,
@@ -59,18 +60,18 @@ def test_a_killed_server_resumes_with_every_accepted_sample(
         stderr=subprocess.DEVNULL,
         start_new_session=True,  # its own process group: Ray's processes too
     )
-    # Execute: SIGKILL the whole simulation once round 2 is checkpointed
+    # Execute: SIGKILL the whole simulation once round 1 is checkpointed
     try:
         deadline = time.monotonic() + 300
-        while (checkpoint := latest(tmp_path)) is None or checkpoint.round < 2:
+        while (checkpoint := latest(tmp_path)) is None or checkpoint.round < 1:
             assert server.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline, "round 2 never completed"
+            assert time.monotonic() < deadline, "round 1 never completed"
             time.sleep(0.05)
     finally:
         os.killpg(server.pid, signal.SIGKILL)
         server.wait()
     before = latest(tmp_path, device="cpu")
-    assert 2 <= before.round < rounds
+    assert 1 <= before.round < rounds
     resumed = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
     # Assert: it resumed after the checkpointed round and finished the run
     assert resumed.returncode == 0, resumed.stderr[-3000:]

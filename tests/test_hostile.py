@@ -122,7 +122,7 @@ def test_a_site_that_attacks_every_round_is_rejected_every_round(
     config = (
         f'data-dir="{mnist_dir}" out-dir="{tmp_path}" num-server-rounds={rounds} '
         "validation-size=500 initial-size=500 pool-size=1500 initial-epochs=1 "
-        "server-epochs=1 rho=0.1"
+        'server-epochs=1 rho=0.1 model="lenet5"'
     )
     # Execute
     done = flower_simulation(
