@@ -1,3 +1,4 @@
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from flwr_select.selection.protocol import (
     UPLOAD_KEY,
 )
 from flwr_select.selection.protocol import request as selection_request
-from flwr_select.selection.server import SiteReport
+from flwr_select.selection.server import INGEST_STAGES, SiteReport
 from flwr_select.selection.wire import ZSTD, encode, wire_bytes
 from strategies.nodes import EverySiteFailed
 from strategies.sample_selection import SampleSelection
@@ -91,7 +92,9 @@ def test_uploads_are_buffered_and_the_model_is_trained(task_identity):
     replies = [site_reply(strategy, node) for node in (1, 2)]
     sizes = [wire_bytes(r.content.array_records[UPLOAD_KEY]) for r in replies]
     # Execute
+    started = time.perf_counter()
     arrays, metrics = strategy.aggregate_train(1, replies)
+    elapsed = time.perf_counter() - started
     # Assert
     assert arrays is not None
     assert metrics["samples-received"] == 20 and len(strategy.buffer) == 20
@@ -102,6 +105,9 @@ def test_uploads_are_buffered_and_the_model_is_trained(task_identity):
     assert not [key for key in metrics if "." in key]
     assert metrics["sites-accepted"] == 2 and metrics["sites-rejected"] == 0
     assert metrics["buffer-size"] == 20 and metrics["train-loss"] > 0
+    # where the server's time went: each stage timed, all of it within the call
+    assert all(metrics[stage] > 0 for stage in INGEST_STAGES)
+    assert sum(metrics[s] for s in INGEST_STAGES) < elapsed
     assert sorted(strategy.buffer.ids.tolist()) == sorted(
         int(i)
         for r in replies
