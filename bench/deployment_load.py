@@ -218,6 +218,12 @@ def main() -> None:
         ) as deployment:
             ready = time.perf_counter()
             done = deployment.run(run_config, timeout=args.timeout)
+            # the log stream can end before the ServerApp does (a SuperLink
+            # too busy to serve it): the run is over when its ServerApp is
+            while deployment.serverapp_pids():
+                if time.perf_counter() - ready > args.timeout:
+                    sys.exit(f"the ServerApp still runs after {args.timeout:.0f} s")
+                time.sleep(1.0)
             finished = time.perf_counter()
             superlink_peak = process_peak_rss_bytes(deployment.superlink.pid)
             site_folders = {
@@ -228,6 +234,8 @@ def main() -> None:
                 print(deployment.log_tails(40))
                 sys.exit(f"flwr run failed (exit {done.returncode})")
         records = read_json_lines(out_dir / "rounds.jsonl")
+        if len(records) != args.rounds + 1:
+            sys.exit(f"the run ended after round {len(records) - 1} of {args.rounds}")
         measured = {e["round"]: e for e in read_json_lines(out_dir / "execution.jsonl")}
         checkpoint = latest(out_dir, device="cpu")
         if checkpoint is None:

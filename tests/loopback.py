@@ -31,7 +31,8 @@ What it does, in order, all under ``root_dir``:
   ``--auth-list-public-keys`` is refused; a SuperNode whose key is not
   registered exits);
 * starts one SuperNode per site, each with its own ``FLWR_HOME``, ``--port`` and
-  ``--node-config``, and waits until each has logged its node id;
+  ``--node-config``, ten at a time (:data:`STARTING_AT_ONCE`), and waits until
+  each has logged its node id;
 * on exit (also when the body raised) stops every process it started **by PID**:
   runs still streaming, then the SuperNodes, then the SuperLink, each with
   SIGTERM and SIGKILL after ``stop_timeout``; then, by PID, any process they had
@@ -78,6 +79,10 @@ import tomli_w
 from flwr_select.flower_private import build_fab_from_disk
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
+STARTING_AT_ONCE = 10
+"""SuperNodes started together, each batch once the one before has connected: 50
+starting at once on 2 cores overload the SuperLink, and a SuperNode gives up after
+30 s and two failed activations (Flower 1.42)."""
 """The repository root: the Flower app ``flwr run`` packs (``pyproject.toml``)."""
 
 HOST = "127.0.0.1"
@@ -425,10 +430,14 @@ class LocalDeployment:
         self._start_superlink()
         self._write_cli_config()
         keys = self.auth.private_keys if self.auth else [None] * len(self.sites)
-        for site, key in zip(self.sites, keys, strict=True):
-            self.start_supernode(site, private_key=key)
-        for node in self.supernodes:
-            node.wait_connected(self.start_timeout)
+        sites = list(zip(self.sites, keys, strict=True))
+        for first in range(0, len(sites), STARTING_AT_ONCE):
+            batch = [
+                self.start_supernode(site, private_key=key)
+                for site, key in sites[first : first + STARTING_AT_ONCE]
+            ]
+            for node in batch:
+                node.wait_connected(self.start_timeout)
 
     def stop(self) -> None:
         """Stop every process started, by PID: runs, SuperNodes, the SuperLink.
