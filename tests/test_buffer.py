@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from flwr_select.data import SiteData
-from flwr_select.selection.buffer import TrainingBuffer
+from flwr_select.selection.buffer import CAP_SLACK, TrainingBuffer
 
 NUM_CLASSES = 10
 BIG_SITE = 2**63 + 12_345  # Flower node ids are uint64, often above 2**63
@@ -304,6 +304,9 @@ def test_uploads_added_one_by_one_hold_what_one_concatenation_would(sizes, cap):
     assert torch.equal(buffer.labels, expected.labels)
     assert buffer.ids.tolist() == list(range(total - kept, total))
     assert buffer.nbytes == kept * (16 + 8)  # 4x4 uint8 pixels and an int64 label
+    if cap is not None:  # storage: the cap and its slack, or what one add needed
+        slack = max(max(1, cap // CAP_SLACK), max(sizes))
+        assert len(buffer._images) <= cap + slack
 
 
 def arrays_of_a_buffer():

@@ -52,6 +52,12 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+CAP_SLACK = 4
+"""A capped buffer's storage holds ``max_samples // CAP_SLACK`` rows beyond the cap
+(a quarter more memory), so that dropping the oldest samples costs nothing and the
+kept ones are copied once per that many new ones."""
+
+
 class TrainingBuffer:
     """Accepted samples, deduplicated by (site, sample id), optionally capped.
 
@@ -62,7 +68,8 @@ class TrainingBuffer:
     device : torch.device or str, optional
         Where images and labels live (default: CUDA if available, else CPU).
     max_samples : int, optional
-        Keep at most this many samples, dropping the oldest first.
+        Keep at most this many samples, dropping the oldest first; the storage
+        holds a quarter more rows (:data:`CAP_SLACK`).
 
     Examples
     --------
@@ -86,10 +93,14 @@ class TrainingBuffer:
         self.device = torch.device(device) if device is not None else default_device()
         self.max_samples = max_samples
         # Storage grows by doubling, so that adding n samples one upload at a time
-        # copies O(n) bytes in all, not O(n^2); the first len(self) rows are used.
+        # copies O(n) bytes in all, not O(n^2); rows [_start, _end) are used. A
+        # capped buffer drops its oldest by moving _start, and its storage holds
+        # CAP_SLACK more rows than the cap, so the window is copied to the front
+        # only once that many have come: O(1) copies per sample, not O(buffer)
+        # per add.
         self._images: Tensor | None = None
         self._labels = torch.zeros(0, dtype=torch.long, device=self.device)
-        self._size = 0
+        self._start = self._end = 0
         self._sites = np.zeros(0, dtype=np.uint64)
         self._ids = np.zeros(0, dtype=np.int64)
         self._accepted: dict[int, SentLedger] = {}
@@ -97,27 +108,27 @@ class TrainingBuffer:
         self._journal: list[tuple[np.ndarray, np.ndarray]] = []
 
     def __len__(self) -> int:
-        return self._size
+        return self._end - self._start
 
     @property
     def images(self) -> Tensor | None:
         """The accepted images, uint8 (n, ...) on :attr:`device`; None before any."""
-        return None if self._images is None else self._images[: self._size]
+        return None if self._images is None else self._images[self._start : self._end]
 
     @property
     def labels(self) -> Tensor:
         """The accepted labels, int64 (n,) on :attr:`device`."""
-        return self._labels[: self._size]
+        return self._labels[self._start : self._end]
 
     @property
     def sites(self) -> np.ndarray:
         """The site each accepted sample came from, uint64 (n,), on the CPU."""
-        return self._sites[: self._size]
+        return self._sites[self._start : self._end]
 
     @property
     def ids(self) -> np.ndarray:
         """Each accepted sample's id at its site, int64 (n,), on the CPU."""
-        return self._ids[: self._size]
+        return self._ids[self._start : self._end]
 
     @property
     def nbytes(self) -> int:
@@ -168,38 +179,38 @@ class TrainingBuffer:
     def _append(
         self, images: Tensor, labels: Tensor, sites: np.ndarray, ids: np.ndarray
     ) -> None:
-        size, count = self._size, len(labels)
+        live, count = len(self), len(labels)
         capacity = 0 if self._images is None else len(self._images)
-        if size + count > capacity:
-            capacity = max(size + count, 2 * capacity)
+        if self._end + count > capacity:
+            capacity = max(live + count, 2 * capacity)
             if self.max_samples is not None:
-                capacity = min(capacity, max(size + count, self.max_samples))
-            grown = torch.empty(
-                (capacity, *images.shape[1:]), dtype=torch.uint8, device=self.device
-            )
-            grown_labels = torch.empty(capacity, dtype=torch.long, device=self.device)
-            if self._images is not None:
-                grown[:size] = self._images[:size]
-                grown_labels[:size] = self._labels[:size]
-            self._images, self._labels = grown, grown_labels
-            self._sites = np.resize(self._sites[:size], capacity)
-            self._ids = np.resize(self._ids[:size], capacity)
+                limit = self.max_samples + max(1, self.max_samples // CAP_SLACK)
+                capacity = min(capacity, max(live + count, limit))
+            self._move_to_new_storage(capacity, tuple(images.shape[1:]))
         assert self._images is not None
-        self._images[size : size + count] = images.to(self.device)
-        self._labels[size : size + count] = labels.to(self.device)
-        self._sites[size : size + count] = sites
-        self._ids[size : size + count] = ids
-        self._size = size + count
+        end = self._end + count
+        self._images[self._end : end] = images.to(self.device)
+        self._labels[self._end : end] = labels.to(self.device)
+        self._sites[self._end : end] = sites
+        self._ids[self._end : end] = ids
+        self._end = end
+
+    def _move_to_new_storage(self, capacity: int, shape: tuple[int, ...]) -> None:
+        """Copy the used rows to the front of new storage of ``capacity`` rows."""
+        live = len(self)
+        images = torch.empty((capacity, *shape), dtype=torch.uint8, device=self.device)
+        labels = torch.empty(capacity, dtype=torch.long, device=self.device)
+        sites = np.empty(capacity, np.uint64)
+        ids = np.empty(capacity, np.int64)
+        if self._images is not None:
+            images[:live], labels[:live] = self.images, self.labels
+        sites[:live], ids[:live] = self.sites, self.ids
+        self._images, self._labels, self._sites, self._ids = images, labels, sites, ids
+        self._start, self._end = 0, live
 
     def _keep_newest(self, count: int) -> None:
-        assert self.images is not None
-        # clone: a view would keep the dropped samples' memory alive
-        self._images, self._labels = (
-            self.images[-count:].clone(),
-            self.labels[-count:].clone(),
-        )
-        self._sites, self._ids = self.sites[-count:].copy(), self.ids[-count:].copy()
-        self._size = count
+        # the dropped rows' storage is reused by the next adds (see __init__)
+        self._start = self._end - count
 
     def unsaved(self) -> dict[str, np.ndarray]:
         """Return what was accepted since :meth:`mark_saved`, as a segment's arrays.
@@ -295,7 +306,7 @@ class TrainingBuffer:
         if "images" in arrays:
             buffer._images = torch.from_numpy(arrays["images"]).to(buffer.device)
         buffer._labels = torch.from_numpy(arrays["labels"]).to(buffer.device)
-        buffer._size = len(buffer._labels)
+        buffer._end = len(buffer._labels)
         buffer._sites, buffer._ids = arrays["sites"], arrays["ids"]
         for i, site in enumerate(arrays["accepted_sites"].tolist()):
             buffer._accepted[int(site)] = SentLedger(arrays[f"accepted_{i}"])
