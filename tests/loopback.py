@@ -79,11 +79,12 @@ import tomli_w
 from flwr_select.flower_private import build_fab_from_disk
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
+"""The repository root: the Flower app ``flwr run`` packs (``pyproject.toml``)."""
+
 STARTING_AT_ONCE = 10
 """SuperNodes started together, each batch once the one before has connected: 50
 starting at once on 2 cores overload the SuperLink, and a SuperNode gives up after
 30 s and two failed activations (Flower 1.42)."""
-"""The repository root: the Flower app ``flwr run`` packs (``pyproject.toml``)."""
 
 HOST = "127.0.0.1"
 CONNECTION = "local"

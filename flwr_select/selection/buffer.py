@@ -94,10 +94,10 @@ class TrainingBuffer:
         self.max_samples = max_samples
         # Storage grows by doubling, so that adding n samples one upload at a time
         # copies O(n) bytes in all, not O(n^2); rows [_start, _end) are used. A
-        # capped buffer drops its oldest by moving _start, and its storage holds
-        # CAP_SLACK more rows than the cap, so the window is copied to the front
-        # only once that many have come: O(1) copies per sample, not O(buffer)
-        # per add.
+        # capped buffer drops its oldest by moving _start, and its storage holds a
+        # quarter more rows than the cap (CAP_SLACK), so the window is copied to
+        # the front only once that many have come: O(1) copies per sample, not
+        # O(buffer) per add.
         self._images: Tensor | None = None
         self._labels = torch.zeros(0, dtype=torch.long, device=self.device)
         self._start = self._end = 0
