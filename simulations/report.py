@@ -122,34 +122,57 @@ def biased_table(summary: dict[str, Any]) -> list[str]:
     return rows
 
 
+SECTIONS: dict[str, tuple[str, Any, str | None]] = {
+    "fig4a": ("Fig. 4a: rho = 0.05", fig4a_table, None),
+    "fig4b": ("Fig. 4b: final accuracy (%) against rho", fig4b_table, None),
+    "fig2": ("Fig. 2: confidence metrics (rho = 0.05)", scheme_table, None),
+    "fig3": ("Fig. 3: one group only", scheme_table, None),
+    "trimmed": ("the trimmed proxy on clean data", fig4b_table, None),
+    "noise": (
+        "5 % of the sites' labels flipped (rho = 0.05)",
+        scheme_table,
+        "noisy_sent",
+    ),
+    "noise20": (
+        "20 % of the sites' labels flipped (rho = 0.05)",
+        scheme_table,
+        "noisy_sent",
+    ),
+    "noise20-asymmetric": (
+        "20 % of the sites' labels flipped, each class to the next (rho = 0.05)",
+        scheme_table,
+        "noisy_sent",
+    ),
+    "biased": ("biased sampling and reductions", biased_table, None),
+}
+"""Each experiment of ``simulations.paper`` and ``simulations.biased``: its title,
+its table and the extra column the table shows. ``simulations.sites`` names its
+experiments ``sites-<partitioner>[-noisy-site][-easy][-allocation]``: those take
+the scheme table, titled by their name."""
+
+
+def section(experiment: str) -> tuple[str, Any, str | None]:
+    """Return the title, table and extra column of ``experiment``'s summary."""
+    if experiment in SECTIONS:
+        return SECTIONS[experiment]
+    words = experiment.removeprefix("sites-").replace("-", " ")
+    return f"sites through Flower ({words})", scheme_table, None
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Print every table whose summary exists under the given folder."""
+    """Print every table whose summary exists under the given folder.
+
+    The paper's experiments come first, in the order of :data:`SECTIONS`, then
+    the N-site ones by name.
+    """
     out = Path((argv if argv is not None else sys.argv[1:] or ["results"])[0])
-    sections = [
-        ("fig4a", "Fig. 4a: rho = 0.05", fig4a_table, None),
-        ("fig4b", "Fig. 4b: final accuracy (%) against rho", fig4b_table, None),
-        ("fig2", "Fig. 2: confidence metrics (rho = 0.05)", scheme_table, None),
-        ("fig3", "Fig. 3: one group only", scheme_table, None),
-        (
-            "noise",
-            "5 % of the sites' labels flipped (rho = 0.05)",
-            scheme_table,
-            "noisy_sent",
-        ),
-        ("sites-iid", "5 IID sites through Flower (rho = 0.05)", scheme_table, None),
-        (
-            "sites-dirichlet",
-            "5 Dirichlet(0.5) sites through Flower",
-            scheme_table,
-            None,
-        ),
-        ("biased", "biased sampling and reductions", biased_table, None),
-    ]
+    sites = sorted({path.parent.name for path in out.glob("sites-*/summary-*.json")})
     for dataset in ("mnist", "fashion-mnist", "cifar10"):
-        for experiment, title, table, extra in sections:
+        for experiment in [*SECTIONS, *sites]:
             summary = _load(out, experiment, dataset)
             if summary is None:
                 continue
+            title, table, extra = section(experiment)
             seeds = next(iter(summary["lines"].values()))["seeds"]
             print(f"\n**{dataset}, {title}** (mean ± std over seeds {seeds})\n")
             rows = table(summary, extra) if extra else table(summary)

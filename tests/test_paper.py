@@ -206,6 +206,33 @@ def test_the_report_prints_the_readme_tables(data, out, capsys):
     assert "| 0.05 | " in printed and "| 0.3 | " in printed
 
 
+def test_the_report_titles_every_experiment_and_skips_other_summaries(
+    data, out, tmp_path, capsys
+):
+    from simulations.report import main
+
+    # Prepare: one summary under a paper name, one under an N-site name, and
+    # a summary of another kind (the purity study's)
+    run_experiment("fig4a", data, SHORT, out, seeds=[0])
+    summary = (out / "fig4a" / "summary-mnist.json").read_text()
+    for name in ("noise20-asymmetric", "sites-dirichlet-noisy-site-allocation"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary-mnist.json").write_text(summary)
+    (tmp_path / "purity").mkdir()
+    (tmp_path / "purity" / "summary-mnist.json").write_text('{"result": {}}')
+    # Execute
+    main([str(tmp_path)])
+    # Assert: the paper's experiment first, with its noise column, then the sites'
+    titles = [
+        line for line in capsys.readouterr().out.splitlines() if line.startswith("**")
+    ]
+    assert len(titles) == 2
+    assert titles[0].startswith("**mnist, 20 % of the sites' labels flipped, each")
+    assert titles[1].startswith(
+        "**mnist, sites through Flower (dirichlet noisy site allocation)**"
+    )
+
+
 def test_the_same_seed_data_and_protocol_give_the_same_records(data):
     # uniform draws at random, so the seeded choices are exercised too
     def one_run():
@@ -219,12 +246,21 @@ def test_the_same_seed_data_and_protocol_give_the_same_records(data):
 
 
 def test_runs_side_by_side_give_the_same_records_as_one_after_another(data, tmp_path):
-    # Execute: Fig. 4a's three runs in this process, then on two worker processes
-    run_experiment("fig4a", data, SHORT, tmp_path / "one", seeds=[0], workers=1)
-    run_experiment("fig4a", data, SHORT, tmp_path / "two", seeds=[0], workers=2)
+    # Execute: two of Fig. 4a's runs in this process, then on two worker processes
+    schemes = ["uniform", "proxy"]
+    for folder, workers in (("one", 1), ("two", 2)):
+        run_experiment(
+            "fig4a",
+            data,
+            SHORT,
+            tmp_path / folder,
+            [0],
+            workers=workers,
+            schemes=schemes,
+        )
     # Assert: the same files, to the byte
     runs = sorted((tmp_path / "one" / "runs-short").glob("mnist-*.jsonl"))
-    assert len(runs) == 3
+    assert len(runs) == 2
     for run in runs:
         side_by_side = tmp_path / "two" / "runs-short" / run.name
         assert side_by_side.read_bytes() == run.read_bytes()
