@@ -60,8 +60,9 @@ class Protocol:
     recipe: str = DATASET_RECIPES["mnist"]
     """A name from :data:`simulations.runner.RECIPES`: the model and its training."""
     test: int | None = None
-    """How many of the official test images (the first ones) each round is
-    evaluated on; ``None``: all of them, as the paper's tables report."""
+    """How many of the official test images (the first ones) each round of
+    :func:`run_site` is evaluated on; ``None``: all of them, as the paper's
+    tables report. The Flower apps that ``simulations.sites`` runs evaluate all."""
 
     def training(self) -> SelectionServerConfig:
         """Return the recipe's model and training, as the Flower app reads them."""
