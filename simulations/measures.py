@@ -43,6 +43,9 @@ def curves(runs: list[list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
             ),
             "samples_total": mean_std([run[-1]["samples_total"] for run in group]),
             "bytes_total": mean_std([run[-1]["bytes_total"] for run in group]),
+            "bytes_mean": np.array([[r["bytes_total"] for r in run] for run in group])
+            .mean(0)
+            .tolist(),
             "wrong_sent": mean_std(
                 [sum(r["wrong_sent"] for r in run) for run in group]
             ),
@@ -82,6 +85,49 @@ def bandwidth_equivalence(
     }
 
 
+def allocation_gains(lines: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Return, per ``<policy>-global`` line, what one global budget bought.
+
+    Against the same policy with each site's own rho (the line ``<policy>`` at
+    the same rho, which spent the same bytes): the final accuracy gained, and
+    the bytes the global line had spent when its mean accuracy first reached the
+    per-site line's final one (issue 16's "<= 0.67x the bytes"; None: never).
+    """
+    gains = []
+    for line in lines.values():
+        per_site = lines.get(f"{line['scheme'].removesuffix('-global')}@{line['rho']}")
+        if not line["scheme"].endswith("-global") or per_site is None:
+            continue
+        goal = per_site["accuracy_mean"][-1]
+        reached = rounds_to(line["accuracy_mean"], goal)
+        spent = None if reached is None else line["bytes_mean"][reached]
+        gains.append(
+            {
+                "global": line["scheme"],
+                "per_site": per_site["scheme"],
+                "rho": line["rho"],
+                "accuracy_gain": line["accuracy_mean"][-1] - goal,
+                "bytes_to_per_site_final": spent,
+                "bytes_ratio": None
+                if spent is None
+                else spent / per_site["bytes_mean"][-1],
+            }
+        )
+    return gains
+
+
+SITES_SETTING = (
+    "sites",
+    "partitioner",
+    "alpha",
+    "label_noise",
+    "label_noise_kind",
+    "noisy_sites",
+    "easy_sites",
+)
+"""What an N-site run's records say of its sites (:mod:`simulations.sites`)."""
+
+
 def fedavg_bytes(model_name: str, rounds: int, sites: int = 1) -> int:
     """Bytes FedAvg's sites would upload: the model's wire size x sites x rounds."""
     model = build_model(model_name)
@@ -89,7 +135,11 @@ def fedavg_bytes(model_name: str, rounds: int, sites: int = 1) -> int:
 
 
 def summary(runs: list[list[dict[str, Any]]]) -> dict[str, Any]:
-    """Return curves, rounds to target, bandwidth equivalence and FedAvg's bytes."""
+    """Return curves, rounds to target, bandwidth equivalence and FedAvg's bytes.
+
+    N-site runs also get what global allocation gained over per-site
+    (:func:`allocation_gains`) and their sites' setting (:data:`SITES_SETTING`).
+    """
     lines = curves(runs)
     dataset, rounds = runs[0][0]["dataset"], len(runs[0]) - 1
     targets = {"paper": PAPER_TARGET.get(dataset)}
@@ -113,6 +163,8 @@ def summary(runs: list[list[dict[str, Any]]]) -> dict[str, Any]:
         "bandwidth_equivalence": bandwidth_equivalence(lines, rhos[0])
         if len(rhos) > 1
         else None,
+        "allocation": allocation_gains(lines),
+        "setting": {k: runs[0][0][k] for k in SITES_SETTING if k in runs[0][0]},
         # the runs' own model (their recipe's), else the data set's
         "fedavg_bytes": fedavg_bytes(
             runs[0][0].get("training", {}).get("model", DATASETS[dataset].model), rounds

@@ -102,6 +102,64 @@ def scheme_table(summary: dict[str, Any], extra: str | None = None) -> list[str]
     return rows
 
 
+def allocation_table(summary: dict[str, Any]) -> list[str]:
+    """Return the scheme table, then global and per-site allocation at equal bytes."""
+    rows = scheme_table(summary)
+    gains = summary.get("allocation") or []
+    if not gains:
+        return rows
+    rows += [
+        "",
+        "| per-site | global | rounds to 98.9 % (per-site / global) | "
+        "accuracy gained (points) | global's bytes at per-site's final accuracy |",
+        "|---|---|---|---|---|",
+    ]
+    lines = summary["lines"]
+    for gain in gains:
+        rounds = [
+            _rounds(lines[f"{gain[k]}@{gain['rho']}"]["rounds_to"].get("paper"))
+            for k in ("per_site", "global")
+        ]
+        spent = gain["bytes_to_per_site_final"]
+        at = (
+            "never reached"
+            if spent is None
+            else f"{spent / 1e6:.2f} MB ({gain['bytes_ratio']:.2f}x per-site's)"
+        )
+        rows.append(
+            f"| {gain['per_site']} | {gain['global']} | {' / '.join(rounds)} | "
+            f"{gain['accuracy_gain'] * 100:+.2f} | {at} |"
+        )
+    return rows
+
+
+def sites_title(setting: dict[str, Any]) -> str:
+    """Return an N-site experiment's title from its records' setting."""
+    split = (
+        f"Dirichlet({setting['alpha']:g})"
+        if setting["partitioner"] == "dirichlet"
+        else "IID"
+    )
+    title = f"{setting['sites']} {split} sites through Flower"
+    if setting["label_noise"]:
+        where = (
+            "every site"
+            if setting["noisy_sites"] == "all"
+            else f"site {setting['noisy_sites']}"
+        )
+        kind = (
+            ""
+            if setting["label_noise_kind"] == "symmetric"
+            else ", each class to the next"
+        )
+        title += (
+            f", {setting['label_noise']:.0%} of the labels at {where} flipped{kind}"
+        )
+    if setting["easy_sites"]:
+        title += f", site {setting['easy_sites']} easy (classes 0 and 1 only)"
+    return title
+
+
 def biased_table(summary: dict[str, Any]) -> list[str]:
     """Return rows: iterations to target and final accuracies per configuration."""
     target = summary["target"]
@@ -148,15 +206,14 @@ SECTIONS: dict[str, tuple[str, Any, str | None]] = {
 """Each experiment of ``simulations.paper`` and ``simulations.biased``: its title,
 its table and the extra column the table shows. ``simulations.sites`` names its
 experiments ``sites-<partitioner>[-noisy-site][-easy][-allocation]``: those take
-the scheme table, titled by their name."""
+:func:`allocation_table`, titled by their setting (:func:`sites_title`)."""
 
 
-def section(experiment: str) -> tuple[str, Any, str | None]:
+def section(experiment: str, summary: dict[str, Any]) -> tuple[str, Any, str | None]:
     """Return the title, table and extra column of ``experiment``'s summary."""
     if experiment in SECTIONS:
         return SECTIONS[experiment]
-    words = experiment.removeprefix("sites-").replace("-", " ")
-    return f"sites through Flower ({words})", scheme_table, None
+    return sites_title(summary["setting"]), allocation_table, None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -172,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
             summary = _load(out, experiment, dataset)
             if summary is None:
                 continue
-            title, table, extra = section(experiment)
+            title, table, extra = section(experiment, summary)
             seeds = next(iter(summary["lines"].values()))["seeds"]
             print(f"\n**{dataset}, {title}** (mean ± std over seeds {seeds})\n")
             rows = table(summary, extra) if extra else table(summary)

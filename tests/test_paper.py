@@ -7,7 +7,7 @@ import pytest
 
 from flwr_select.files import read_json_lines
 from simulations.experiments import Data
-from simulations.measures import bandwidth_equivalence, rounds_to
+from simulations.measures import allocation_gains, bandwidth_equivalence, rounds_to
 from simulations.paper import (
     EXPERIMENTS,
     SHORT,
@@ -155,6 +155,34 @@ def test_rounds_to_target_and_equivalence_arithmetic():
     assert np.isclose(eq["proxy_final_accuracy"], 0.95)
 
 
+def test_allocation_gain_is_counted_against_the_same_policy_per_site():
+    def line(scheme, accuracy, spent, rho=0.05):
+        return {
+            "scheme": scheme,
+            "rho": rho,
+            "accuracy_mean": accuracy,
+            "bytes_mean": spent,
+        }
+
+    lines = {
+        "proxy@0.05": line("proxy", [0.9, 0.95, 0.97], [0, 100, 200]),
+        "proxy-global@0.05": line("proxy-global", [0.9, 0.97, 0.975], [0, 100, 200]),
+        "uniform@0.05": line("uniform", [0.9, 0.98, 0.99], [0, 100, 200]),
+        "uniform-global@0.05": line("uniform-global", [0.9, 0.91, 0.92], [0, 100, 200]),
+        # a global line without its per-site partner is left out
+        "proxy-global@0.1": line("proxy-global", [0.9, 0.99], [0, 400], rho=0.1),
+    }
+    gains = {g["global"]: g for g in allocation_gains(lines)}
+    assert set(gains) == {"proxy-global", "uniform-global"}
+    proxy = gains["proxy-global"]
+    assert proxy["per_site"] == "proxy" and np.isclose(proxy["accuracy_gain"], 0.005)
+    # per-site's final 0.97 is reached at round 1, after half the bytes
+    assert (proxy["bytes_to_per_site_final"], proxy["bytes_ratio"]) == (100, 0.5)
+    uniform = gains["uniform-global"]
+    assert np.isclose(uniform["accuracy_gain"], -0.07)
+    assert uniform["bytes_to_per_site_final"] is None and uniform["bytes_ratio"] is None
+
+
 def test_n_dirichlet_sites_share_one_budget_through_the_flower_simulation(
     mnist_dir, out
 ):
@@ -214,10 +242,21 @@ def test_the_report_titles_every_experiment_and_skips_other_summaries(
     # Prepare: one summary under a paper name, one under an N-site name, and
     # a summary of another kind (the purity study's)
     run_experiment("fig4a", data, SHORT, out, seeds=[0])
-    summary = (out / "fig4a" / "summary-mnist.json").read_text()
+    summary = json.loads((out / "fig4a" / "summary-mnist.json").read_text())
+    setting = {
+        "sites": 5,
+        "partitioner": "dirichlet",
+        "alpha": 0.1,
+        "label_noise": 0.3,
+        "label_noise_kind": "symmetric",
+        "noisy_sites": "0",
+        "easy_sites": "",
+    }
     for name in ("noise20-asymmetric", "sites-dirichlet-noisy-site-allocation"):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "summary-mnist.json").write_text(summary)
+        (tmp_path / name / "summary-mnist.json").write_text(
+            json.dumps({**summary, "setting": setting})
+        )
     (tmp_path / "purity").mkdir()
     (tmp_path / "purity" / "summary-mnist.json").write_text('{"result": {}}')
     # Execute
@@ -229,7 +268,8 @@ def test_the_report_titles_every_experiment_and_skips_other_summaries(
     assert len(titles) == 2
     assert titles[0].startswith("**mnist, 20 % of the sites' labels flipped, each")
     assert titles[1].startswith(
-        "**mnist, sites through Flower (dirichlet noisy site allocation)**"
+        "**mnist, 5 Dirichlet(0.1) sites through Flower, 30% of the labels at site 0 "
+        "flipped**"
     )
 
 
