@@ -69,7 +69,7 @@ def test_each_experiment_writes_complete_consistent_records_and_a_figure(
 def test_label_noise_is_flipped_and_counted(data, out):
     run_experiment("noise", data, SHORT, out, seeds=[0])
     noisy = [r for name, r in runs_of(out).items() if "noise" in name]
-    assert len(noisy) == len(EXPERIMENTS["noise"]["schemes"]) == 4
+    assert len(noisy) == len(EXPERIMENTS["noise"]["schemes"]) == 5
     # 5 % of the 3,000 pool samples are flipped; a uniform site sends about 5 % of its picks
     uniform = next(r for r in noisy if r[0]["scheme"] == "uniform")
     assert (
@@ -80,8 +80,10 @@ def test_label_noise_is_flipped_and_counted(data, out):
     assert sum(r["noisy_sent"] for r in proxy) >= sum(r["noisy_sent"] for r in uniform)
     # the trimmed proxy leaves the likely flipped (the model all but sure of another
     # class) for last
-    trimmed = next(r for r in noisy if r[0]["scheme"] == "trimmed-proxy")
-    assert sum(r["noisy_sent"] for r in trimmed) < sum(r["noisy_sent"] for r in proxy)
+    # class) for last, and so does the near-miss policy
+    for robust in ("trimmed-proxy", "near-miss"):
+        run = next(r for r in noisy if r[0]["scheme"] == robust)
+        assert sum(r["noisy_sent"] for r in run) < sum(r["noisy_sent"] for r in proxy)
 
 
 def test_fig4b_measures_bandwidth_equivalence(data, out):

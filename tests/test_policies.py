@@ -9,6 +9,7 @@ from flwr_select.selection.policies import (
     POLICIES,
     Budget,
     Candidates,
+    NearMiss,
     Proxy,
     TrimmedProxy,
     make_policy,
@@ -307,3 +308,24 @@ def test_the_trimmed_proxy_keeps_the_proxy_order_with_likely_flipped_labels_last
     assert set(trimmed[4:].tolist()) == {0, 4}
     with pytest.raises(ValueError, match="trim must be in"):
         TrimmedProxy(trim=1.0)
+
+
+def test_near_miss_sends_the_wrong_closest_to_right_first_and_the_likely_flipped_last():
+    # Prepare: wrong ones whose label got 0.001 (likely flipped), 0.1 and 0.4;
+    # right ones of falling doubt (label probability 0.5, 0.7, 0.99)
+    label_probability = np.array([0.1, 0.99, 0.001, 0.5, 0.4, 0.7])
+    candidates = Candidates(
+        wrong=np.array([True, False, True, False, True, False]),
+        confidence=-np.log(label_probability),
+        labels=np.zeros(6, dtype=np.int64),
+        label_probability=label_probability,
+    )
+    rng = np.random.default_rng(0)
+    # Execute
+    near_miss = NearMiss(trim=0.01).order(candidates, rng)
+    trimmed = TrimmedProxy(trim=0.01).order(candidates, rng)
+    # Assert: the same groups as the trimmed proxy, the wrong ones reversed
+    assert trimmed.tolist() == [0, 4, 3, 5, 1, 2]
+    assert near_miss.tolist() == [4, 0, 3, 5, 1, 2]
+    with pytest.raises(ValueError, match="trim must be in"):
+        NearMiss(trim=0.0)

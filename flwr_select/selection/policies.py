@@ -10,8 +10,9 @@ Policies of the paper (Jiang et al. 2017): ``uniform`` (Fig. 4, black),
 ``oblivious`` (wrong samples first, the rest uniform; red), ``proxy`` (greedy by
 eq. 6; blue), ``lowest-confidence`` (Fig. 2) and ``group`` (Fig. 3). Beyond the
 paper: ``class-balanced`` and ``stochastic``, which temper the class and
-confidence bias of a greedy top-k, and ``trimmed-proxy``, which keeps the
-proxy's gain where labels may be wrong.
+confidence bias of a greedy top-k, ``trimmed-proxy``, which keeps the
+proxy's gain where labels may be wrong, and ``near-miss``, which also sends the
+wrong predictions closest to right first.
 """
 
 from __future__ import annotations
@@ -295,6 +296,56 @@ class TrimmedProxy:
 
 
 @dataclass(frozen=True)
+class NearMiss:
+    """Wrong predictions that nearly got the label right first: for ambiguous data.
+
+    The trimmed proxy's three groups (plausible wrong, right, likely
+    mislabelled), with the wrong ones in the opposite order: the label with the
+    highest probability first (a near miss, close to the decision boundary),
+    not the lowest. Eq. (6) sends the most confidently wrong first; the paper's
+    Fig. 3 finds those the least useful kind of wrong, and where a data set has
+    more wrong predictions than the budget (ambiguous classes such as
+    Fashion-MNIST's shirts and T-shirts) the order among them decides what is
+    sent. Right ones follow in the proxy's order (least confident first), the
+    likely mislabelled last. Beyond the paper.
+
+    Parameters
+    ----------
+    trim : float (default: 0.01)
+        In (0, 1), as for ``trimmed-proxy``.
+    """
+
+    trim: float = 0.01
+    name: ClassVar[str] = "near-miss"
+
+    def __post_init__(self) -> None:
+        check_trim(self.trim)
+
+    def order(self, candidates: Candidates, rng: np.random.Generator) -> np.ndarray:
+        """Return plausible first, wrong before right, each by its key."""
+        return rank(rng, *self._keys(candidates))
+
+    def priority(self, candidates: Candidates) -> np.ndarray:
+        """Return 4 x plausible + 2 x wrong + the within-group key, in (-1, 1)."""
+        plausible, wrong, within = self._keys(candidates)
+        return 4.0 * plausible + 2.0 * wrong + within
+
+    def _keys(self, candidates: Candidates) -> tuple[np.ndarray, ...]:
+        """Return plausible, wrong, and the key within those groups.
+
+        Within: the label's probability for a wrong one, the squashed eq. (6)
+        for a right one.
+        """
+        plausible = ~candidates.likely_mislabelled(self.trim)
+        within = np.where(
+            candidates.wrong,
+            candidates.label_probability,
+            squash(candidates.proxy),
+        )
+        return plausible, candidates.wrong, within
+
+
+@dataclass(frozen=True)
 class ClassBalanced:
     """Equal per-class quotas, each filled in proxy order.
 
@@ -361,6 +412,7 @@ POLICIES: dict[str, type[Policy]] = {
         Oblivious,
         Proxy,
         TrimmedProxy,
+        NearMiss,
         LowestConfidence,
         Group,
         ClassBalanced,
