@@ -108,8 +108,8 @@ PAPER_SCHEMES = [
     Scheme("proxy", "proxy"),
 ]
 TRIMMED = Scheme("trimmed-proxy", "trimmed-proxy")
-NEAR_MISS = Scheme("near-miss", "near-miss")
-NOISE_SCHEMES = [*PAPER_SCHEMES, TRIMMED, NEAR_MISS]
+TRIMMED_LOWEST = Scheme("trimmed-lowest-confidence", "trimmed-lowest-confidence")
+NOISE_SCHEMES = [*PAPER_SCHEMES, TRIMMED, TRIMMED_LOWEST]
 EXPERIMENTS: dict[str, dict[str, Any]] = {
     "fig2": {
         "schemes": [Scheme("uniform", "uniform"), Scheme("oblivious", "oblivious")]
@@ -142,7 +142,7 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
         "rhos": [0.05],
         "label_noise": LabelNoise(0.2, "asymmetric"),
     },
-    "trimmed": {"schemes": [TRIMMED, NEAR_MISS], "rhos": [0.01, 0.05]},
+    "trimmed": {"schemes": [TRIMMED, TRIMMED_LOWEST], "rhos": [0.01, 0.05]},
 }
 """Each command: its schemes and rhos (and a data set or label noise it fixes).
 

@@ -80,8 +80,8 @@ def test_label_noise_is_flipped_and_counted(data, out):
     assert sum(r["noisy_sent"] for r in proxy) >= sum(r["noisy_sent"] for r in uniform)
     # the trimmed proxy leaves the likely flipped (the model all but sure of another
     # class) for last
-    # class) for last, and so does the near-miss policy
-    for robust in ("trimmed-proxy", "near-miss"):
+    # class) for last, and so does the trimmed lowest-confidence policy
+    for robust in ("trimmed-proxy", "trimmed-lowest-confidence"):
         run = next(r for r in noisy if r[0]["scheme"] == robust)
         assert sum(r["noisy_sent"] for r in run) < sum(r["noisy_sent"] for r in proxy)
 

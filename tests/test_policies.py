@@ -9,8 +9,8 @@ from flwr_select.selection.policies import (
     POLICIES,
     Budget,
     Candidates,
-    NearMiss,
     Proxy,
+    TrimmedLowestConfidence,
     TrimmedProxy,
     make_policy,
     rank,
@@ -310,7 +310,7 @@ def test_the_trimmed_proxy_keeps_the_proxy_order_with_likely_flipped_labels_last
         TrimmedProxy(trim=1.0)
 
 
-def test_near_miss_sends_the_wrong_closest_to_right_first_and_the_likely_flipped_last():
+def test_trimmed_lowest_confidence_draws_the_plausible_wrong_at_random_then_doubt():
     # Prepare: wrong ones whose label got 0.001 (likely flipped), 0.1 and 0.4;
     # right ones of falling doubt (label probability 0.5, 0.7, 0.99)
     label_probability = np.array([0.1, 0.99, 0.001, 0.5, 0.4, 0.7])
@@ -320,12 +320,15 @@ def test_near_miss_sends_the_wrong_closest_to_right_first_and_the_likely_flipped
         labels=np.zeros(6, dtype=np.int64),
         label_probability=label_probability,
     )
-    rng = np.random.default_rng(0)
-    # Execute
-    near_miss = NearMiss(trim=0.01).order(candidates, rng)
-    trimmed = TrimmedProxy(trim=0.01).order(candidates, rng)
-    # Assert: the same groups as the trimmed proxy, the wrong ones reversed
-    assert trimmed.tolist() == [0, 4, 3, 5, 1, 2]
-    assert near_miss.tolist() == [4, 0, 3, 5, 1, 2]
+    policy = TrimmedLowestConfidence(trim=0.01)
+    # Execute: the order under many seeds
+    orders = [
+        policy.order(candidates, np.random.default_rng(seed)).tolist()
+        for seed in range(20)
+    ]
+    # Assert: the plausible wrong (0 and 4) first, in either order as the seed
+    # draws; then the right ones least confident first; the likely flipped last
+    assert {tuple(order[:2]) for order in orders} == {(0, 4), (4, 0)}
+    assert {tuple(order[2:]) for order in orders} == {(3, 5, 1, 2)}
     with pytest.raises(ValueError, match="trim must be in"):
-        NearMiss(trim=0.0)
+        TrimmedLowestConfidence(trim=0.0)

@@ -71,9 +71,9 @@ class SelectionConfig(RunConfigFields):
     temperature : float (default: 1.0)
         The temperature of the ``stochastic`` policy; > 0.
     trim : float (default: 0.01)
-        The threshold of ``trimmed-proxy`` and ``near-miss``, in (0, 1): a
-        label the model gives a lower probability is likely wrong. The server's
-        audit of every upload counts those, whatever the policy.
+        The threshold of ``trimmed-proxy`` and ``trimmed-lowest-confidence``,
+        in (0, 1): a label the model gives a lower probability is likely wrong.
+        The server's audit of every upload counts those, whatever the policy.
     seed : int (default: 0)
         Sites seed their choices with ``(seed, round, site)``; >= 0.
     allocation : str (default: "per-site")
@@ -136,6 +136,6 @@ class SelectionConfig(RunConfigFields):
             options["group"] = self.group
         if self.selection_policy == "stochastic":
             options["temperature"] = self.temperature
-        if self.selection_policy in ("trimmed-proxy", "near-miss"):
+        if self.selection_policy in ("trimmed-proxy", "trimmed-lowest-confidence"):
             options["trim"] = self.trim
         return make_policy(self.selection_policy, **options)
