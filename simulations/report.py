@@ -185,7 +185,7 @@ SECTIONS: dict[str, tuple[str, Any, str | None]] = {
     "fig4b": ("Fig. 4b: final accuracy (%) against rho", fig4b_table, None),
     "fig2": ("Fig. 2: confidence metrics (rho = 0.05)", scheme_table, None),
     "fig3": ("Fig. 3: one group only", scheme_table, None),
-    "trimmed": ("the trimmed proxy on clean data", fig4b_table, None),
+    "trimmed": ("the noise-robust policies on clean data", fig4b_table, None),
     "noise": (
         "5 % of the sites' labels flipped (rho = 0.05)",
         scheme_table,
