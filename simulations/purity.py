@@ -36,6 +36,7 @@ POLICIES = [
     ("oblivious", {}),
     ("proxy", {}),
     *[("trimmed-proxy", {"trim": trim}) for trim in (0.001, 0.01, 0.05, 0.2)],
+    ("trimmed-lowest-confidence", {}),
 ]
 """The policies measured, with their options."""
 
