@@ -88,14 +88,20 @@ def fig4b_table(summary: dict[str, Any]) -> list[str]:
 
 
 def scheme_table(summary: dict[str, Any], extra: str | None = None) -> list[str]:
-    """Return rows: final accuracy per scheme, and optionally one more total."""
+    """Return rows: final accuracy per scheme, and optionally one more total.
+
+    Where the summary holds several rhos, each row names its rho too.
+    """
     head = "| scheme | final val. acc. % | final test acc. % | samples sent |"
     rule = "|---|---|---|---|"
     rows = [head + (f" {extra} |" if extra else ""), rule + ("---|" if extra else "")]
-    for line in sorted(summary["lines"].values(), key=lambda v: v["scheme"]):
+    lines = sorted(summary["lines"].values(), key=lambda v: (v["scheme"], v["rho"]))
+    several = len({line["rho"] for line in lines}) > 1
+    for line in lines:
         final = [line["accuracy_mean"][-1], line["accuracy_std"][-1]]
+        name = f"{line['scheme']}, rho = {line['rho']}" if several else line["scheme"]
         row = (
-            f"| {line['scheme']} | {_pm(final)} | {_pm(line['test_accuracy_final'])} | "
+            f"| {name} | {_pm(final)} | {_pm(line['test_accuracy_final'])} | "
             f"{line['samples_total'][0]:.0f} |"
         )
         rows.append(row + (f" {line[extra][0]:.1f} |" if extra else ""))
@@ -185,7 +191,7 @@ SECTIONS: dict[str, tuple[str, Any, str | None]] = {
     "fig4b": ("Fig. 4b: final accuracy (%) against rho", fig4b_table, None),
     "fig2": ("Fig. 2: confidence metrics (rho = 0.05)", scheme_table, None),
     "fig3": ("Fig. 3: one group only", scheme_table, None),
-    "trimmed": ("the noise-robust policies on clean data", fig4b_table, None),
+    "trimmed": ("the noise-robust policies on clean data", scheme_table, None),
     "noise": (
         "5 % of the sites' labels flipped (rho = 0.05)",
         scheme_table,
