@@ -288,15 +288,22 @@ def test_candidates_proxy_is_eq6():
     assert c.proxy.tolist() == pytest.approx([0.3, -1 / 0.4])
 
 
+def by_label_probability(wrong, label_probability):
+    """Return candidates whose cross-entropy confidence follows their label's probability."""
+    label_probability = np.asarray(label_probability)
+    return Candidates(
+        wrong=np.asarray(wrong),
+        confidence=-np.log(label_probability),
+        labels=np.zeros(len(label_probability), dtype=np.int64),
+        label_probability=label_probability,
+    )
+
+
 def test_the_trimmed_proxy_keeps_the_proxy_order_with_likely_flipped_labels_last():
     # Prepare: two confidently wrong samples (label probability 0.001: likely
     # flipped), one wrong but plausible, and three right ones of falling doubt
-    label_probability = np.array([0.001, 0.3, 0.9, 0.6, 0.001, 0.99])
-    candidates = Candidates(
-        wrong=np.array([True, True, False, False, True, False]),
-        confidence=-np.log(label_probability),
-        labels=np.zeros(6, dtype=np.int64),
-        label_probability=label_probability,
+    candidates = by_label_probability(
+        [True, True, False, False, True, False], [0.001, 0.3, 0.9, 0.6, 0.001, 0.99]
     )
     rng = np.random.default_rng(0)
     # Execute
@@ -313,12 +320,8 @@ def test_the_trimmed_proxy_keeps_the_proxy_order_with_likely_flipped_labels_last
 def test_trimmed_lowest_confidence_draws_the_plausible_wrong_at_random_then_doubt():
     # Prepare: wrong ones whose label got 0.001 (likely flipped), 0.1 and 0.4;
     # right ones of falling doubt (label probability 0.5, 0.7, 0.99)
-    label_probability = np.array([0.1, 0.99, 0.001, 0.5, 0.4, 0.7])
-    candidates = Candidates(
-        wrong=np.array([True, False, True, False, True, False]),
-        confidence=-np.log(label_probability),
-        labels=np.zeros(6, dtype=np.int64),
-        label_probability=label_probability,
+    candidates = by_label_probability(
+        [True, False, True, False, True, False], [0.1, 0.99, 0.001, 0.5, 0.4, 0.7]
     )
     policy = TrimmedLowestConfidence(trim=0.01)
     # Execute: the order under many seeds
