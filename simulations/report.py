@@ -122,10 +122,11 @@ def allocation_table(summary: dict[str, Any]) -> list[str]:
     ]
     lines = summary["lines"]
     for gain in gains:
-        rounds = [
-            _rounds(lines[f"{gain[k]}@{gain['rho']}"]["rounds_to"].get("paper"))
+        to = [
+            lines[f"{gain[k]}@{gain['rho']}"]["rounds_to"]
             for k in ("per_site", "global")
         ]
+        rounds = [_rounds(r["paper"]) if "paper" in r else "-" for r in to]
         spent = gain["bytes_to_per_site_final"]
         at = (
             "never reached"
