@@ -52,8 +52,33 @@ def curves(runs: list[list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
             "noisy_sent": mean_std(
                 [sum(r["noisy_sent"] for r in run) for run in group]
             ),
+            **audit(group),
         }
     return result
+
+
+def audit(group: list[list[dict[str, Any]]]) -> dict[str, list[float]]:
+    """Return what the server's audit made of a run's noisy sites (N-site runs).
+
+    ``audit_named``: rounds in which the noisy sites reported more likely
+    mislabelled candidates than any clean site (the audit singles them out);
+    ``suspect_uploads``: uploads from the noisy sites the server's own model
+    called likely mislabelled, summed over rounds. Empty where the records
+    hold no audit (no site's labels flipped).
+    """
+    if "reported_noisy" not in group[0][-1]:
+        return {}
+    return {
+        "audit_named": mean_std(
+            [
+                sum(r["reported_noisy"] > r["reported_clean_max"] for r in run[1:])
+                for run in group
+            ]
+        ),
+        "suspect_uploads": mean_std(
+            [sum(r["suspect_noisy"] for r in run[1:]) for run in group]
+        ),
+    }
 
 
 def rounds_to(accuracy_mean: list[float], target: float) -> int | None:

@@ -87,6 +87,11 @@ def fig4b_table(summary: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _lines(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Return the summary's lines in table order: by scheme, then rho."""
+    return sorted(summary["lines"].values(), key=lambda v: (v["scheme"], v["rho"]))
+
+
 def scheme_table(summary: dict[str, Any], extra: str | None = None) -> list[str]:
     """Return rows: final accuracy per scheme, and optionally one more total.
 
@@ -95,7 +100,7 @@ def scheme_table(summary: dict[str, Any], extra: str | None = None) -> list[str]
     head = "| scheme | final val. acc. % | final test acc. % | samples sent |"
     rule = "|---|---|---|---|"
     rows = [head + (f" {extra} |" if extra else ""), rule + ("---|" if extra else "")]
-    lines = sorted(summary["lines"].values(), key=lambda v: (v["scheme"], v["rho"]))
+    lines = _lines(summary)
     several = len({line["rho"] for line in lines}) > 1
     for line in lines:
         final = [line["accuracy_mean"][-1], line["accuracy_std"][-1]]
@@ -109,8 +114,22 @@ def scheme_table(summary: dict[str, Any], extra: str | None = None) -> list[str]
 
 
 def allocation_table(summary: dict[str, Any]) -> list[str]:
-    """Return the scheme table, then global and per-site allocation at equal bytes."""
+    """Return the scheme table, then global and per-site allocation at equal bytes.
+
+    Where only some sites' labels are flipped, the scheme table also says in how
+    many rounds the audit singled out the noisy sites and how many of their
+    uploads the server called likely mislabelled.
+    """
     rows = scheme_table(summary)
+    noisy = summary["setting"].get("noisy_sites", "all") != "all"
+    if noisy and "audit_named" in _lines(summary)[0]:
+        rows[0] += " rounds the audit named the noisy site | their suspect uploads |"
+        rows[1] += "---|---|"
+        for i, line in enumerate(_lines(summary), start=2):
+            rows[i] += (
+                f" {line['audit_named'][0]:.1f} of {summary['rounds']} |"
+                f" {line['suspect_uploads'][0]:.1f} |"
+            )
     gains = summary.get("allocation") or []
     if not gains:
         return rows

@@ -275,6 +275,25 @@ def test_the_report_titles_every_experiment_and_skips_other_summaries(
     )
 
 
+def test_the_audit_measure_counts_the_rounds_the_noisy_site_stood_out():
+    from simulations.measures import audit
+
+    def run(reported, suspect):  # round 0 first: the initial model, no audit
+        rounds = [
+            {"reported_noisy": n, "reported_clean_max": c, "suspect_noisy": s}
+            for (n, c), s in zip(reported, suspect, strict=True)
+        ]
+        return [{}, *rounds]
+
+    # the noisy site ties a clean one in round 2 of the first run: not named
+    first = run([(30, 2), (5, 5), (9, 1)], [4, 0, 1])
+    second = run([(8, 0), (7, 6), (6, 0)], [2, 2, 2])
+    measured = audit([first, second])
+    assert measured["audit_named"] == [2.5, 0.5]
+    assert measured["suspect_uploads"] == [5.5, 0.5]
+    assert audit([[{}, {"accuracy": 0.9}]]) == {}  # clean runs hold no audit
+
+
 def test_the_same_seed_data_and_protocol_give_the_same_records(data):
     # uniform draws at random, so the seeded choices are exercised too
     def one_run():
