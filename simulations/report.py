@@ -159,6 +159,12 @@ def allocation_table(summary: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _sites(ids: str) -> str:
+    """Return partition ids as words: ``"0"`` is site 0, ``"0,1"`` sites 0 and 1."""
+    *head, last = ids.split(",")
+    return f"sites {', '.join(head)} and {last}" if head else f"site {last}"
+
+
 def sites_title(setting: dict[str, Any]) -> str:
     """Return an N-site experiment's title from its records' setting."""
     split = (
@@ -171,7 +177,7 @@ def sites_title(setting: dict[str, Any]) -> str:
         where = (
             "every site"
             if setting["noisy_sites"] == "all"
-            else f"site {setting['noisy_sites']}"
+            else _sites(setting["noisy_sites"])
         )
         kind = (
             ""
@@ -182,7 +188,7 @@ def sites_title(setting: dict[str, Any]) -> str:
             f", {setting['label_noise']:.0%} of the labels at {where} flipped{kind}"
         )
     if setting["easy_sites"]:
-        title += f", site {setting['easy_sites']} easy (classes 0 and 1 only)"
+        title += f", {_sites(setting['easy_sites'])} easy (classes 0 and 1 only)"
     return title
 
 
