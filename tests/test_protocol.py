@@ -14,6 +14,7 @@ from flwr_select.selection.policies import (
     Group,
     Proxy,
     Stochastic,
+    TrimmedProxy,
     Uniform,
 )
 from flwr_select.selection.protocol import SelectionConfig
@@ -236,6 +237,7 @@ def test_max_count_zero_does_not_limit_the_count():
             Group("correct-unconfident"),
         ),
         ({"selection_policy": "stochastic", "temperature": 0.25}, Stochastic(0.25)),
+        ({"selection_policy": "trimmed-proxy", "trim": 0.2}, TrimmedProxy(trim=0.2)),
         # options of other policies are ignored
         ({"selection_policy": "proxy", "temperature": 0.5}, Proxy()),
     ],

@@ -9,7 +9,7 @@ build their budget and policy from this one class, so they cannot disagree.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
@@ -130,12 +130,11 @@ class SelectionConfig(RunConfigFields):
         )
 
     def policy(self) -> Policy:
-        """Return the policy with the options it takes."""
-        options: dict[str, object] = {}
-        if self.selection_policy == "group":
-            options["group"] = self.group
-        if self.selection_policy == "stochastic":
-            options["temperature"] = self.temperature
-        if self.selection_policy in ("trimmed-proxy", "trimmed-lowest-confidence"):
-            options["trim"] = self.trim
+        """Return the policy, given those of its options that its class declares.
+
+        A policy's options are dataclass fields named as here (``group``,
+        ``temperature``, ``trim``), so a new option needs no change in this method.
+        """
+        takes = {option.name for option in fields(POLICIES[self.selection_policy])}
+        options = {name: getattr(self, name) for name in takes}
         return make_policy(self.selection_policy, **options)
