@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -58,17 +59,21 @@ def fig4a_table(summary: dict[str, Any]) -> list[str]:
 
 
 def fig4b_table(summary: dict[str, Any]) -> list[str]:
-    """Return rows: final accuracy per rho and scheme, and bandwidth equivalence."""
+    """Return rows: final accuracy per rho and scheme, and bandwidth equivalence.
+
+    Validation accuracy with its spread over seeds first, then test accuracy,
+    one column per scheme each.
+    """
     lines = summary["lines"]
     rhos = sorted({v["rho"] for v in lines.values()})
     schemes = sorted({v["scheme"] for v in lines.values()})
-    rows = ["| rho | " + " | ".join(schemes) + " |", "|---" * (len(schemes) + 1) + "|"]
+    heads = [f"{s} val." for s in schemes] + [f"{s} test" for s in schemes]
+    rows = ["| rho | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
     for rho in rhos:
-        finals = {k: v["accuracy_mean"][-1] * 100 for k, v in lines.items()}
-        cells = [
-            f"{finals[f'{s}@{rho}']:.2f}" for s in schemes if f"{s}@{rho}" in finals
-        ]
-        rows.append(f"| {rho} | " + " | ".join(cells) + " |")
+        here = [lines[f"{s}@{rho}"] for s in schemes if f"{s}@{rho}" in lines]
+        val = [_pm([v["accuracy_mean"][-1], v["accuracy_std"][-1]]) for v in here]
+        test = [f"{v['test_accuracy_final'][0] * 100:.2f}" for v in here]
+        rows.append(f"| {rho} | " + " | ".join(val + test) + " |")
     eq = summary.get("bandwidth_equivalence")
     if eq:
         proxy = (
@@ -92,21 +97,29 @@ def _lines(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return sorted(summary["lines"].values(), key=lambda v: (v["scheme"], v["rho"]))
 
 
-def scheme_table(summary: dict[str, Any], extra: str | None = None) -> list[str]:
+def scheme_table(
+    summary: dict[str, Any], extra: str | None = None, *, rounds: bool = False
+) -> list[str]:
     """Return rows: final accuracy per scheme, and optionally one more total.
 
-    Where the summary holds several rhos, each row names its rho too.
+    Where the summary holds several rhos, each row names its rho too. With
+    ``rounds``, a column says in how many rounds the mean curve first reached
+    the paper's target accuracy.
     """
-    head = "| scheme | final val. acc. % | final test acc. % | samples sent |"
-    rule = "|---|---|---|---|"
-    rows = [head + (f" {extra} |" if extra else ""), rule + ("---|" if extra else "")]
+    target = summary["targets"].get("paper") if rounds else None
+    head = "| scheme |" + (f" rounds to {target * 100:g} % |" if target else "")
+    head += " final val. acc. % | final test acc. % | samples sent |"
+    rows = [head + (f" {extra} |" if extra else ""), "|---" * head.count(" |") + "|"]
+    rows[1] += "---|" if extra else ""
     lines = _lines(summary)
     several = len({line["rho"] for line in lines}) > 1
     for line in lines:
         final = [line["accuracy_mean"][-1], line["accuracy_std"][-1]]
         name = f"{line['scheme']}, rho = {line['rho']}" if several else line["scheme"]
-        row = (
-            f"| {name} | {_pm(final)} | {_pm(line['test_accuracy_final'])} | "
+        row = f"| {name} |"
+        row += f" {_rounds(line['rounds_to'].get('paper'))} |" if target else ""
+        row += (
+            f" {_pm(final)} | {_pm(line['test_accuracy_final'])} | "
             f"{line['samples_total'][0]:.0f} |"
         )
         rows.append(row + (f" {line[extra][0]:.1f} |" if extra else ""))
@@ -215,7 +228,11 @@ def biased_table(summary: dict[str, Any]) -> list[str]:
 SECTIONS: dict[str, tuple[str, Any, str | None]] = {
     "fig4a": ("Fig. 4a: rho = 0.05", fig4a_table, None),
     "fig4b": ("Fig. 4b: final accuracy (%) against rho", fig4b_table, None),
-    "fig2": ("Fig. 2: confidence metrics (rho = 0.05)", scheme_table, None),
+    "fig2": (
+        "Fig. 2: confidence metrics (rho = 0.05)",
+        partial(scheme_table, rounds=True),
+        None,
+    ),
     "fig3": ("Fig. 3: one group only", scheme_table, None),
     "trimmed": ("the noise-robust policies on clean data", scheme_table, None),
     "noise": (

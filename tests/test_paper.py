@@ -234,6 +234,10 @@ def test_the_report_prints_the_readme_tables(data, out, capsys):
     for scheme in ("uniform", "oblivious", "proxy"):
         assert f"| {scheme} | " in printed
     assert "| 0.05 | " in printed and "| 0.3 | " in printed
+    # Fig. 4b: validation with its spread, then test, a column per scheme each
+    assert "| rho | oblivious val. | proxy val. | uniform val. | oblivious test |" in (
+        printed
+    )
 
 
 def test_the_report_titles_every_experiment_and_skips_other_summaries(
