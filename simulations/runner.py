@@ -365,6 +365,7 @@ def run(grid: Grid, config: Mapping[str, Any]) -> None:
         metrics = strategy.rounds.get(server_round, {})
         record["samples_received"] = int(metrics.get("samples-received", 0))
         record["bytes_received"] = int(metrics.get("bytes-received", 0))
+        record["bytes_sent"] = int(metrics.get("bytes-sent", 0))
         for key in ("sites-accepted", "sites-rejected", "sites-failed"):
             record[key.replace("-", "_")] = int(metrics.get(key, 0))
         record["suspect_labels"] = int(metrics.get("suspect-labels", 0))

@@ -31,7 +31,7 @@ from flwr_select.selection.server import (
     Upload,
     site_report,
 )
-from flwr_select.selection.wire import UploadError
+from flwr_select.selection.wire import UploadError, wire_bytes
 from flwr_select.trainer import TrainConfig
 from strategies.nodes import (
     TrainOnlyFedAvg,
@@ -84,6 +84,8 @@ class SampleSelection(TrainOnlyFedAvg, SelectionServer):
         """Seconds a round waits for replies (``start``'s); phase 1 waits as long."""
         self.top_up: TopUp | None = None
         """With one global budget, how the latest round asks for a top-up."""
+        self.bytes_sent = 0
+        """What the latest round's requests weigh (:meth:`request_to`)."""
 
     def summary(self) -> None:
         """Log the selection config beside FedAvg's sampling summary."""
@@ -151,6 +153,7 @@ class SampleSelection(TrainOnlyFedAvg, SelectionServer):
             return []
         self.model.load_state_dict(arrays.to_torch_state_dict())
         nodes = sample_round_nodes(self, grid, self.seed(server_round))
+        self.bytes_sent = 0
         extra = dict(config)
         quotas: dict[int, dict[str, int]] = {node: {} for node in nodes}
         self.top_up = None
@@ -181,12 +184,14 @@ class SampleSelection(TrainOnlyFedAvg, SelectionServer):
         arrays: ArrayRecord,
         extra: dict[str, object],
     ) -> Message:
-        """Return the node's request: the model, ``extra`` and the round's config."""
-        return Message(
-            request(arrays, {**extra, **self.round_config(server_round, node)}),
-            message_type=message_type,
-            dst_node_id=node,
-        )
+        """Return the node's request: the model, ``extra`` and the round's config.
+
+        What it weighs on the wire is added to :attr:`bytes_sent`: every node
+        downloads its own copy of the model, in each phase it is asked.
+        """
+        content = request(arrays, {**extra, **self.round_config(server_round, node)})
+        self.bytes_sent += wire_bytes(content)
+        return Message(content, message_type=message_type, dst_node_id=node)
 
     def ask_top_up(
         self,
@@ -272,7 +277,11 @@ class SampleSelection(TrainOnlyFedAvg, SelectionServer):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Check and buffer every upload, then train the central model on the buffer."""
+        """Check and buffer every upload, then train the central model on the buffer.
+
+        The round's metrics are the server core's and ``bytes-sent``: what the
+        round's requests (phase 1, phase 2 and top-ups) weighed on the wire.
+        """
         if self.is_finished(server_round):
             kept = self.rounds.get(server_round)
             return None, None if kept is None else MetricRecord(kept)
@@ -284,6 +293,7 @@ class SampleSelection(TrainOnlyFedAvg, SelectionServer):
             asked=self.round_nodes,
             top_up=self.top_up,
         )
+        metrics["bytes-sent"] = self.bytes_sent  # top-ups were asked just now
         trained = "train-loss" in metrics
         totals = {k: v for k, v in metrics.items() if "." not in k}  # not per node
         return (

@@ -7,9 +7,12 @@ import time
 
 import numpy as np
 import torch
+from flwr.app import ArrayRecord
 
 from flwr_select.files import read_json_lines
+from flwr_select.models import build_model
 from flwr_select.selection.checkpoint import latest
+from flwr_select.selection.wire import wire_bytes
 
 SITES, FOLD, RHO = 2, 1000, 0.1
 SENT = int(RHO * FOLD)  # 100 per site and round
@@ -173,4 +176,10 @@ def test_a_global_round_tops_up_the_quota_of_a_site_that_fails_between_the_phase
     assert two["samples_received"] == budget and not second["top_up_by_node"]
     # phase 1 costs a small part of what the uploads weigh
     assert 0 < two["summary_bytes"] <= 0.05 * two["bytes_received"]
+    # the downlink: a copy of the model to each site in phase 1, to each with a
+    # quota in phase 2, and to each asked for a top-up (configs weigh far less)
+    model = wire_bytes(ArrayRecord(build_model("lenet5").state_dict()))
+    quotas = [q for q in first["quota_by_node"].values() if q > 0]
+    assert one["bytes_sent"] // model == sites + len(quotas) + len(top_ups)
+    assert two["bytes_sent"] // model == 2 * sites
     assert "quotas by node" in done.stdout and "top-ups by node" in done.stdout

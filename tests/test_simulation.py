@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import tomllib
 import torch
+from flwr.app import ArrayRecord
 
 from flwr_select.data import SiteData, load_mnist
 from flwr_select.files import read_json_lines
+from flwr_select.models import build_model
 from flwr_select.partition import paper_split, partition_pool, round_fold
 from flwr_select.selection.checkpoint import latest
 from flwr_select.selection.wire import encode, wire_bytes
@@ -160,6 +162,14 @@ def test_bytes_received_match_the_wire_format(run):
             )
             expected += wire_bytes(encode(upload))
         assert records[r]["bytes_received"] == expected
+
+
+def test_bytes_sent_are_a_copy_of_the_model_and_config_per_site(run):
+    records, _, _ = run
+    model = wire_bytes(ArrayRecord(build_model("lenet5").state_dict()))
+    assert records[0]["bytes_sent"] == 0  # the initial model is the server's own
+    for r in (1, 2):  # one request a site: the model and a config of under 4 KB
+        assert SITES * model < records[r]["bytes_sent"] < SITES * (model + 4096)
 
 
 def test_unknown_run_config_keys_are_refused_before_anything_starts(

@@ -21,7 +21,7 @@ import math
 import numpy as np
 import torch
 import zstandard
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, RecordDict
 
 from flwr_select.data import SiteData
 from flwr_select.flower_private import (
@@ -289,12 +289,14 @@ def _decompressed(frame: bytes, size: int) -> bytes:
     return raw
 
 
-def wire_bytes(record: ArrayRecord) -> int:
+def wire_bytes(record: ArrayRecord | RecordDict) -> int:
     """Return the bytes Flower sends for ``record``: every object it is deflated to.
 
     Flower splits a record into content-addressed objects (the record, each array,
     each chunk of at most 5 MiB) and sends each distinct one once; this is the sum
-    of their sizes. Transport framing (gRPC, TLS) is not included.
+    of their sizes. Transport framing (gRPC, TLS) is not included. An upload is
+    an ``ArrayRecord``; a message's whole content (the model and its config, on
+    the way down) is a ``RecordDict``.
     """
     with no_object_id_recompute():  # else each chunk is hashed again per parent
         objects = get_all_nested_objects(record).values()
