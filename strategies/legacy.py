@@ -18,13 +18,14 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
+from flwr.compat.common import recorddict_compat
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from flwr_select.npy import NpyError, header_of
 from flwr_select.selection.server import SelectionServer, SiteReport, site_report
-from flwr_select.selection.wire import IDS, IMAGES, LABELS, UploadError
+from flwr_select.selection.wire import IDS, IMAGES, LABELS, UploadError, wire_bytes
 from strategies.nodes import digest_of
 
 EvaluateFn = Callable[
@@ -89,7 +90,8 @@ class LegacySampleSelection(Strategy):
     :class:`clients.legacy.SelectNumPyClient`). The server core checks and
     buffers every upload under the client's :func:`site_key` and trains the
     model (:meth:`~flwr_select.selection.server.SelectionServer.accept_uploads`);
-    round metrics land in its ``rounds``.
+    round metrics land in its ``rounds``, with ``bytes-sent``: what the round's
+    ``FitIns`` weighed on the wire, one copy per client.
 
     Parameters
     ----------
@@ -126,6 +128,7 @@ class LegacySampleSelection(Strategy):
         self.fraction_train = fraction_train
         self.min_train_nodes = min_train_nodes
         self.min_available_nodes = min_available_nodes
+        self.bytes_sent = 0
 
     def __repr__(self) -> str:
         return f"LegacySampleSelection({self.server.selection})"
@@ -147,7 +150,12 @@ class LegacySampleSelection(Strategy):
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
-        """Send the model and the selection config to the sampled clients."""
+        """Send the model and the selection config to the sampled clients.
+
+        What each ``FitIns`` weighs as the message Flower's legacy layer turns it
+        into is counted once per client in :attr:`bytes_sent`.
+        """
+        self.bytes_sent = 0
         if self.fraction_train == 0.0:
             return []
         size = int(client_manager.num_available() * self.fraction_train)
@@ -156,7 +164,10 @@ class LegacySampleSelection(Strategy):
             min_num_clients=self.min_available_nodes,
         )
         config: dict[str, Scalar] = dict(self.server.round_config(server_round))
-        return [(client, FitIns(parameters, config)) for client in clients]
+        ins = FitIns(parameters, config)
+        content = recorddict_compat.fitins_to_recorddict(ins, keep_input=True)
+        self.bytes_sent = len(clients) * wire_bytes(content)
+        return [(client, ins) for client in clients]
 
     def aggregate_fit(
         self,
@@ -176,6 +187,7 @@ class LegacySampleSelection(Strategy):
         metrics = self.server.accept_uploads(
             server_round, uploads, failures=len(failures)
         )
+        metrics["bytes-sent"] = self.bytes_sent
         trained = "train-loss" in metrics
         return (self._parameters() if trained else None), dict(metrics)
 

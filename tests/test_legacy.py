@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from flwr.app import ArrayRecord
 from flwr.client import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.server import ServerApp, ServerConfig
@@ -17,6 +18,7 @@ from flwr_select.data import SiteData
 from flwr_select.models import build_model
 from flwr_select.selection.buffer import TrainingBuffer
 from flwr_select.selection.protocol import SelectionConfig
+from flwr_select.selection.wire import wire_bytes
 from strategies.legacy import LegacySampleSelection, site_key
 from strategies.sample_selection import SampleSelection
 
@@ -72,9 +74,12 @@ def test_a_legacy_simulation_buffers_each_sites_budget_once_and_trains(monkeypat
     )
     # Assert
     budget = 2 * math.floor(RHO * SITE_SIZE)
+    model = wire_bytes(ArrayRecord(lenet().state_dict()))
     assert sorted(strategy.rounds) == [1, 2]
     for metrics in strategy.rounds.values():
         assert metrics["samples-received"] == budget
+        # one copy of the model a client, and a config of under 4 KB
+        assert 2 * model < metrics["bytes-sent"] < 2 * (model + 4096)
         assert (metrics["sites-accepted"], metrics["sites-rejected"]) == (2, 0)
         assert metrics["sites-failed"] == 0
     buffer = strategy.buffer
