@@ -33,6 +33,16 @@ def _rounds(value: int | None) -> str:
     return "not reached" if value is None else str(value)
 
 
+def _row(cells: list[str]) -> str:
+    """Return one Markdown table row of ``cells``."""
+    return "| " + " | ".join(cells) + " |"
+
+
+def _head(columns: list[str]) -> list[str]:
+    """Return a Markdown table's header row and rule for ``columns``."""
+    return [_row(columns), "|---" * len(columns) + "|"]
+
+
 def fig4a_table(summary: dict[str, Any]) -> list[str]:
     """Return rows: rounds to target, final accuracies and bytes per scheme."""
     rows = [
@@ -67,13 +77,14 @@ def fig4b_table(summary: dict[str, Any]) -> list[str]:
     lines = summary["lines"]
     rhos = sorted({v["rho"] for v in lines.values()})
     schemes = sorted({v["scheme"] for v in lines.values()})
-    heads = [f"{s} val." for s in schemes] + [f"{s} test" for s in schemes]
-    rows = ["| rho | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
+    rows = _head(
+        ["rho"] + [f"{s} val." for s in schemes] + [f"{s} test" for s in schemes]
+    )
     for rho in rhos:
         here = [lines[f"{s}@{rho}"] for s in schemes if f"{s}@{rho}" in lines]
         val = [_pm([v["accuracy_mean"][-1], v["accuracy_std"][-1]]) for v in here]
         test = [f"{v['test_accuracy_final'][0] * 100:.2f}" for v in here]
-        rows.append(f"| {rho} | " + " | ".join(val + test) + " |")
+        rows.append(_row([str(rho), *val, *test]))
     eq = summary.get("bandwidth_equivalence")
     if eq:
         proxy = (
@@ -107,22 +118,26 @@ def scheme_table(
     the paper's target accuracy.
     """
     target = summary["targets"].get("paper") if rounds else None
-    head = "| scheme |" + (f" rounds to {target * 100:g} % |" if target else "")
-    head += " final val. acc. % | final test acc. % | samples sent |"
-    rows = [head + (f" {extra} |" if extra else ""), "|---" * head.count(" |") + "|"]
-    rows[1] += "---|" if extra else ""
+    rows = _head(
+        ["scheme"]
+        + ([f"rounds to {target * 100:g} %"] if target else [])
+        + ["final val. acc. %", "final test acc. %", "samples sent"]
+        + ([extra] if extra else [])
+    )
     lines = _lines(summary)
     several = len({line["rho"] for line in lines}) > 1
     for line in lines:
         final = [line["accuracy_mean"][-1], line["accuracy_std"][-1]]
         name = f"{line['scheme']}, rho = {line['rho']}" if several else line["scheme"]
-        row = f"| {name} |"
-        row += f" {_rounds(line['rounds_to'].get('paper'))} |" if target else ""
-        row += (
-            f" {_pm(final)} | {_pm(line['test_accuracy_final'])} | "
-            f"{line['samples_total'][0]:.0f} |"
+        rows.append(
+            _row(
+                [name]
+                + ([_rounds(line["rounds_to"].get("paper"))] if target else [])
+                + [_pm(final), _pm(line["test_accuracy_final"])]
+                + [f"{line['samples_total'][0]:.0f}"]
+                + ([f"{line[extra][0]:.1f}"] if extra else [])
+            )
         )
-        rows.append(row + (f" {line[extra][0]:.1f} |" if extra else ""))
     return rows
 
 
