@@ -8,7 +8,14 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flwr_select.selection.allocation import SKETCH_POINTS, ScoreSketch, allocate
+from flwr_select.config import ConfigError
+from flwr_select.selection.allocation import (
+    PROBATION_LEVELS,
+    SKETCH_POINTS,
+    Probation,
+    ScoreSketch,
+    allocate,
+)
 from flwr_select.selection.ledger import SiteLedger
 from flwr_select.selection.protocol import (
     METRICS_KEY,
@@ -22,6 +29,7 @@ from tests.hostile import (
     SENT,
     N,
     content,
+    good_upload,
     make_strategy,
     random_site,
     reply,
@@ -150,14 +158,24 @@ HOSTILE_SUMMARIES = {
         RecordDict({METRICS_KEY: MetricRecord({"num-candidates": N})}),
         "a summary holds",
     ),
-    "candidates as a float": (summary(candidates=100.0), "must be an int >= 0"),
-    "negative candidates": (summary(candidates=-1), "must be an int >= 0"),
+    "candidates as a float": (
+        summary(candidates=100.0),
+        r"must be an int in \[0, 2\*\*40\]",
+    ),
+    "negative candidates": (
+        summary(candidates=-1),
+        r"must be an int in \[0, 2\*\*40\]",
+    ),
     "ranks beyond its candidates": (
         summary(ranks=(1, 50, N + 1)),
         f"num-candidates = {N}",
     ),
     "a nan worth": (summary(values=(0.9, float("nan"), 0.1)), "finite"),
     "worth that rises": (summary(values=(0.1, 0.5, 0.9)), "never increase"),
+    "candidates beyond 2**40": (
+        summary(candidates=2**40 + 1),
+        r"must be an int in \[0, 2\*\*40\]",
+    ),
     "a huge sketch": (
         summary(ranks=range(1, 2**12), values=[0.0] * (2**12 - 1)),
         "at most 128",
@@ -201,10 +219,11 @@ class RealSites:
         self.strategy, self.selection = strategy, selection
         self.data = {node: random_site(node) for node in nodes}
         self.ledgers = {node: SiteLedger() for node in nodes}
+        self.round = 1
 
     def _of(self, node):
         return {
-            "server_round": 1,
+            "server_round": self.round,
             "site_key": node,
             "ledger": self.ledgers[node],
         }
@@ -281,7 +300,7 @@ def test_the_quota_a_rejected_site_leaves_is_topped_up_by_the_others(
     strategy.round_nodes = [1, 2, 3]
     asked = []
 
-    def top_up(extra):  # the second pass; node 2 sends its first upload again
+    def top_up(extra, top_ups):  # the second pass; node 2 sends its first upload again
         asked.append(dict(extra))
         replies = [sites.upload(n, quota=q, top_up=n != 2) for n, q in extra.items()]
         return strategy.uploads_of(1, replies)[0]
@@ -326,3 +345,166 @@ def test_a_top_up_released_by_the_server_frees_only_its_own_ids():
         **{k.replace("-", "_"): v for k, v in ledger.to_arrays().items()}
     )
     assert stored.top_ups.tolist() == [False] * 4
+
+
+def test_no_single_site_raises_the_round_budget_by_claiming_candidates(task_identity):
+    # Prepare: nodes 1 and 2 hold N candidates; node 3 claims 2**40, the most allowed
+    strategy = make_strategy(selection=SelectionConfig(rho=RHO, allocation="global"))
+    replies = [
+        reply(1, summary(), SUMMARY_MESSAGE_TYPE),
+        reply(2, summary(), SUMMARY_MESSAGE_TYPE),
+        reply(
+            3,
+            summary(candidates=2**40, ranks=(1, 2**40), values=(0.9, 0.1)),
+            SUMMARY_MESSAGE_TYPE,
+        ),
+    ]
+    # Execute
+    quotas = strategy.allocate_quotas(1, replies)
+    # Assert: node 3 counts as a site as large as the others, so the honest sites
+    # are never asked for more than three per-site budgets together
+    assert strategy.phase_one["round-budget"] == 3 * SENT == sum(quotas.values())
+    assert quotas[1] + quotas[2] <= 3 * SENT
+
+
+def lie(metrics, value):
+    """A summary whose sketch claims ``value`` at every rank."""
+    return {**metrics, "sketch-values": [value] * len(metrics["sketch-values"])}
+
+
+def second_pass(strategy, sites, asked):
+    """The strategy's second pass, answered by the sites' own code; notes the ask."""
+
+    def ask(quotas, top_ups):
+        asked.append((dict(quotas), set(top_ups)))
+        replies = [
+            sites.upload(node, quota=quota, top_up=node in top_ups)
+            for node, quota in quotas.items()
+        ]
+        return strategy.uploads_of(sites.round, replies)[0]
+
+    return ask
+
+
+def test_what_a_liar_wins_goes_to_the_honest_sites_and_it_is_held_after(
+    task_identity, caplog
+):
+    # Prepare: node 3 claims 1e9 at every rank, so it wins the whole budget
+    selection = SelectionConfig(rho=RHO, allocation="global")
+    strategy = make_strategy(selection=selection)
+    sites = RealSites(strategy, selection, (1, 2, 3))
+    summaries = {n: sites.summary(n) for n in (1, 2)}
+    summaries[3] = lie(sites.summary(3), 1e9)
+    quotas = dict(
+        strategy.allocate_quotas(
+            1, [sites.summary_reply(n, m) for n, m in summaries.items()]
+        )
+    )
+    assert quotas == {1: 0, 2: 0, 3: 3 * SENT}
+    asked = []
+    # Execute: round 1; its real upload is worth less than it claimed
+    metrics = strategy.accept_uploads(
+        1,
+        strategy.uploads_of(1, [sites.upload(3, quota=quotas[3])])[0],
+        asked=[3],
+        top_up=second_pass(strategy, sites, asked),
+    )
+    # Assert: its budget went to nodes 1 and 2 in the same round, as their first
+    # uploads (not top-ups), and was spent whole; node 3 is held
+    ((extra, top_ups),) = asked
+    assert set(extra) == {1, 2} and not top_ups and sum(extra.values()) == 3 * SENT
+    assert metrics["samples-received"] == 3 * SENT
+    assert metrics["samples-received.1"] + metrics["samples-received.2"] == 3 * SENT
+    assert (metrics["sites-accepted"], metrics["sites-rejected"]) == (2, 1)
+    assert metrics["sites-caught"] == 1 and strategy.probation.levels == {3: 0}
+    assert strategy.undelivered == {3: [1]}
+    assert re.search(r"node 3 sent 0 of the 30 samples", caplog.text)
+    # Execute: round 2, the same lie
+    sites.round = 2
+    summaries = {n: sites.summary(n) for n in (1, 2)}
+    summaries[3] = lie(sites.summary(3), 1e9)
+    quotas = strategy.allocate_quotas(
+        2, [sites.summary_reply(n, m) for n, m in summaries.items()]
+    )
+    # Assert: held at the least a site may be given; the honest sites share the rest
+    assert quotas[3] == 1 and quotas[1] + quotas[2] == 3 * SENT - 1
+    assert strategy.phase_one["sites-held"] == 1
+
+
+def test_a_site_that_sends_less_than_it_claimed_is_held_and_not_asked_again(
+    task_identity,
+):
+    # Prepare: node 3's sketch is flat at its true best, so only its first sample
+    # can be checked; it wins most of the budget and sends that one sample
+    selection = SelectionConfig(rho=RHO, allocation="global")
+    strategy = make_strategy(selection=selection)
+    sites = RealSites(strategy, selection, (1, 2, 3))
+    summaries = {n: sites.summary(n) for n in (1, 2, 3)}
+    summaries[3] = lie(summaries[3], summaries[3]["sketch-values"][0])
+    quotas = dict(
+        strategy.allocate_quotas(
+            1, [sites.summary_reply(n, m) for n, m in summaries.items()]
+        )
+    )
+    assert quotas[3] > SENT
+    phase_two = [sites.upload(n, quota=q) for n, q in quotas.items() if n != 3]
+    phase_two.append(sites.upload(3, quota=1))
+    asked = []
+    # Execute
+    metrics = strategy.accept_uploads(
+        1,
+        strategy.uploads_of(1, phase_two)[0],
+        asked=[n for n, q in quotas.items() if q],
+        top_up=second_pass(strategy, sites, asked),
+    )
+    # Assert: its one sample is kept, the rest of its quota went to the others in
+    # the same round, and it is held
+    ((extra, _),) = asked
+    assert 3 not in extra and sum(extra.values()) == quotas[3] - 1
+    assert metrics["samples-received.3"] == 1
+    assert metrics["samples-received"] == 3 * SENT
+    assert metrics["sites-caught"] == 1 and strategy.probation.levels == {3: 0}
+
+
+def test_a_held_site_earns_trust_back_by_keeping_its_word():
+    # Prepare
+    held = Probation()
+    held.caught(5)
+    caps = []
+    # Execute: it delivers in full, round after round
+    for _ in range(PROBATION_LEVELS + 1):
+        caps.append(held.cap(5, even_share=64))
+        held.delivered(5)
+    # Assert: its cap doubles each round from 1/16 of an even share, then it is free;
+    # caught again, it starts over
+    assert caps == [4, 8, 16, 32, None]
+    held.caught(5)
+    assert held.cap(5, even_share=64) == 4 and held.cap(5, even_share=1) == 1
+
+
+def test_a_round_budget_that_buys_no_sample_is_refused_before_start():
+    # Prepare: one 28x28 sample costs 784 + 9 bytes on the wire
+    selection = SelectionConfig(
+        rho=RHO, allocation="global", round_budget_bytes=784 + 8
+    )
+    strategy = make_strategy(selection=selection)
+    # Execute / Assert
+    with pytest.raises(ConfigError, match=r"round-budget-bytes must be .* >= 793"):
+        strategy.start(None, ArrayRecord(strategy.model.state_dict()), num_rounds=1)
+
+
+def test_no_site_adds_more_than_max_site_samples_a_round(task_identity, caplog):
+    # Prepare: a site claims enough candidates for 30 samples; the cap is 20
+    strategy = make_strategy(max_site_samples=20)
+    upload = content(good_upload(1, 30), candidates=300)
+    # Execute
+    _, metrics = strategy.aggregate_train(1, [reply(1, upload)])
+    # Assert: refused whole, nothing buffered
+    assert metrics["sites-rejected"] == 1 and len(strategy.buffer) == 0
+    assert "30 samples exceed the budget of 20" in caplog.text
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5])
+def test_max_site_samples_below_one_is_refused_by_the_constructor(value):
+    with pytest.raises(ConfigError, match="max-site-samples must be an int >= 1"):
+        make_strategy(max_site_samples=value)

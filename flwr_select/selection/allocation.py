@@ -11,8 +11,9 @@ sends its quota, best first, exactly as it would send its rho.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -171,3 +172,81 @@ def allocate(sketches: Mapping[int, ScoreSketch], budget: int) -> dict[int, int]
     for i, count in enumerate(np.bincount(owner[best], minlength=len(sites))):
         quotas[sites[i]] = int(count)
     return quotas
+
+
+def round_budget(shares: Mapping[int, int]) -> int:
+    """Return the samples a round buys: the sites' shares, none above another's.
+
+    ``shares`` are each site's per-site budget (its rho share of the candidates
+    it says it holds), which the server cannot check. Each counts at most as
+    much as the second largest, so no single site can raise the round's total by
+    more than the largest share of another site, whatever it claims: the
+    budget the round would have if that site were an honest site as large as
+    the largest other. Honest sites of equal size (an iid split) lose nothing;
+    of unequal ones, only the largest loses what it holds beyond the second;
+    one site alone counts as it is.
+
+    Examples
+    --------
+    >>> round_budget({1: 50, 2: 50, 3: 2**40})
+    150
+    >>> round_budget({1: 50, 2: 30, 3: 0}), round_budget({1: 50})
+    (60, 50)
+    """
+    ordered = sorted(shares.values(), reverse=True)
+    if len(ordered) < 2:
+        return sum(ordered)
+    return sum(min(share, ordered[1]) for share in ordered)
+
+
+PROBATION_LEVELS = 4
+"""A site caught is held at 1/2**4 of an even share; each round it keeps its word
+doubles that, and after 4 such rounds it is trusted again."""
+
+
+@dataclass
+class Probation:
+    """The sites that did not deliver the quota they won, and how far each is held.
+
+    A site given a quota in a round with one global budget that then does not
+    send it in full, as its sketch said it could (its upload failed, was
+    rejected, or held fewer samples), is caught: in later rounds it may be
+    given at most ``2**level / 2**PROBATION_LEVELS`` of an even share of the
+    budget (:meth:`cap`), starting at level 0, and at least one sample, so that
+    it can earn trust back. Each round in which it delivers a quota > 0 in full
+    raises its level by one; at :data:`PROBATION_LEVELS` it is released. Caught
+    again, it starts over at level 0. A liar therefore wins little of any
+    round's budget after the first, and an honest site that crashed once is
+    back in full after four rounds.
+
+    Examples
+    --------
+    >>> held = Probation()
+    >>> held.caught(3)
+    >>> held.cap(3, even_share=160), held.cap(4, even_share=160)
+    (10, None)
+    >>> for _ in range(PROBATION_LEVELS):
+    ...     held.delivered(3)
+    >>> held.cap(3, even_share=160)
+    """
+
+    levels: dict[int, int] = field(default_factory=dict)
+    """Per site held: rounds kept in full since it was last caught."""
+
+    def caught(self, site: int) -> None:
+        """Hold ``site`` at the lowest level: it did not deliver its quota."""
+        self.levels[site] = 0
+
+    def delivered(self, site: int) -> None:
+        """Raise ``site`` one level, if held: it delivered a quota > 0 in full."""
+        if site in self.levels:
+            self.levels[site] += 1
+            if self.levels[site] >= PROBATION_LEVELS:
+                del self.levels[site]
+
+    def cap(self, site: int, even_share: float) -> int | None:
+        """Return the most ``site`` may be given in a round, or None if not held."""
+        level = self.levels.get(site)
+        if level is None:
+            return None
+        return max(1, math.floor(even_share * 2**level / 2**PROBATION_LEVELS))

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import fields
 from pathlib import Path
 from typing import NamedTuple
@@ -25,9 +26,15 @@ import torch
 from flwr.app import ArrayRecord
 from torch import nn
 
+from flwr_select.config import check
 from flwr_select.data import SiteData
 from flwr_select.models import Transform, check_model, model_input
-from flwr_select.selection.allocation import ScoreSketch, allocate
+from flwr_select.selection.allocation import (
+    Probation,
+    ScoreSketch,
+    allocate,
+    round_budget,
+)
 from flwr_select.selection.buffer import TrainingBuffer
 from flwr_select.selection.checkpoint import Checkpoint, Segment, latest
 from flwr_select.selection.policies import candidates_of, likely_mislabelled
@@ -56,8 +63,10 @@ Upload = tuple[int, Callable[[], tuple[ArrayRecord, SiteReport]]]
 """A site key and a function that returns its upload and :class:`SiteReport`."""
 Summary = tuple[int, Callable[[], Mapping[str, object]]]
 """A site key and a function that returns its phase-1 metrics (a sketch)."""
-TopUp = Callable[[Mapping[int, int]], Iterable[Upload]]
-"""Asks the sites for their top-up quotas; returns their uploads."""
+TopUp = Callable[[Mapping[int, int], Collection[int]], Iterable[Upload]]
+"""Asks the sites for their second-pass quotas; returns their uploads. The
+second argument: the sites whose quota is a top-up (the others' is their first
+upload of the round)."""
 SUMMARY_METRICS = frozenset({"num-candidates", "sketch-ranks", "sketch-values"})
 """The metrics of a site's phase-1 reply (see ``selection.site.site_summary``)."""
 
@@ -118,10 +127,68 @@ def log_rejection(server_round: int, what: str, site: int, err: Exception) -> No
     )
 
 
+MAX_CANDIDATES = 2**40
+"""The most samples a site may say it holds in a round (``num-candidates``).
+
+No site holds a trillion samples; the bound keeps every total the records hold
+(``suspect-candidates`` sums a site's ``num-suspect``, at most its
+``num-candidates``) far inside int64, whatever sites say.
+"""
+
+MAX_SITE_SAMPLES = 10_000
+"""The default of ``max-site-samples``: what one site may add to the buffer a round."""
+
+
+def check_server_bounds(max_upload_bytes: int, max_site_samples: int) -> None:
+    """Refuse (``ConfigError``, naming the key) bounds that would admit nothing."""
+    check(
+        "max-upload-bytes",
+        max_upload_bytes,
+        type(max_upload_bytes) is int and max_upload_bytes >= 1,
+        "an int >= 1",
+    )
+    check(
+        "max-site-samples",
+        max_site_samples,
+        type(max_site_samples) is int and max_site_samples >= 1,
+        "an int >= 1",
+    )
+
+
+def sample_wire_bytes(sample_shape: tuple[int, ...]) -> int:
+    """Return what one sample costs on the wire, at most: pixels, label and id.
+
+    A global budget in bytes is this many bytes per sample (uncompressed;
+    a compressed upload costs less).
+    """
+    return math.prod(sample_shape) + 1 + 8
+
+
+def check_round_budget(
+    selection: SelectionConfig, sample_shape: tuple[int, ...]
+) -> None:
+    """Refuse (``ConfigError``) a ``round-budget-bytes`` that buys no sample.
+
+    One sample of ``sample_shape`` costs :func:`sample_wire_bytes`; 0 (the
+    per-site budgets together) is allowed.
+    """
+    sample_bytes = sample_wire_bytes(sample_shape)
+    budget = selection.round_budget_bytes
+    check(
+        "round-budget-bytes",
+        budget,
+        selection.allocation != "global" or budget == 0 or budget >= sample_bytes,
+        f"0 (the per-site budgets together) or >= {sample_bytes}, the wire cost of "
+        "one sample",
+    )
+
+
 def check_candidates(candidates: object) -> int:
-    """Return a reply's ``num-candidates``, an int >= 0, or raise ``UploadError``."""
-    if type(candidates) is not int or candidates < 0:
-        raise UploadError(f"num-candidates must be an int >= 0, got {candidates!r}")
+    """Return a reply's ``num-candidates``, an int in [0, 2**40], or ``UploadError``."""
+    if type(candidates) is not int or not 0 <= candidates <= MAX_CANDIDATES:
+        raise UploadError(
+            f"num-candidates must be an int in [0, 2**40], got {candidates!r}"
+        )
     return candidates
 
 
@@ -191,6 +258,10 @@ class SelectionServer:
         Reject an upload larger than this on the wire, or whose images would be
         larger decoded, whatever the site claims, before anything in it is
         decoded or decompressed.
+    max_site_samples : int (default: 10,000)
+        The most samples one site may add to the buffer in one round (its upload
+        and top-up together), whatever it says it holds: a site's budget follows
+        the ``num-candidates`` it reports, which the server cannot check.
     transform : str or callable, optional
         How raw ``uint8`` samples become model input on the server: a name from
         :data:`~flwr_select.models.INPUT_TRANSFORMS` or a callable; the sites
@@ -211,8 +282,10 @@ class SelectionServer:
         run_dir: str | Path | None = None,
         sample_shape: tuple[int, ...] | None = None,
         max_upload_bytes: int = 256 * 2**20,
+        max_site_samples: int = MAX_SITE_SAMPLES,
         transform: Transform = None,
     ) -> None:
+        check_server_bounds(max_upload_bytes, max_site_samples)
         self.model_fn = model_fn
         self.num_classes = num_classes
         self.selection = selection or SelectionConfig()
@@ -223,6 +296,7 @@ class SelectionServer:
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.sample_shape = None if sample_shape is None else tuple(sample_shape)
         self.max_upload_bytes = max_upload_bytes
+        self.max_site_samples = max_site_samples
         self.transform = model_input(transform)
         self.model = model_fn().to(self.buffer.device)
         self.rounds: dict[int, dict[str, float | int]] = {}
@@ -246,6 +320,12 @@ class SelectionServer:
         phase 1, which its upload must agree with (:meth:`check_summary`)."""
         self.phase_one: dict[str, int | float] = {}
         """With one global budget: the metrics of the latest round's phase 1."""
+        self.caps: dict[int, int] = {}
+        """With one global budget: the most each site may send in the latest round,
+        upload and top-up together (:attr:`max_site_samples`, :attr:`probation`)."""
+        self.probation = Probation()
+        """With one global budget: the sites held at a small quota, having not
+        delivered one they won (see :class:`Probation`)."""
 
     def is_finished(self, server_round: int) -> bool:
         """Say whether ``server_round`` is done (in this run or before a resume)."""
@@ -333,11 +413,12 @@ class SelectionServer:
         Cheap checks come first, so that nothing large is decoded or decompressed
         before it is known to be within bounds: the bytes on the wire against
         :attr:`max_upload_bytes` and the budget's ``max-bytes``, then
-        ``num-candidates`` (an int >= 0: the site's number of samples this
-        round, from which its ``rho`` budget follows), then the upload's
+        ``num-candidates`` (an int in [0, 2**40]: the site's number of samples
+        this round, from which its ``rho`` budget follows), then the upload's
         declarations (:func:`~flwr_select.selection.wire.decode`: the image
         shape against :meth:`expected_sample_shape`, the count against the
-        budget, the decoded size against :attr:`max_upload_bytes`), its bytes
+        budget and :attr:`max_site_samples`, or the site's quota, the decoded
+        size against :attr:`max_upload_bytes`), its bytes
         and values, and last that no id was accepted from this site before.
         """
         size = wire_bytes(record)
@@ -346,6 +427,7 @@ class SelectionServer:
         if size > cap:
             raise UploadError(f"{size} bytes exceed the cap of {cap} bytes")
         limit = budget.sample_limit(check_candidates(candidates))
+        limit = min(limit, self.max_site_samples)
         if self.selection.allocation == "global":
             summarised, _ = self.summarised.get(site, (None, None))
             if candidates != summarised:
@@ -353,7 +435,7 @@ class SelectionServer:
                     f"num-candidates {candidates} is not the "
                     f"{summarised} of the site's summary"
                 )
-            limit = self.quotas[site]
+            limit = self.quotas.get(site, 0)
         samples, _ = decode(
             record,
             self.num_classes,
@@ -379,22 +461,28 @@ class SelectionServer:
         """Phase 1 of a round with one global budget: check each sketch, give quotas.
 
         A summary that is not :data:`SUMMARY_METRICS` with an int
-        ``num-candidates`` >= 0 and a well-formed sketch
+        ``num-candidates`` in [0, 2**40] and a well-formed sketch
         (:meth:`~flwr_select.selection.allocation.ScoreSketch.check`) is
-        rejected and logged, as an upload would be; its site gets no quota. A
-        site may be given at most what one upload can carry under
-        :attr:`max_upload_bytes`. The budget is ``round-budget-bytes`` in
-        samples (:meth:`sample_bytes` each), or with 0 what the per-site
-        budgets of the sites that answered would have allowed together.
+        rejected and logged, as an upload would be; its site gets no quota.
+
+        The budget is ``round-budget-bytes`` in samples (:meth:`sample_bytes`
+        each), or with 0 what the per-site budgets of the sites that answered
+        would have allowed together, none counted above another's
+        (:func:`~flwr_select.selection.allocation.round_budget`): no site can
+        raise it by claiming more candidates. A site may be given at most its
+        cap (:attr:`caps`): :attr:`max_site_samples`, what one upload can carry
+        under :attr:`max_upload_bytes`, and for a site on :attr:`probation` its
+        small share of the budget.
 
         Returns each accepted site's quota (:func:`allocate`), also kept in
         :attr:`quotas`; :attr:`phase_one` keeps the phase's metrics:
         ``summaries-accepted``, ``summaries-rejected``, ``summary-bytes`` (what
         the replies weighed, as the strategy measured them), ``sites-failed``
         (``failures``: sites that failed in phase 1), ``round-budget``
-        (samples) and ``quota.<site>``.
+        (samples), ``sites-held`` (on probation) and ``quota.<site>``.
         """
-        sketches, rejected, per_site = {}, 0, 0
+        sketches, shares, rejected = {}, {}, 0
+        self.summarised = {}
         for site, unpack in summaries:
             try:
                 metrics = unpack()
@@ -411,19 +499,28 @@ class SelectionServer:
                 log_rejection(server_round, "summary", site, err)
                 rejected += 1
                 continue
-            sketches[site] = sketch.clipped(self.samples_per_upload())
+            sketches[site] = sketch
             self.summarised[site] = (candidates, sketch)
-            per_site += self.selection.budget().sample_limit(candidates)
-        budget = per_site
+            shares[site] = self.selection.budget().sample_limit(candidates)
+        budget = round_budget(shares)
         if self.selection.round_budget_bytes:
             budget = self.selection.round_budget_bytes // self.sample_bytes()
-        self.quotas = allocate(sketches, budget)
+        even_share = budget / max(len(sketches), 1)
+        self.caps = {}
+        for site in sketches:
+            held = self.probation.cap(site, even_share)
+            self.caps[site] = min(self.max_site_samples, held or self.max_site_samples)
+        self.quotas = allocate(
+            {site: s.clipped(self.upload_cap(site)) for site, s in sketches.items()},
+            budget,
+        )
         self.phase_one = {
             "summaries-accepted": len(sketches),
             "summaries-rejected": rejected,
             "summary-bytes": summary_bytes,
             "sites-failed": failures,
             "round-budget": budget,
+            "sites-held": len(self.probation.levels.keys() & sketches.keys()),
             **{f"quota.{site}": quota for site, quota in self.quotas.items()},
         }
         return self.quotas
@@ -432,23 +529,42 @@ class SelectionServer:
         """Return the most samples one upload can carry (:attr:`max_upload_bytes`)."""
         return self.max_upload_bytes // int(np.prod(self.expected_sample_shape()))
 
-    def allocate_top_up(self, received: Mapping[int, int]) -> dict[int, int]:
-        """Return the top-up quotas: the budget's unspent part, to who can send it.
+    def upload_cap(self, site: int, sent: int = 0) -> int:
+        """Return the most ``site`` may send in its next upload of a global round.
 
-        ``received`` holds what each site whose upload was accepted sent. The
-        quotas other sites did not send (they failed, were rejected or sent
-        less) go to these sites' next best samples, as phase 1 would have given
-        them (:func:`allocate` on the sketches past what each sent). Only sites
-        with a quota are returned; their :attr:`summarised` sketch becomes that
-        of what follows, which their top-up must agree with.
+        Its round's cap (:attr:`caps`) less the ``sent`` samples already
+        accepted from it this round, and at most one upload's worth
+        (:meth:`samples_per_upload`).
+        """
+        return max(0, min(self.caps[site] - sent, self.samples_per_upload()))
+
+    def allocate_top_up(self, received: Mapping[int, int]) -> dict[int, int]:
+        """Return the second pass's quotas: the budget's unspent part, to honest sites.
+
+        ``received`` holds what each site whose upload was accepted sent, and
+        :attr:`quotas` what phase 2 asked of each. The quotas other sites
+        did not send (they failed, were rejected or sent less) go to the best
+        samples of the sites that kept their word, as phase 1 would have given
+        them (:func:`allocate` on the sketches past what each sent): those that
+        sent their whole quota (a top-up), and those given none (their first
+        upload of the round; so a site that won the whole budget and does not
+        deliver it leaves it to the others). Only sites with a quota are
+        returned; their :attr:`summarised` sketch becomes that of what follows,
+        which their upload must agree with.
         """
         unspent = self.phase_one.get("round-budget", 0) - sum(received.values())
+        kept_word = [
+            site
+            for site in self.caps
+            if self.quotas.get(site, 0) in (0, received.get(site))
+        ]
         rest = {
-            site: self.summarised[site][1].after(count)
-            for site, count in received.items()
+            site: self.summarised[site][1].after(received.get(site, 0))
+            for site in kept_word
         }
         clipped = {
-            site: s.clipped(self.samples_per_upload()) for site, s in rest.items()
+            site: sketch.clipped(self.upload_cap(site, received.get(site, 0)))
+            for site, sketch in rest.items()
         }
         quotas = {site: q for site, q in allocate(clipped, unspent).items() if q > 0}
         for site in quotas:
@@ -456,12 +572,8 @@ class SelectionServer:
         return quotas
 
     def sample_bytes(self) -> int:
-        """Return what one sample costs on the wire, at most: pixels, label and id.
-
-        A global budget in bytes is this many bytes per sample (uncompressed;
-        a compressed upload costs less).
-        """
-        return int(np.prod(self.expected_sample_shape())) + 1 + 8
+        """Return what one sample costs on the wire (:func:`sample_wire_bytes`)."""
+        return sample_wire_bytes(self.expected_sample_shape())
 
     def accept_uploads(
         self,
@@ -491,9 +603,10 @@ class SelectionServer:
             noted in :attr:`undelivered`, so it is told to offer it again.
         top_up : callable, optional
             With one global budget, a second pass: what the other sites did not
-            send (:meth:`allocate_top_up`) is asked of the accepted ones, whose
-            top-ups are checked as uploads; one not accepted is noted in
-            :attr:`undelivered_top_ups`. Without it, the unspent part is lost.
+            send (:meth:`allocate_top_up`) is asked of those that kept their
+            word, whose uploads are checked as any; one not accepted is noted
+            in :attr:`undelivered_top_ups` (a top-up) or :attr:`undelivered`
+            (a first upload). Without it, the unspent part is lost.
 
         Returns
         -------
@@ -503,9 +616,11 @@ class SelectionServer:
             ``suspect-labels`` counts the uploads the server's :meth:`audit`
             calls likely mislabelled, ``suspect-candidates`` what the sites say
             of all their candidates (``num-suspect``), both also per site. A
-            top-up adds ``top-up-budget`` (the samples it asked for),
+            second pass adds ``top-up-budget`` (the samples it asked for),
             ``top-up-samples`` (those accepted), ``top-ups-failed`` (failed or
-            rejected) and ``top-up.<site>`` (the quotas). The seconds the server
+            rejected) and ``top-up.<site>`` (the quotas). With one global budget,
+            every site given a quota that it does not deliver in full is put on
+            :attr:`probation` (``sites-caught``). The seconds the server
             spent on the replies, rejected ones included, are there per stage
             (:data:`INGEST_STAGES`: decode and checks, the audit, the buffer add)
             beside ``train-seconds``, for an operator and the load benchmark.
@@ -524,12 +639,20 @@ class SelectionServer:
             metrics.update({**self.phase_one, "sites-failed": failures})
             metrics["sites-failed"] += self.phase_one.get("sites-failed", 0)
         self.expected_sample_shape()  # the operator's error, not a site's: raise
-        received = self._take(server_round, uploads, metrics)
+        received, rejected = self._take(server_round, uploads, metrics)
+        metrics["sites-accepted"] += len(received)
+        metrics["sites-rejected"] += len(rejected)
         for site in asked:
             if site not in received:
                 self.undelivered.setdefault(site, []).append(server_round)
-        if top_up is not None and self.selection.allocation == "global":
-            self._top_up(server_round, received, top_up, metrics)
+        if self.selection.allocation == "global":
+            given = {site: quota for site, quota in self.quotas.items() if quota > 0}
+            if top_up is not None:
+                for site, quota in self._top_up(
+                    server_round, received, top_up, metrics
+                ).items():
+                    given[site] = given.get(site, 0) + quota
+            self._judge(server_round, given, received, metrics)
         if metrics["sites-accepted"] and len(self.buffer):
             result = self.train_on_buffer(server_round)
             metrics.update({"train-loss": result.loss, "train-seconds": result.seconds})
@@ -551,13 +674,15 @@ class SelectionServer:
         uploads: Iterable[Upload],
         metrics: dict,
         what: str = "upload",
-    ) -> dict[int, int]:
-        """Check and buffer each upload, counting in ``metrics``; return what each sent.
+    ) -> tuple[dict[int, int], list[int]]:
+        """Check and buffer each upload, counting in ``metrics``.
 
-        Whatever goes wrong with one upload rejects it alone: logged with the
-        site and the reason, the buffer as it was.
+        Returns what each accepted site sent, and the sites rejected. Whatever
+        goes wrong with one upload rejects it alone: logged with the site and
+        the reason, the buffer as it was.
         """
         received: dict[int, int] = {}
+        rejected: list[int] = []
         for site, unpack in uploads:
             try:
                 with timed(metrics, "check-seconds"):
@@ -570,7 +695,7 @@ class SelectionServer:
                     self.buffer.add(site, samples)
             except Exception as err:  # whatever one reply does, it rejects only itself
                 log_rejection(server_round, what, site, err)
-                metrics["sites-rejected"] += 1
+                rejected.append(site)
                 continue
             received[site] = len(samples)
             counts = {
@@ -583,32 +708,76 @@ class SelectionServer:
                 if count is not None:
                     metrics[key] += count
                     metrics[f"{key}.{site}"] = metrics.get(f"{key}.{site}", 0) + count
-        metrics["sites-accepted"] += len(received)
-        return received
+        return received, rejected
 
     def _top_up(
         self,
         server_round: int,
-        received: Mapping[int, int],
+        received: dict[int, int],
         top_up: TopUp,
         metrics: dict,
-    ) -> None:
-        """Ask again for the unspent budget: the second pass of a global round."""
-        self.quotas = self.allocate_top_up(received)
-        if not self.quotas:
-            return
-        uploads = top_up(self.quotas)
-        before = {k: metrics[k] for k in ("sites-accepted", "sites-rejected")}
+    ) -> dict[int, int]:
+        """Ask again for the unspent budget: the second pass of a global round.
+
+        Returns its quotas (:meth:`allocate_top_up`); ``received`` gains what it
+        brought. A site that sent its phase-2 quota is asked for a top-up; one
+        given none then is asked for its first upload of the round, and counted
+        in ``sites-accepted`` or ``sites-rejected`` like phase 2's.
+        """
+        phase_two = self.quotas
+        quotas = self.quotas = self.allocate_top_up(received)
+        if not quotas:
+            return quotas
+        top_ups = {site for site in quotas if phase_two.get(site, 0) > 0}
         samples = metrics["samples-received"]
-        topped = self._take(server_round, uploads, metrics, "top-up")
-        metrics.update(before)  # a top-up's site was counted by its upload
-        metrics["top-up-budget"] = sum(self.quotas.values())
+        topped, rejected = self._take(
+            server_round, top_up(quotas, top_ups), metrics, "top-up"
+        )
+        first = quotas.keys() - top_ups
+        metrics["sites-accepted"] += len(first & topped.keys())
+        metrics["sites-rejected"] += len(first & set(rejected))
+        metrics["top-up-budget"] = sum(quotas.values())
         metrics["top-up-samples"] = metrics["samples-received"] - samples
-        metrics["top-ups-failed"] = len(self.quotas) - len(topped)
-        for site, quota in self.quotas.items():
+        metrics["top-ups-failed"] = len(quotas) - len(topped)
+        for site, quota in quotas.items():
             metrics[f"top-up.{site}"] = quota
-            if site not in topped:
-                self.undelivered_top_ups.setdefault(site, []).append(server_round)
+            if site in topped:
+                received[site] = received.get(site, 0) + topped[site]
+            else:
+                missed = (
+                    self.undelivered_top_ups if site in top_ups else self.undelivered
+                )
+                missed.setdefault(site, []).append(server_round)
+        return quotas
+
+    def _judge(
+        self,
+        server_round: int,
+        given: Mapping[int, int],
+        received: Mapping[int, int],
+        metrics: dict,
+    ) -> None:
+        """Hold on :attr:`probation` each site that did not deliver what it was given.
+
+        ``given`` is each site's quotas of the round together (phase 2 and the
+        second pass), ``received`` what was accepted from it. A site that
+        delivered a quota > 0 in full earns a level back.
+        """
+        caught = sorted(site for site, q in given.items() if received.get(site, 0) < q)
+        for site in given:
+            if site in caught:
+                self.probation.caught(site)
+                logger.warning(
+                    "round %s: node %s sent %s of the %s samples it was given; it "
+                    "is held at a small quota until it keeps its word",
+                    server_round,
+                    site,
+                    received.get(site, 0),
+                    given[site],
+                )
+            else:
+                self.probation.delivered(site)
+        metrics["sites-caught"] = len(caught)
 
     def audit(self, site: int, samples: SiteData) -> int:
         """Return how many of an upload's labels the model calls likely wrong.
@@ -740,8 +909,10 @@ class SelectionServer:
         """Resume from :attr:`run_dir` if it holds a run, else load ``initial_state``.
 
         Returns the model's state the run starts from. Refuses (``ValueError``)
-        to start without :meth:`expected_sample_shape` or with a model that
-        cannot take the data (:meth:`check_model`), before any round; warns when
+        to start without :meth:`expected_sample_shape`, with a model that
+        cannot take the data (:meth:`check_model`) or with a
+        ``round-budget-bytes`` that buys no sample (:func:`check_round_budget`),
+        before any round; warns when
         a fresh run holds none of the server's own samples, and when the run in
         :attr:`run_dir` has done all ``num_rounds`` already.
         """
@@ -766,6 +937,7 @@ class SelectionServer:
                     "untrained model and the buffer fills with a few classes"
                 )
         self.check_model()
+        check_round_budget(self.selection, self.expected_sample_shape())
         return self.model.state_dict()
 
     def resume(self) -> int | None:
