@@ -7,8 +7,10 @@ streamed into a temporary file beside its target, synced and renamed over it:
 an exception, a wrong checksum or a killed process leaves the whole file or no
 file, never half of one, and processes that download at once (a server and its
 simulated sites) each end with the same whole file, without locks. A mirror
-that cannot be reached, answers with an HTTP error or sends other bytes is
-passed over for the next one. CIFAR-10 is not downloaded.
+that cannot be reached, answers with an HTTP error, sends other bytes or does
+not send the whole file before its deadline (:func:`deadline_s`: a mirror that
+drips a byte every few seconds never trips the per-read timeout) is passed over
+for the next one, its temporary file removed. CIFAR-10 is not downloaded.
 """
 
 from __future__ import annotations
@@ -16,19 +18,33 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import socket
 import sys
+import threading
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, Self
 
 MIRROR_ENV = "FLWR_SELECT_DATA_MIRROR"
 """Environment variable replacing the mirrors: base URLs, separated by spaces."""
 
 TIMEOUT_S = 30.0
 """Seconds to wait for a mirror to connect, and for each read from it."""
+
+DEADLINE_ALLOWANCE_S = 120.0
+"""Seconds every file may take besides its size's share (:func:`deadline_s`)."""
+
+DEADLINE_MIN_BYTES_PER_S = 20_000
+"""The slowest average rate a whole file may come at (:func:`deadline_s`).
+
+20 kB/s, a slow line: Fashion-MNIST's largest file (26.4 MB) may take 24 minutes,
+MNIST's (9.9 MB) 10.
+"""
 
 CHUNK_BYTES = 1 << 16
 """Bytes read from a mirror at a time."""
@@ -189,6 +205,18 @@ def _download(remote: RemoteFile, bases: list[str], target: Path) -> Path:
     )
 
 
+def deadline_s(size: int) -> float:
+    """Return the seconds a mirror has to send a whole file of ``size`` bytes.
+
+    :data:`DEADLINE_ALLOWANCE_S` plus the time ``size`` takes at
+    :data:`DEADLINE_MIN_BYTES_PER_S`: generous for any working mirror, and
+    finite for one that drips bytes just fast enough to beat :data:`TIMEOUT_S`
+    on every read (which would otherwise hold the download forever). Both are
+    read when a download starts, so they can be changed (a test lowers them).
+    """
+    return DEADLINE_ALLOWANCE_S + size / DEADLINE_MIN_BYTES_PER_S
+
+
 def _fetch(url: str, remote: RemoteFile, target: Path) -> str | None:
     """Stream ``url`` to ``target`` if it is ``remote``, else say what came instead.
 
@@ -196,9 +224,30 @@ def _fetch(url: str, remote: RemoteFile, target: Path) -> str | None:
     received, or that there were more than ``remote.size`` bytes (reading stops
     there: a mirror cannot fill the disk). Nothing takes ``target``'s name
     unless its SHA-256 is ``remote.sha256``.
+
+    Raises
+    ------
+    _MirrorFailed
+        Where the mirror cannot be reached, answers with an HTTP error, breaks
+        off, or has not sent the whole file by its :func:`deadline_s`.
     """
+    with _Deadline(deadline_s(remote.size)) as deadline:
+        try:
+            return _stream(url, remote, target, deadline)
+        except _MirrorFailed:
+            deadline.check()  # a read cut short by the deadline says so
+            raise
+
+
+def _stream(
+    url: str, remote: RemoteFile, target: Path, deadline: _Deadline
+) -> str | None:
+    """Do :func:`_fetch`'s work over connections that ``deadline`` watches."""
+    opener = urllib.request.build_opener(
+        _WatchedHTTPHandler(deadline), _WatchedHTTPSHandler(deadline)
+    )
     try:
-        response = urllib.request.urlopen(url, timeout=TIMEOUT_S)
+        response = opener.open(url, timeout=TIMEOUT_S)
     except (OSError, http.client.HTTPException) as err:
         raise _MirrorFailed(_reason(err)) from err
     with response:
@@ -209,6 +258,8 @@ def _fetch(url: str, remote: RemoteFile, target: Path) -> str | None:
         try:
             with os.fdopen(descriptor, "wb") as file:
                 size, sha256 = _copy(response, file, remote.size, url)
+                if sha256 != remote.sha256:  # cut short by the deadline, perhaps
+                    deadline.check()
                 if size > remote.size:
                     return f"more than {remote.size} bytes"
                 if sha256 != remote.sha256:
@@ -244,6 +295,89 @@ def _copy(response: BinaryIO, file: BinaryIO, size: int, url: str) -> tuple[int,
     finally:
         progress.end()
     return copied, digest.hexdigest()
+
+
+class _Deadline:
+    """Shuts a download's sockets once its seconds are up, which ends any read.
+
+    A blocked read, of the headers as of the body, returns or raises as soon as
+    its socket is shut; :meth:`check` then tells that apart from a mirror that
+    broke off by itself. Sockets are watched from the moment they connect (TLS
+    handshakes included) by :class:`_WatchedHTTPHandler` and
+    :class:`_WatchedHTTPSHandler`.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.expired = threading.Event()
+        self._sockets: list[socket.socket] = []
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> Self:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._timer.cancel()
+
+    def watch(self, sock: socket.socket) -> socket.socket:
+        """Shut ``sock`` at the deadline (at once if it has passed); return it."""
+        self._sockets.append(sock)
+        if self.expired.is_set():
+            _shut(sock)
+        return sock
+
+    def check(self) -> None:
+        """Raise :class:`_MirrorFailed` if the deadline has passed."""
+        if self.expired.is_set():
+            raise _MirrorFailed(
+                f"no whole file within the deadline of {self.seconds:.3g} s"
+            )
+
+    def _expire(self) -> None:
+        self.expired.set()
+        for sock in self._sockets:
+            _shut(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    """Shut ``sock`` both ways, so that a read blocked on it ends; closed is fine."""
+    with suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+class _Watching(urllib.request.AbstractHTTPHandler):
+    """Opens connections whose sockets a :class:`_Deadline` watches."""
+
+    def __init__(self, deadline: _Deadline) -> None:
+        super().__init__()
+        self.deadline = deadline
+
+    def do_open(
+        self, http_class: Callable[..., Any], req: urllib.request.Request, **args: Any
+    ) -> http.client.HTTPResponse:
+        """Open ``req`` as urllib does, each new socket watched by the deadline."""
+
+        def connection(*conn_args: Any, **conn_kwargs: Any) -> Any:
+            made = http_class(*conn_args, **conn_kwargs)
+            # connect() opens its socket through this attribute, which exists to
+            # be replaced; TLS and a proxy tunnel are set up over that socket.
+            create = made._create_connection
+            made._create_connection = lambda *a, **k: self.deadline.watch(
+                create(*a, **k)
+            )
+            return made
+
+        return super().do_open(connection, req, **args)
+
+
+class _WatchedHTTPHandler(_Watching, urllib.request.HTTPHandler):
+    """urllib's HTTP handler, its sockets shut at the download's deadline."""
+
+
+class _WatchedHTTPSHandler(_Watching, urllib.request.HTTPSHandler):
+    """urllib's HTTPS handler, its sockets shut at the download's deadline."""
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -27,6 +27,15 @@ from flwr_select.noise import NOISE_KINDS, LabelNoise
 PARTITIONERS = ("iid", "dirichlet")
 """Names :func:`partition_pool` accepts (the run-config key ``partitioner``)."""
 
+MAX_SERVER_ROUNDS = 100_000
+"""The most rounds ``num-server-rounds`` may ask for.
+
+Far beyond any experiment here (the data-parallel app's default is 300; the
+paper's protocol has 10), and well inside the integers that Flower's records
+and numpy carry: a mistyped count is refused instead of running for ever or
+overflowing an int64 once it is sent.
+"""
+
 
 @dataclass(frozen=True)
 class PaperSplit:
@@ -116,7 +125,7 @@ class ShareConfig(RunConfigFields):
     pool_size : int (default: 0)
         Samples the nodes share; 0: the rest.
     num_server_rounds : int (default: 10)
-        Rounds of the run; >= 1.
+        Rounds of the run; in [1, :data:`MAX_SERVER_ROUNDS`].
     """
 
     dataset: str = "mnist"
@@ -128,7 +137,12 @@ class ShareConfig(RunConfigFields):
 
     def __post_init__(self) -> None:
         rounds = self.num_server_rounds
-        check("num-server-rounds", rounds, rounds >= 1, ">= 1")
+        check(
+            "num-server-rounds",
+            rounds,
+            1 <= rounds <= MAX_SERVER_ROUNDS,
+            f">= 1 and <= {MAX_SERVER_ROUNDS}",
+        )
         check_name("dataset", self.dataset, DATASETS)
         check_name("model", self.model, MODELS)
         size = self.validation_size
@@ -176,7 +190,9 @@ class SiteShareConfig(ShareConfig):
         A name from :data:`~flwr_select.noise.NOISE_KINDS`.
     label_noise_sites : str (default: "all")
         Which sites hold the flipped labels: ``"all"``, or their partition ids,
-        comma-separated (``"0"``, ``"0,3"``); the others hold clean ones.
+        comma-separated (``"0"``, ``"0,3"``); the others hold clean ones. An id
+        that no site has is refused where the number of sites is known
+        (:meth:`check_sites`).
     easy_sites : str (default: "": none)
         Partition ids of sites that hold only samples of ``easy_classes`` (the
         pool's, split evenly between them), data the initial model already
@@ -218,7 +234,16 @@ class SiteShareConfig(ShareConfig):
         Its share of the pool by ``partitioner`` (:func:`partition_pool`), over
         the training set's ``labels`` (clean: the partition never depends on
         the label noise); every round's fold is cut from it.
+
+        Raises
+        ------
+        ConfigError
+            Where ``label-noise-sites`` or ``easy-sites`` names a partition id
+            >= ``num_partitions`` (:meth:`check_sites`): every site refuses it
+            in the first round, so the run stops instead of going on without
+            the noise or the easy sites it asked for.
         """
+        self.check_sites(num_partitions, f"num-partitions {num_partitions}")
         pool = self.split(len(labels), seed=seed).pool
         easy, classes = self.easy()
         if easy:  # the easy classes to the easy sites, the rest to the others
@@ -258,6 +283,32 @@ class SiteShareConfig(ShareConfig):
             self.label_noise_sites,
             '"all" or partition ids >= 0, comma-separated (e.g. "0,3")',
         )
+
+    def check_sites(self, num_sites: int, counted_by: str) -> None:
+        """Refuse a site that ``label-noise-sites`` or ``easy-sites`` names but lacks.
+
+        Sites are partition ids ``0 .. num_sites - 1``; a larger id is held by no
+        site, and the run would go on without the noise (or the easy sites) it
+        asked for, as if it had them. ``counted_by`` says where ``num_sites``
+        comes from (``"--num-supernodes 2"``), for the message.
+
+        Raises
+        ------
+        ConfigError
+            Naming the key, the sites there are and where that number comes from.
+        """
+        named = (
+            ("label-noise-sites", self.label_noise_sites, self.noisy_sites()),
+            ("easy-sites", self.easy_sites, self.easy()[0]),
+        )
+        for key, value, ids in named:
+            check(
+                key,
+                value,
+                max(ids or (), default=-1) < num_sites,
+                f"partition ids in [0, {num_sites}), the sites there are "
+                f"({counted_by})",
+            )
 
     def easy(self) -> tuple[frozenset[int], frozenset[int]]:
         """Return the easy sites' partition ids and their classes (no sites: none).

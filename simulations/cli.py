@@ -28,12 +28,17 @@ SuperNodes), with ``flwr run``'s ``--run-config`` syntax::
 
 Unknown ``--run-config`` keys are refused before the engine starts, naming the
 allowed ones (under ``flwr run`` the SuperLink refuses them when the run starts).
+So are ``--num-supernodes`` outside [1, :data:`MAX_SUPERNODES`], a ``--num-cpus``
+that is not a finite number > 0, a ``--num-gpus`` that is not a finite number
+>= 0, and an app whose import raises (or exits): argparse's exit status 2, with
+one line naming the flag or the app and what is allowed or what was raised.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import re
 import shlex
 import sys
@@ -59,6 +64,7 @@ from flwr_select.flower_private import (
     parse_config_args,
     simulation_run,
 )
+from flwr_select.partition import SiteShareConfig
 
 PROJECT_APPS = (
     "simulations.mnist",
@@ -72,6 +78,15 @@ COMPONENTS = ("serverapp", "clientapp")
 
 PROJECT_APP_ATTRIBUTES = ("server_app", "client_app", "DEFAULTS", "check_config")
 """What a module provides to run as one of this project's apps."""
+
+MAX_SUPERNODES = 10_000
+"""The most virtual sites ``--num-supernodes`` starts.
+
+Each is a node of Flower's engine on this one machine, with its share of the
+data and its messages every round; 10,000 is far beyond what a machine runs in
+reasonable time (``bench/many_sites.py``), and a mistyped count (a billion)
+would otherwise start registering nodes instead of being refused.
+"""
 
 APPS_RUN = (
     f"this project's app modules ({', '.join(PROJECT_APPS)}), a Flower app folder "
@@ -147,8 +162,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--verbose", action="store_true", help="Flower's debug logs")
     args = parser.parse_args(argv)
 
-    if args.num_supernodes < 1:
-        parser.error(f"--num-supernodes must be >= 1, got {args.num_supernodes}")
+    for flag, value, ok, allowed in (
+        ("--num-supernodes", args.num_supernodes, args.num_supernodes >= 1, ">= 1"),
+        (
+            "--num-supernodes",
+            args.num_supernodes,
+            args.num_supernodes <= MAX_SUPERNODES,
+            f"<= {MAX_SUPERNODES} (the most virtual sites this command starts)",
+        ),
+        (
+            "--num-cpus",
+            args.num_cpus,
+            math.isfinite(args.num_cpus) and args.num_cpus > 0,
+            "a finite number > 0 (CPUs per ClientApp)",
+        ),
+        (
+            "--num-gpus",
+            args.num_gpus,
+            math.isfinite(args.num_gpus) and args.num_gpus >= 0,
+            "a finite number >= 0 (the share of a GPU per ClientApp)",
+        ),
+    ):
+        if not ok:
+            parser.error(f"{flag} must be {allowed}, got {value}")
     try:
         simulation = prepare_simulation(args.app, args.run_config, args.num_supernodes)
     except AppRefused as err:
@@ -209,6 +245,8 @@ def find_app(name: str) -> ModuleType | FlowerApp:
     except (ImportError, ValueError, TypeError) as err:  # no such module, or broken
         module = None
         reasons.append(f"cannot import it ({err})")
+    except (Exception, SystemExit) as err:  # the app's own code failed, or exited
+        raise AppRefused(f"--app {name!r}: {raised_on_import(err)}") from err
     else:
         if all(hasattr(module, attribute) for attribute in PROJECT_APP_ATTRIBUTES):
             return module
@@ -227,6 +265,17 @@ def find_app(name: str) -> ModuleType | FlowerApp:
         f"--app {name!r} is not an app: {'; '.join(reasons)}. "
         f"flower-simulation runs {APPS_RUN}"
     )
+
+
+def raised_on_import(err: BaseException) -> str:
+    """Say, on one line, that importing an app raised ``err`` and nothing ran.
+
+    A ``SystemExit`` is said too: even ``SystemExit(0)`` at import means the app
+    ran nothing, which must not pass for a run that succeeded.
+    """
+    lines = str(err).strip().splitlines()
+    raised = f"{type(err).__name__}: {lines[0]}" if lines else repr(err)
+    return f"importing it raised {raised}; nothing ran"
 
 
 def app_folders_of(module: ModuleType | None) -> list[Path]:
@@ -300,8 +349,9 @@ def project_app_simulation(
     Raises
     ------
     AppRefused
-        Where its ``check_config`` refuses a value, or ``min-nodes`` exceeds the
-        ``num_nodes`` there will be.
+        Where its ``check_config`` refuses a value, ``min-nodes`` exceeds the
+        ``num_nodes`` there will be, or ``label-noise-sites`` or ``easy-sites``
+        names a site that none of them is.
     """
     if "min-nodes" not in overrides:  # a round must not wait for absent nodes
         config["min-nodes"] = min(config["min-nodes"], num_nodes)
@@ -313,6 +363,10 @@ def project_app_simulation(
             config["min-nodes"] <= num_nodes,
             f"<= --num-supernodes ({num_nodes})",
         )
+        if "label-noise-sites" in config:  # an app whose sites share the pool
+            SiteShareConfig.from_config(config).check_sites(
+                num_nodes, f"--num-supernodes {num_nodes}"
+            )
     except ConfigError as err:
         raise AppRefused(str(err)) from err
     return Simulation(
@@ -360,8 +414,9 @@ def load_component(app: FlowerApp, kind: str, expected: type) -> Any:
     ------
     AppRefused
         Where the reference is malformed, names a module or attribute that is not
-        there, or an object that is not an ``expected``. A module the app itself
-        imports that is missing raises its own ``ModuleNotFoundError``.
+        there, or an object that is not an ``expected``; or where importing the
+        component raises (a module it imports is missing, its code fails) or
+        exits, naming what it raised.
     """
     reference = app.components[kind]
     module_name = reference.partition(":")[0]
@@ -370,10 +425,16 @@ def load_component(app: FlowerApp, kind: str, expected: type) -> Any:
     except AppRefused as err:
         raise AppRefused(f"{kind} of {app.folder}: {err}".rstrip()) from err
     except ModuleNotFoundError as err:
-        if not f"{module_name}.".startswith(f"{err.name}."):
-            raise
+        if f"{module_name}.".startswith(f"{err.name}."):
+            raise AppRefused(
+                f"{kind} {reference!r}: no module {err.name!r} in {app.folder}"
+            ) from err
+        raise AppRefused(  # a module the app imports, its dependency missing
+            f"{kind} {reference!r} of {app.folder}: {raised_on_import(err)}"
+        ) from err
+    except (Exception, SystemExit) as err:  # the app's own code failed, or exited
         raise AppRefused(
-            f"{kind} {reference!r}: no module {err.name!r} in {app.folder}"
+            f"{kind} {reference!r} of {app.folder}: {raised_on_import(err)}"
         ) from err
     if not isinstance(component, expected):
         raise AppRefused(

@@ -36,6 +36,7 @@ from flwr_select.selection.protocol import SelectionConfig
 from flwr_select.selection.wire import encode, wire_bytes
 from flwr_select.trainer import AUGMENTATIONS, OPTIMIZERS, SCHEDULES, TrainConfig
 from simulations.recipes import DATASET_RECIPES, RECIPES
+from strategies.nodes import check_fraction_train, check_min_nodes
 from strategies.sample_selection import SampleSelection
 
 
@@ -76,9 +77,9 @@ class ServerConfig(ShareConfig):
         check("out-dir", self.out_dir, self.out_dir != "", "a folder, not empty")
         check_name("optimizer", self.optimizer, sorted(OPTIMIZERS))
         check("lr", self.lr, self.lr > 0, "> 0")
-        fraction = self.fraction_train
-        check("fraction-train", fraction, 0 < fraction <= 1, "in (0, 1]")
-        check("min-nodes", self.min_nodes, self.min_nodes >= 1, ">= 1")
+        # the strategies' constructors check their arguments the same way
+        check_fraction_train("fraction-train", self.fraction_train)
+        check_min_nodes("min-nodes", self.min_nodes)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,41 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from flwr_select.config import check
 from flwr_select.flower_private import sample_nodes
+
+
+def check_fraction_train(key: str, fraction: object) -> None:
+    """Refuse a share of the nodes to ask each round that is not in (0, 1].
+
+    Above 1 a round asks for more nodes than are connected and waits for ever
+    for the rest; 0 asks none. One check for the run config's
+    ``fraction-train`` and the strategies' ``fraction_train``: ``key`` is the
+    name the caller knows.
+
+    Raises
+    ------
+    flwr_select.config.ConfigError
+        Naming ``key`` and what is allowed.
+    """
+    number = isinstance(fraction, int | float) and not isinstance(fraction, bool)
+    check(key, fraction, number and 0 < fraction <= 1, "a number in (0, 1]")
+
+
+def check_min_nodes(key: str, count: object) -> None:
+    """Refuse a number of nodes a round waits for or asks that is not an int >= 1.
+
+    One check for the run config's ``min-nodes`` and the strategies'
+    ``min_train_nodes`` and ``min_available_nodes``: ``key`` is the name the
+    caller knows.
+
+    Raises
+    ------
+    flwr_select.config.ConfigError
+        Naming ``key`` and what is allowed.
+    """
+    integer = isinstance(count, int) and not isinstance(count, bool)
+    check(key, count, integer and count >= 1, "an integer >= 1")
 
 
 def sample_round_nodes(strategy: FedAvg, grid: Grid, seed: int) -> list[int]:
@@ -115,7 +149,16 @@ class TrainOnlyFedAvg(FedAvg):
     """``FedAvg``'s node sampling and loop, with no evaluation round at the nodes.
 
     The base of this project's strategies: sites and workers do not evaluate the
-    model (the server does, with ``evaluate_fn``).
+    model (the server does, with ``evaluate_fn``). The sampling arguments are
+    checked as the run config's ``fraction-train`` and ``min-nodes`` are
+    (:func:`check_fraction_train`, :func:`check_min_nodes`), so a strategy built
+    in code cannot wait for ever for nodes that a bad value asks for.
+
+    Raises
+    ------
+    flwr_select.config.ConfigError
+        Where ``fraction_train`` is not in (0, 1], or ``min_train_nodes`` or
+        ``min_available_nodes`` is not an integer >= 1; naming the argument.
     """
 
     def __init__(
@@ -124,6 +167,9 @@ class TrainOnlyFedAvg(FedAvg):
         min_train_nodes: int = 2,
         min_available_nodes: int = 2,
     ) -> None:
+        check_fraction_train("fraction_train", fraction_train)
+        check_min_nodes("min_train_nodes", min_train_nodes)
+        check_min_nodes("min_available_nodes", min_available_nodes)
         super().__init__(
             fraction_train=fraction_train,
             min_train_nodes=min_train_nodes,

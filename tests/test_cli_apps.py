@@ -8,6 +8,7 @@ its ``out-file`` names; each ClientApp replies with its partition and the
 
 import ast
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -261,3 +262,107 @@ def test_the_sites_experiment_refuses_a_bad_noisy_site_list_before_any_run(
         sites.main(["--label-noise", "0.3", "--noisy-sites", "0,x"])
     assert exit.value.code == 2
     assert "label-noise-sites must be" in capsys.readouterr().err
+
+
+def refused_in_its_own_process(done: subprocess.CompletedProcess) -> str:
+    """Return the one-line refusal of a real ``flower-simulation`` run.
+
+    Asserts argparse's exit status 2, no traceback, and that no engine started.
+    """
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "Starting" not in done.stdout + done.stderr
+    refusal = done.stderr.split("flower-simulation: error: ")[-1]
+    assert refusal.count("\n") == 1  # one line, ended
+    return refusal.strip()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "allowed"),
+    [
+        ("--num-supernodes", "1000000000", "<= 10000 (the most virtual sites"),
+        ("--num-cpus", "-1.0", "a finite number > 0"),
+        ("--num-cpus", "nan", "a finite number > 0"),
+        ("--num-gpus", "-0.5", "a finite number >= 0"),
+        ("--num-gpus", "inf", "a finite number >= 0"),
+    ],
+)
+def test_a_flag_out_of_its_range_is_refused_naming_it(
+    flower_simulation, flag, value, allowed
+):
+    # Execute: the installed command, in its own process
+    done = flower_simulation("simulations.mnist", flag, value)
+    # Assert: the flag, what is allowed and the value given
+    refusal = refused_in_its_own_process(done)
+    assert refusal.startswith(f"{flag} must be {allowed}"), refusal
+    assert refusal.endswith(f", got {value}"), refusal
+
+
+RAISING_AT_IMPORT = {
+    "raising_app": 'raise RuntimeError("no GPU here\\nsecond line")',
+    "exiting_app": "raise SystemExit(0)",
+}
+"""App modules whose import raises: an error, and an exit that claims success."""
+
+
+@pytest.mark.parametrize(
+    ("module", "raised"),
+    [
+        ("raising_app", "RuntimeError: no GPU here"),
+        ("exiting_app", "SystemExit: 0"),
+    ],
+)
+def test_an_app_that_raises_at_import_is_refused_naming_it_and_the_exception(
+    flower_simulation, tmp_path, module, raised
+):
+    # Prepare: the module on the path, before the repository root
+    (tmp_path / f"{module}.py").write_text(RAISING_AT_IMPORT[module] + "\n")
+    path = os.pathsep.join([str(tmp_path), str(ROOT)])
+    # Execute
+    done = flower_simulation(module, env={"PYTHONPATH": path})
+    # Assert: exit 2 and one line, not a traceback or a silent success
+    assert refused_in_its_own_process(done) == (
+        f"--app {module!r}: importing it raised {raised}; nothing ran"
+    )
+
+
+def test_a_flower_apps_component_that_raises_at_import_is_refused(
+    flower_simulation, tmp_path
+):
+    # Prepare: a Flower app folder whose ServerApp module raises
+    package = "brokenflowerapp"
+    (tmp_path / "pyproject.toml").write_text(PYPROJECT.replace(PACKAGE, package))
+    (tmp_path / package).mkdir()
+    (tmp_path / package / "__init__.py").write_text("")
+    (tmp_path / package / "server_app.py").write_text('raise KeyError("weights")\n')
+    (tmp_path / package / "client_app.py").write_text(textwrap.dedent(CLIENT_APP))
+    # Execute
+    done = flower_simulation(str(tmp_path))
+    # Assert
+    assert refused_in_its_own_process(done) == (
+        f"serverapp '{package}.server_app:app' of {tmp_path.resolve()}: "
+        "importing it raised KeyError: 'weights'; nothing ran"
+    )
+
+
+@pytest.mark.parametrize(
+    ("run_config", "refusal"),
+    [
+        (
+            "num-server-rounds=9223372036854775808",  # 2**63: beyond int64
+            "num-server-rounds must be >= 1 and <= 100000, got 9223372036854775808",
+        ),
+        (
+            'label-noise=0.3 label-noise-sites="0,2"',
+            "label-noise-sites must be partition ids in [0, 2), the sites there "
+            "are (--num-supernodes 2), got '0,2'",
+        ),
+    ],
+)
+def test_a_run_config_the_sites_cannot_honour_is_refused_before_anything_starts(
+    flower_simulation, run_config, refusal
+):
+    # Execute: two sites, the default
+    done = flower_simulation("simulations.mnist", "--run-config", run_config)
+    # Assert
+    assert refused_in_its_own_process(done) == refusal

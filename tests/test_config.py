@@ -2,13 +2,14 @@
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import Context, RecordDict
 
 from flwr_select.config import ConfigError, RunConfigFields, check, check_name, convert
 from flwr_select.data import SiteData
-from flwr_select.partition import ShareConfig, SiteShareConfig
+from flwr_select.partition import MAX_SERVER_ROUNDS, ShareConfig, SiteShareConfig
 from flwr_select.selection.wire import encode, wire_bytes
 from simulations import data_parallel, fashion_mnist, mnist, mnist_data_parallel
 from simulations.runner import check_config, defaults
@@ -131,6 +132,8 @@ EMPTY = {
 SELECTION_BAD = [
     ("num-server-rounds", 0, ">= 1"),
     ("num-server-rounds", -1, ">= 1"),
+    ("num-server-rounds", 100_001, ">= 1 and <= 100000"),
+    ("num-server-rounds", 2**63, ">= 1 and <= 100000"),  # beyond int64
     ("num-server-rounds", 2.7, "an integer"),
     ("rho", 0, "in (0, 1]"),
     ("rho", 1.5, "in (0, 1]"),
@@ -241,6 +244,7 @@ def test_max_bytes_may_be_the_size_of_an_empty_upload_compressed_or_not():
 DATA_PARALLEL = data_parallel.defaults("mnist")
 DATA_PARALLEL_BAD = [
     ("num-server-rounds", 0, ">= 1"),
+    ("num-server-rounds", 2**63, ">= 1 and <= 100000"),
     ("num-server-rounds", 2.7, "an integer"),
     ("dataset", "emnist", "choose one of mnist,"),
     ("model", "resnet", "choose one of lenet5,"),
@@ -295,6 +299,8 @@ def test_the_data_parallel_defaults_pass():
     ("app", "key", "value"),
     [
         (mnist, "num-server-rounds", 0),
+        (mnist, "num-server-rounds", 2**63),
+        (mnist_data_parallel, "num-server-rounds", 10**30),
         (mnist, "fraction-train", 1.5),
         (mnist, "compress", "ture"),
         (mnist, "max-bytes", 100),
@@ -341,3 +347,61 @@ def test_every_key_of_an_app_is_declared_in_one_dataclass_field_only(
     keys = [key for part in parts for key in part.to_config()]
     assert len(keys) == len(set(keys)) and set(keys) == set(defaults_fn("mnist"))
     assert all(len(classes) == 1 for key, classes in owners.items() if key in keys)
+
+
+def test_num_server_rounds_may_be_its_documented_maximum_and_no_more():
+    # Execute: the bound itself passes, on both apps
+    server, _ = check_config({**MNIST, "num-server-rounds": MAX_SERVER_ROUNDS})
+    data_parallel.check_config({**DATA_PARALLEL, "num-server-rounds": 100_000})
+    # Assert
+    assert server.num_server_rounds == MAX_SERVER_ROUNDS == 100_000
+    with pytest.raises(
+        ConfigError, match="^num-server-rounds must be >= 1 and <= 100000, got 100001$"
+    ):
+        ShareConfig(num_server_rounds=MAX_SERVER_ROUNDS + 1)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("label-noise-sites", "0,2"), ("label-noise-sites", "7"), ("easy-sites", "2")],
+)
+def test_a_site_id_that_no_site_has_is_refused_naming_the_sites_there_are(key, value):
+    # Prepare: two sites, one id beyond them
+    share = SiteShareConfig.from_config({"label-noise": 0.3, key: value})
+    # Execute
+    with pytest.raises(ConfigError) as error:
+        share.check_sites(2, "--num-supernodes 2")
+    # Assert
+    assert_names(error.value, key, "partition ids in [0, 2), the sites there are")
+    assert str(error.value).endswith(f"(--num-supernodes 2), got {value!r}")
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"label-noise-sites": "all"},
+        {"label-noise-sites": "0,1"},
+        {"easy-sites": "1"},
+        {"easy-sites": ""},
+    ],
+)
+def test_site_ids_the_sites_have_pass(config):
+    # Prepare
+    share = SiteShareConfig.from_config(config)
+    # Execute / Assert: no refusal
+    share.check_sites(2, "--num-supernodes 2")
+
+
+def test_a_simulated_site_refuses_a_noisy_site_id_beyond_the_partitions():
+    # Prepare: a run started without the command's check (flwr run), 2 sites
+    share = SiteShareConfig(
+        validation_size=10, initial_size=10, label_noise=0.3, label_noise_sites="2"
+    )
+    labels = np.arange(100) % 10
+    # Execute / Assert: the site's share is refused, naming the key and the count
+    with pytest.raises(ConfigError) as error:
+        share.site_pool(labels, seed=0, partition_id=0, num_partitions=2)
+    assert_names(error.value, "label-noise-sites", "partition ids in [0, 2)")
+    assert "(num-partitions 2)" in str(error.value)
+    # Assert: with three sites, id 2 is one of them
+    assert len(share.site_pool(labels, seed=0, partition_id=2, num_partitions=3)) > 0

@@ -3,15 +3,28 @@
 import hashlib
 import socket
 import threading
+import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import (
+    BaseHTTPRequestHandler,
+    SimpleHTTPRequestHandler,
+    ThreadingHTTPServer,
+)
 
 import pytest
 
 from flwr_select import download
 from flwr_select.data import load_dataset, resolve_data_dir
-from flwr_select.download import DOWNLOADS, MIRROR_ENV, ChecksumMismatchError
+from flwr_select.download import (
+    DOWNLOADS,
+    MIRROR_ENV,
+    ChecksumMismatchError,
+    Download,
+    MirrorsUnreachableError,
+    RemoteFile,
+    download_missing,
+)
 
 MNIST = DOWNLOADS["mnist"].files
 FIRST = MNIST[0]  # downloaded first: a refusal there leaves nothing behind
@@ -229,3 +242,126 @@ def test_only_the_cache_is_downloaded_into_and_not_cifar10(
     with pytest.raises(FileNotFoundError, match="Put cifar-10-batches-py/"):
         load_dataset("cifar10", resolve_data_dir("cifar10"), "train")
     assert mirror.requests == []
+
+
+DRIP_INTERVAL_S = 0.05
+"""A dripping mirror sends one byte this often: far within the per-read timeout."""
+
+
+@contextmanager
+def dripping(where):
+    """Serve every GET with one byte every DRIP_INTERVAL_S, in the headers or body.
+
+    Each read of the client's gets a byte long before ``download.TIMEOUT_S``, so
+    only a deadline on the whole file ends the download.
+    """
+    mirror, stop = Mirror(""), threading.Event()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            mirror.requests.append(self.path)
+            if where == "headers":
+                self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Drip: ")
+            else:
+                self.send_response(200)
+                self.send_header("Content-Length", "4096")
+                self.end_headers()
+            try:
+                while not stop.is_set():
+                    self.wfile.write(b"a")
+                    time.sleep(DRIP_INTERVAL_S)
+            except OSError:  # the client shut its socket
+                pass
+
+        def log_message(self, format, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    mirror.url = f"http://127.0.0.1:{server.server_address[1]}/"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield mirror
+    finally:
+        stop.set()
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+TINY = RemoteFile("tiny.bin", 4096, hashlib.sha256(bytes(range(256)) * 16).hexdigest())
+"""A made-up data set's one file: 4 kB, which a dripping mirror never finishes."""
+
+
+@pytest.fixture
+def one_second_deadline(monkeypatch, tmp_path):
+    """Data set ``tiny`` (TINY) downloadable, with a deadline of 1 s for any file.
+
+    The per-read timeout stays as it is: a download that ends at once shows the
+    deadline at work. Returns a folder serving the right file.
+    """
+    monkeypatch.setitem(DOWNLOADS, "tiny", Download((), (TINY,)))
+    monkeypatch.setattr(download, "DEADLINE_ALLOWANCE_S", 1.0)
+    monkeypatch.setattr(download, "DEADLINE_MIN_BYTES_PER_S", 1e12)
+    assert download.TIMEOUT_S >= 30
+    good = tmp_path / "good"
+    good.mkdir()
+    (good / TINY.name).write_bytes(bytes(range(256)) * 16)
+    return good
+
+
+@pytest.mark.parametrize("where", ["headers", "body"])
+def test_a_mirror_dripping_bytes_is_dropped_at_the_deadline_for_the_next(
+    where, one_second_deadline, serve, tmp_path, monkeypatch, capsys
+):
+    # Prepare: a mirror that drips, then one that has the file
+    with dripping(where) as drip:
+        good = serve(one_second_deadline)
+        monkeypatch.setenv(MIRROR_ENV, f"{drip.url} {good.url}")
+        folder = tmp_path / "cache"
+        started = time.monotonic()
+        # Execute
+        written = download_missing("tiny", folder)
+        elapsed = time.monotonic() - started
+    # Assert: the next mirror's file, well before one read timeout, nothing else
+    assert written == [folder / TINY.name]
+    assert (folder / TINY.name).read_bytes() == bytes(range(256)) * 16
+    assert sorted(path.name for path in folder.iterdir()) == [TINY.name]  # no .part
+    assert drip.requests == good.requests == [f"/{TINY.name}"]
+    assert elapsed < 10
+    failures = [
+        line
+        for line in capsys.readouterr().err.splitlines()
+        if line.startswith(f"{drip.url}{TINY.name} failed: ")
+    ]
+    assert failures == [
+        f"{drip.url}{TINY.name} failed: no whole file within the deadline of 1 s"
+    ]
+
+
+def test_with_only_a_dripping_mirror_the_download_fails_and_leaves_no_part_file(
+    one_second_deadline, tmp_path, monkeypatch
+):
+    # Prepare: the body drips, so the temporary file exists when the deadline hits
+    folder = tmp_path / "cache"
+    with dripping("body") as drip:
+        monkeypatch.setenv(MIRROR_ENV, drip.url)
+        # Execute
+        with pytest.raises(MirrorsUnreachableError) as failed:
+            download_missing("tiny", folder)
+    # Assert
+    assert (
+        f"no mirror delivered {TINY.name}: {drip.url}{TINY.name} failed: "
+        "no whole file within the deadline of 1 s" in str(failed.value)
+    )
+    assert list(folder.iterdir()) == []
+
+
+def test_the_deadline_is_generous_for_the_largest_file_and_finite():
+    # Prepare
+    largest = max(f.size for d in DOWNLOADS.values() for f in d.files)
+    # Execute
+    seconds = download.deadline_s(largest)
+    # Assert: 26 MB at well under broadband speed, yet not forever
+    assert 10 * 60 <= seconds <= 60 * 60
+    assert download.deadline_s(0) == download.DEADLINE_ALLOWANCE_S

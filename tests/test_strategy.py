@@ -19,6 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from clients.site import load_ledger, make_select_handler
+from flwr_select.config import ConfigError
 from flwr_select.data import SiteData
 from flwr_select.selection.protocol import (
     MESSAGE_TYPE,
@@ -29,6 +30,8 @@ from flwr_select.selection.protocol import (
 from flwr_select.selection.protocol import request as selection_request
 from flwr_select.selection.server import INGEST_STAGES, SiteReport
 from flwr_select.selection.wire import ZSTD, encode, wire_bytes
+from simulations.runner import ServerConfig
+from strategies.data_parallel import BiasedDataParallel
 from strategies.nodes import EverySiteFailed
 from strategies.sample_selection import SampleSelection
 from tests.hostile import SENT, N, make_strategy  # a site offers N, sends 10 of them
@@ -576,3 +579,45 @@ def test_the_audit_counts_per_site_the_labels_the_model_calls_wrong():
         metrics["suspect-candidates.1"] == 7 and metrics["suspect-candidates.2"] == 14
     )
     assert metrics["suspect-candidates"] == 21
+
+
+@pytest.mark.parametrize(
+    ("argument", "value", "allowed"),
+    [
+        ("fraction_train", 1.5, "a number in (0, 1]"),
+        ("fraction_train", 0.0, "a number in (0, 1]"),
+        ("fraction_train", float("nan"), "a number in (0, 1]"),
+        ("fraction_train", "1", "a number in (0, 1]"),
+        ("min_train_nodes", 0, "an integer >= 1"),
+        ("min_train_nodes", 2.5, "an integer >= 1"),
+        ("min_available_nodes", -1, "an integer >= 1"),
+        ("min_available_nodes", True, "an integer >= 1"),
+    ],
+)
+@pytest.mark.parametrize("strategy", ["SampleSelection", "BiasedDataParallel"])
+def test_a_strategy_refuses_sampling_that_would_wait_for_ever_when_built(
+    strategy, argument, value, allowed
+):
+    # Prepare
+    def build():
+        if strategy == "SampleSelection":
+            return make_strategy(**{argument: value})
+        return BiasedDataParallel(lambda: torch.nn.Linear(2, 2), **{argument: value})
+
+    # Execute
+    with pytest.raises(ConfigError) as refused:
+        build()
+    # Assert: named as the constructor's argument, allowed as the run config's
+    assert str(refused.value).startswith(f"{argument} must be {allowed}, got ")
+
+
+def test_the_constructor_and_the_run_config_check_sampling_alike():
+    # Execute
+    with pytest.raises(ConfigError) as in_config:
+        ServerConfig(fraction_train=1.5)
+    with pytest.raises(ConfigError) as in_code:
+        make_strategy(fraction_train=1.5)
+    # Assert: the same rule, each under the name its caller knows
+    assert str(in_config.value) == "fraction-train must be a number in (0, 1], got 1.5"
+    assert str(in_code.value) == "fraction_train must be a number in (0, 1], got 1.5"
+    assert make_strategy(fraction_train=1.0, min_train_nodes=1).fraction_train == 1.0
