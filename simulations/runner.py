@@ -33,6 +33,11 @@ from flwr_select.files import write_json_lines
 from flwr_select.models import build_model
 from flwr_select.partition import ShareConfig, SiteShareConfig
 from flwr_select.selection.protocol import SelectionConfig
+from flwr_select.selection.server import (
+    MAX_SITE_SAMPLES,
+    check_round_budget,
+    check_server_bounds,
+)
 from flwr_select.selection.wire import encode, wire_bytes
 from flwr_select.trainer import AUGMENTATIONS, OPTIMIZERS, SCHEDULES, TrainConfig
 from simulations.recipes import DATASET_RECIPES, RECIPES
@@ -115,6 +120,9 @@ class SelectionServerConfig(ServerConfig, SiteShareConfig):
         with a fresh schedule).
     max_upload_bytes : int (default: 256 MiB)
         The server rejects a larger upload before decoding it; >= 1.
+    max_site_samples : int (default: 10,000)
+        The most samples the server accepts from one site in one round; >= 1
+        (see :class:`~flwr_select.selection.server.SelectionServer`).
     round_timeout : float (default: 3600.0)
         Seconds a round waits for replies; > 0.
     """
@@ -129,6 +137,7 @@ class SelectionServerConfig(ServerConfig, SiteShareConfig):
     weight_decay: float = 0.0
     from_scratch: bool = False
     max_upload_bytes: int = 256 * 2**20
+    max_site_samples: int = MAX_SITE_SAMPLES
     round_timeout: float = 3600.0
 
     def __post_init__(self) -> None:
@@ -141,8 +150,7 @@ class SelectionServerConfig(ServerConfig, SiteShareConfig):
         check_name("augment", self.augment, AUGMENTATIONS)
         check("max-shift", self.max_shift, self.max_shift >= 1, ">= 1")
         check("weight-decay", self.weight_decay, self.weight_decay >= 0, ">= 0")
-        size = self.max_upload_bytes
-        check("max-upload-bytes", size, size >= 1, ">= 1")
+        check_server_bounds(self.max_upload_bytes, self.max_site_samples)
         check("round-timeout", self.round_timeout, self.round_timeout > 0, "> 0")
 
     def train_config(self, epochs: int) -> TrainConfig:
@@ -214,6 +222,7 @@ def check_config(
         server.max_upload_bytes >= empty,
         f">= {empty}, the size of {least}",
     )
+    check_round_budget(selection, DATASETS[server.dataset].sample_shape)
     return server, selection
 
 
@@ -340,6 +349,7 @@ def run(grid: Grid, config: Mapping[str, Any]) -> None:
         run_dir=server.out_dir,
         sample_shape=DATASETS[server.dataset].sample_shape,
         max_upload_bytes=server.max_upload_bytes,
+        max_site_samples=server.max_site_samples,
         fraction_train=server.fraction_train,
         min_train_nodes=server.min_nodes,
         min_available_nodes=server.min_nodes,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from logging import INFO
 from typing import Any
 
@@ -199,13 +199,16 @@ class SampleSelection(TrainOnlyFedAvg, SelectionServer):
         server_round: int,
         arrays: ArrayRecord,
         extra: dict[str, object],
-        quotas: dict[int, int],
+        quotas: Mapping[int, int],
+        top_ups: Collection[int],
     ) -> list[Upload]:
-        """Ask each node for its top-up quota (a ``train.select``); return the uploads.
+        """Ask each node for its second-pass quota (a ``train.select``); return uploads.
 
         The second pass of a global round (the server's
         :meth:`~flwr_select.selection.server.SelectionServer.allocate_top_up`):
-        the model again, the quota and ``top-up``; failures are logged.
+        the model again and the quota, with ``top-up`` for the ``top_ups``
+        (nodes that sent their phase-2 quota); the others were given none in
+        phase 2 and are asked as phase 2 asks. Failures are logged.
         """
         messages = [
             self.request_to(
@@ -213,7 +216,11 @@ class SampleSelection(TrainOnlyFedAvg, SelectionServer):
                 MESSAGE_TYPE,
                 server_round,
                 arrays,
-                {**extra, QUOTA_KEY: quota, TOP_UP_KEY: True},
+                {
+                    **extra,
+                    QUOTA_KEY: quota,
+                    **({TOP_UP_KEY: True} if node in top_ups else {}),
+                },
             )
             for node, quota in sorted(quotas.items())
         ]

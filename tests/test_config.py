@@ -193,6 +193,7 @@ SELECTION_BAD = [
     ("max-upload-bytes", 0, ">= 1"),
     ("max-upload-bytes", -5, ">= 1"),
     ("max-upload-bytes", EMPTY[False] - 1, f">= {EMPTY[False]}"),
+    ("max-site-samples", 0, "an int >= 1"),
     ("round-timeout", 0, "> 0"),
     ("round-timeout", -1.0, "> 0"),
     ("fraction-train", 1.5, "in (0, 1]"),
@@ -405,3 +406,15 @@ def test_a_simulated_site_refuses_a_noisy_site_id_beyond_the_partitions():
     assert "(num-partitions 2)" in str(error.value)
     # Assert: with three sites, id 2 is one of them
     assert len(share.site_pool(labels, seed=0, partition_id=2, num_partitions=3)) > 0
+
+
+def test_a_global_budget_that_buys_no_sample_is_refused_before_start():
+    # Prepare: one MNIST sample costs 784 pixels, a label and an id on the wire
+    one = 28 * 28 + 1 + 8
+    config = {**MNIST, "allocation": "global"}
+    # Execute / Assert: a byte short of one sample is refused, naming the key
+    with pytest.raises(ConfigError) as error:
+        check_config({**config, "round-budget-bytes": one - 1})
+    assert_names(error.value, "round-budget-bytes", f">= {one}, the wire cost of one")
+    assert check_config({**config, "round-budget-bytes": one})[1].round_budget_bytes
+    assert check_config({**config, "round-budget-bytes": 0})  # the per-site sum
