@@ -10,11 +10,22 @@ plain dtype, a C-order shape of non-negative ints and a body of exactly the size
 that shape declares. Nothing is allocated before the body is known to be there:
 a ``.npy`` held in memory becomes a read-only view of its own bytes, and a member
 of a ``.npz`` is read incrementally up to the size its header declared.
+
+A ``.npz`` is a zip, and a zip can be a bomb: a member whose bytes are shared
+with other members, or compressed with a method that inflates a chunk whole
+(bzip2, lzma), turns a small file into gigabytes. So :func:`read_npz` accepts
+members laid out one after the other, as ``np.savez`` writes them, and only the
+compression the caller names: by default none (``np.savez``'s stored members,
+each exactly as long as the array it holds, so an array costs the bytes the
+file really has); deflate (``np.savez_compressed``) where a caller asks for it,
+inflated at most a chunk at a time, so that memory stays bounded by the size
+the header declares.
 """
 
 from __future__ import annotations
 
 import ast
+import itertools
 import math
 import re
 import struct
@@ -41,6 +52,23 @@ CANONICAL_HEADER = re.compile(
     )
 )
 """A header exactly as ``np.save`` writes it (a plain dtype, C order)."""
+STORED = frozenset({zipfile.ZIP_STORED})
+"""The zip compression ``np.savez`` writes: none (the default of :func:`read_npz`)."""
+STORED_OR_DEFLATED = frozenset({zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED})
+"""What ``np.savez`` or ``np.savez_compressed`` writes; the most :func:`read_npz` takes.
+
+zipfile inflates a deflate member no further than each read asks; bzip2 and lzma
+members it decompresses a whole chunk at a time, however large that becomes.
+"""
+COMPRESSION_NAMES = {
+    zipfile.ZIP_STORED: "stored",
+    zipfile.ZIP_DEFLATED: "deflate",
+    zipfile.ZIP_BZIP2: "bzip2",
+    zipfile.ZIP_LZMA: "lzma",
+}
+"""What the messages call each zip compression method."""
+LOCAL_HEADER_BYTES = 30
+"""The fixed part of a zip member's local header, which precedes its bytes."""
 
 
 class NpyError(ValueError):
@@ -182,6 +210,7 @@ def read_npz(
     *,
     required: Collection[str] = (),
     name: str | None = None,
+    compressions: Collection[int] = STORED,
 ) -> dict[str, np.ndarray]:
     """Read a ``.npz`` file (``np.savez``) strictly; return its arrays by name.
 
@@ -196,15 +225,28 @@ def read_npz(
         Names the file must hold.
     name : str, optional
         What the messages call the file (default: ``path``).
+    compressions : collection of int (default: :data:`STORED`)
+        The zip compression methods a member may use, a subset of
+        :data:`STORED_OR_DEFLATED`: pass that to read ``np.savez_compressed``
+        files too.
 
     Raises
     ------
     NpyError
-        Naming the file and the first problem: not a zip, an unknown or
-        missing array, a member that is not exactly one ``.npy`` of an allowed
-        dtype, a body shorter or longer than its header declares, a bad CRC.
-        Memory is bounded by the sizes the validated headers declare.
+        Naming the file and the first problem: not a zip, members that share
+        bytes, a member compressed otherwise than ``compressions`` allows, an
+        unknown or missing array, a member that is not exactly one ``.npy`` of an
+        allowed dtype, a body shorter or longer than its header declares, a bad
+        CRC. Memory is bounded by the sizes the validated headers declare and,
+        with stored members only, by twice the file's size.
+    ValueError
+        If ``compressions`` names a method beyond :data:`STORED_OR_DEFLATED`.
     """
+    if not set(compressions) <= STORED_OR_DEFLATED:
+        raise ValueError(
+            f"compressions {sorted(compressions)} are not all in "
+            f"{sorted(STORED_OR_DEFLATED)}: others inflate without a bound"
+        )
     source = Path(path) if isinstance(path, str | Path) else path
     path = name or source
     arrays: dict[str, np.ndarray] = {}
@@ -213,7 +255,9 @@ def read_npz(
             if archive.comment or any(m.comment for m in archive.infolist()):
                 # np.savez writes none; a damaged length can hide members in one
                 raise NpyError("the zip holds comments, which np.savez never writes")
+            _check_apart(archive.infolist())
             for member in archive.infolist():
+                _check_compression(member, compressions)
                 array = member.filename.removesuffix(".npy")
                 dtypes = _allowed_for(array, allowed)
                 if not member.filename.endswith(".npy") or dtypes is None:
@@ -240,6 +284,45 @@ def read_npz(
     if missing:
         raise NpyError(f"{path} lacks the arrays {missing}")
     return arrays
+
+
+def _check_apart(members: list[zipfile.ZipInfo]) -> None:
+    """Raise NpyError unless each member's bytes end before the next one's header.
+
+    Members that share bytes would let a file be read as many times its size
+    (one large body listed under many names); members laid out one after the
+    other, as ``np.savez`` writes them, hold at most the file's bytes together
+    (the last one's beyond its start: at most twice the file).
+    """
+    ordered = sorted(members, key=lambda member: member.header_offset)
+    for member, following in itertools.pairwise(ordered):
+        end = member.header_offset + LOCAL_HEADER_BYTES + member.compress_size
+        if end > following.header_offset:
+            raise NpyError(
+                f"members {member.filename!r} and {following.filename!r} share "
+                "bytes, which np.savez never writes"
+            )
+
+
+def _check_compression(member: zipfile.ZipInfo, compressions: Collection[int]) -> None:
+    """Raise NpyError unless ``member`` is compressed as ``compressions`` allow.
+
+    A stored member must also take exactly the bytes it holds: its body is then
+    bytes the file really has.
+    """
+    method = member.compress_type
+    if method not in compressions:
+        allowed = " or ".join(COMPRESSION_NAMES[m] for m in sorted(compressions))
+        raise NpyError(
+            f"member {member.filename!r} is compressed with "
+            f"{COMPRESSION_NAMES.get(method, f'method {method}')}; only {allowed} "
+            "members are accepted"
+        )
+    if method == zipfile.ZIP_STORED and member.compress_size != member.file_size:
+        raise NpyError(
+            f"member {member.filename!r} is stored in {member.compress_size} bytes "
+            f"but says it holds {member.file_size}"
+        )
 
 
 def _allowed_for(

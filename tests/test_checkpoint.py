@@ -8,8 +8,10 @@ it with a ``CheckpointError`` naming the file and the problem.
 
 import functools
 import hashlib
+import io
 import itertools
 import json
+import os
 import random
 import re
 import struct
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import time
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +31,11 @@ from hypothesis import strategies as st
 
 from flwr_select.data import SiteData
 from flwr_select.models import build_model
+from flwr_select.npy import CHUNK, STORED_OR_DEFLATED, NpyError, read_npz
 from flwr_select.selection.buffer import TrainingBuffer
 from flwr_select.selection.checkpoint import (
     CHECKPOINT,
+    STATE_ALLOWANCE,
     Checkpoint,
     CheckpointError,
     latest,
@@ -39,6 +44,7 @@ from flwr_select.selection.checkpoint import (
 from flwr_select.selection.protocol import SelectionConfig
 from strategies.sample_selection import SampleSelection
 from tests.hostile import make_strategy
+from tests.memory import LIMIT, peak_growth
 
 
 def samples(ids) -> SiteData:
@@ -615,7 +621,11 @@ def resegment(folder, index, edit) -> None:
         arrays = dict(data)
     edit(arrays)
     np.savez(path, **arrays)
-    content = path.read_bytes()
+    relist(folder, index, path.read_bytes())
+
+
+def relist(folder, index, content: bytes) -> None:
+    """List segment ``index`` in the manifest as ``content``'s size and digest."""
     digest = {"bytes": len(content), "sha256": hashlib.sha256(content).hexdigest()}
     rewrite(
         folder / CHECKPOINT, state(lambda f: f["segments"].__setitem__(index, digest))
@@ -865,3 +875,308 @@ def test_a_run_on_a_damaged_checkpoint_starts_nothing(tmp_path):
         again.start(None, ArrayRecord(again.model.state_dict()), num_rounds=2)
     # Assert: the file is as it was, nothing was loaded or written
     assert path.read_bytes() == damaged and again.completed_round is None
+
+
+# --- A hostile run folder --------------------------------------------------------
+# Whoever can write the run folder may leave anything there for the next resume:
+# links, FIFOs, zip bombs, a model of NaN. Each is refused with a CheckpointError
+# naming the file; the bombs and the endless file are read in a fresh Python
+# whose peak memory must grow by less than tests.memory.LIMIT.
+
+CAPPED = """
+import resource
+from flwr_select.selection.checkpoint import latest
+from tests.test_checkpoint import tiny_model
+# A regression must fail the test, not exhaust the shared machine: the address
+# space may grow by 1 GiB past what the imports took.
+with open("/proc/self/status") as status:
+    used = next(int(line.split()[1]) for line in status if line.startswith("VmSize:"))
+hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+resource.setrlimit(resource.RLIMIT_AS, (used * 1024 + 2**30, hard))
+"""
+
+
+def resume_measured(folder, *, model: bool = False, timeout: float = 300):
+    """Resume from ``folder`` in a fresh Python; return what it raised, peak growth.
+
+    ``model``: the resuming run names its model (:func:`tiny_model`), which
+    bounds the manifest's size. A resume that hangs fails on ``timeout``.
+    """
+    expected = ", model_state=tiny_model().state_dict()" if model else ""
+    return peak_growth(
+        CAPPED, f"latest({str(folder)!r}, device='cpu'{expected})", timeout
+    )
+
+
+def refused_in_child(raised: str, folder, problem: str) -> None:
+    """Assert ``raised`` is a CheckpointError of ``folder`` naming ``problem``."""
+    manifest = folder / CHECKPOINT
+    prefix = f"CheckpointError: {manifest} is corrupt or does not belong to this run: "
+    assert raised.startswith(prefix), raised
+    assert re.search(problem, raised), raised
+
+
+def test_a_segment_linked_to_dev_zero_is_refused_unread(tmp_path, segmented):
+    # Prepare: segment 1 a link to /dev/zero, listed as its stat size says: 0 bytes
+    path = segment_path(tmp_path, 1)
+    relist(tmp_path, 1, b"")
+    path.unlink()
+    path.symlink_to("/dev/zero")
+    # Execute
+    raised, growth = resume_measured(tmp_path)
+    # Assert
+    refused_in_child(
+        raised, tmp_path, re.escape(f"{path} is a symbolic link, not a regular")
+    )
+    assert growth < LIMIT, f"{growth / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("name", ["segments/000001.npz", CHECKPOINT])
+def test_a_fifo_in_the_run_folder_is_refused_without_waiting(tmp_path, segmented, name):
+    # Prepare: a FIFO no one writes to; as a segment, listed as 0 bytes
+    path = tmp_path / name
+    if name != CHECKPOINT:
+        relist(tmp_path, 1, b"")
+    path.unlink()
+    os.mkfifo(path)
+    # Execute: in a child, so that a resume waiting for a writer times out
+    raised, _ = resume_measured(tmp_path, timeout=120)
+    # Assert
+    refused_in_child(
+        raised, tmp_path, re.escape(f"{path} is a FIFO, not a regular file")
+    )
+
+
+def link_to_a_copy(path):
+    """Replace ``path`` by a link to a copy of it: the same bytes, not the file."""
+    copy = path.with_name(f"{path.name}.copy")
+    copy.write_bytes(path.read_bytes())
+    path.unlink()
+    path.symlink_to(copy)
+
+
+def a_folder(path):
+    path.unlink()
+    path.mkdir()
+
+
+NOT_REGULAR = {
+    "manifest a link": (CHECKPOINT, link_to_a_copy, "a symbolic link"),
+    "segment a link": ("segments/000001.npz", link_to_a_copy, "a symbolic link"),
+    "manifest a folder": (CHECKPOINT, a_folder, "a folder"),
+    "segment a folder": ("segments/000001.npz", a_folder, "a folder"),
+}
+
+
+@pytest.mark.parametrize("name, replace, kind", NOT_REGULAR.values(), ids=NOT_REGULAR)
+def test_a_run_folder_entry_that_is_not_a_regular_file_is_refused(
+    tmp_path, segmented, name, replace, kind
+):
+    # Prepare
+    path = tmp_path / name
+    replace(path)
+    # Execute / Assert
+    assert f"{path} is {kind}, not a regular file" in refused(tmp_path / CHECKPOINT)
+
+
+BOMB_BYTES = 2**28
+"""What a bomb member declares: 256 MiB of zeros (4x the limit), in a few KB."""
+
+
+def write_bomb(path, member: str, others: dict[str, bytes]) -> None:
+    """Write a zip at ``path``: ``member``, a ``.npy`` of BOMB_BYTES uint8 zeros
+    compressed with bzip2, then ``others`` stored as np.savez stores them."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "|u1", "fortran_order": False, "shape": (BOMB_BYTES,)}
+    )
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_BZIP2) as archive:
+        with archive.open(member, "w") as file:
+            file.write(header.getvalue())
+            for _ in range(BOMB_BYTES // CHUNK):
+                file.write(bytes(CHUNK))
+        for name, data in others.items():
+            archive.writestr(name, data, compress_type=zipfile.ZIP_STORED)
+
+
+def members_of(path) -> dict[str, bytes]:
+    with zipfile.ZipFile(path) as archive:
+        return {name: archive.read(name) for name in archive.namelist()}
+
+
+@pytest.mark.parametrize(
+    "name, member", [("segments/000001.npz", "images.npy"), (CHECKPOINT, "state.npy")]
+)
+def test_a_bzip2_bomb_is_refused_before_it_inflates(tmp_path, segmented, name, member):
+    # Prepare: the member replaced by a bomb, the others kept; a segment is listed
+    # with the bomb's own size and digest, so only its compression gives it away
+    path = tmp_path / name
+    write_bomb(path, member, {k: v for k, v in members_of(path).items() if k != member})
+    if name != CHECKPOINT:
+        relist(tmp_path, 1, path.read_bytes())
+    assert path.stat().st_size < 100_000
+    # Execute
+    raised, growth = resume_measured(tmp_path)
+    # Assert
+    refused_in_child(
+        raised,
+        tmp_path,
+        rf"{path}: member '{member}' is compressed with bzip2; only stored members",
+    )
+    assert growth < LIMIT, f"{growth / 2**20:.0f} MiB"
+
+
+def recompress(path, method) -> None:
+    """Rewrite the zip at ``path`` with every member compressed by ``method``."""
+    members = members_of(path)
+    with zipfile.ZipFile(path, "w", compression=method) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+
+
+@pytest.mark.parametrize("name", ["segments/000001.npz", CHECKPOINT])
+@pytest.mark.parametrize(
+    "method, shown", [(zipfile.ZIP_DEFLATED, "deflate"), (zipfile.ZIP_LZMA, "lzma")]
+)
+def test_a_checkpoint_file_compressed_otherwise_is_refused(
+    tmp_path, segmented, name, method, shown
+):
+    # Prepare: the same arrays, compressed (a segment relisted as it now is)
+    path = tmp_path / name
+    recompress(path, method)
+    if name != CHECKPOINT:
+        relist(tmp_path, 1, path.read_bytes())
+    # Execute / Assert
+    assert re.search(
+        rf"{path}: member '\S+' is compressed with {shown}; only stored members are",
+        refused(tmp_path / CHECKPOINT),
+    )
+
+
+def test_a_stored_member_of_another_size_than_it_holds_is_refused(tmp_path, segmented):
+    # Prepare: the directory says 'ids.npy' takes one byte more than it holds
+    path = segment_path(tmp_path, 1)
+    data = bytearray(path.read_bytes())
+    entry = data.rindex(b"ids.npy") - 46  # its name ends the entry's header
+    assert data[entry : entry + 4] == b"PK\x01\x02"
+    (size,) = struct.unpack("<L", data[entry + 20 : entry + 24])
+    data[entry + 20 : entry + 24] = struct.pack("<L", size + 1)
+    path.write_bytes(data)
+    relist(tmp_path, 1, bytes(data))
+    # Execute / Assert
+    assert re.search(
+        rf"{path}: member 'ids.npy' is stored in {size + 1} bytes but says it "
+        rf"holds {size}",
+        refused(tmp_path / CHECKPOINT),
+    )
+
+
+def write_stored_zip(path, names, head: bytes, zeros: int) -> None:
+    """Write a zip whose members ``names`` all hold one stored body: ``head`` and
+    ``zeros`` zero bytes, a hole in the file (sparse: its size, not its disk).
+
+    Each local header but the last has an extra field spanning the headers after
+    it, so that every member's bytes start at the one body.
+    """
+    size = len(head) + zeros
+    crc = zlib.crc32(head)
+    for _ in range(zeros // CHUNK):
+        crc = zlib.crc32(bytes(CHUNK), crc)
+    encoded = [name.encode() for name in names]
+    headers = [30 + len(name) for name in encoded]
+    offsets = list(itertools.accumulate(headers, initial=0))
+    with open(path, "wb") as file:
+        for index, name in enumerate(encoded):
+            following = offsets[-1] - offsets[index + 1]
+            fixed = (20, 0, 0, 0, 33, crc, size, size, len(name), following)
+            file.write(struct.pack("<4s5H3L2H", b"PK\x03\x04", *fixed) + name)
+        file.write(head)
+        file.truncate(file.tell() + zeros)
+        file.seek(0, os.SEEK_END)
+        directory = b"".join(
+            struct.pack(
+                "<4s6H3L5H2L",
+                *(b"PK\x01\x02", 20, 20, 0, 0, 0, 33, crc, size, size, len(name)),
+                *(0, 0, 0, 0, 0, offset),
+            )
+            + name
+            for name, offset in zip(encoded, offsets[:-1], strict=True)
+        )
+        end = file.tell()
+        file.write(directory)
+        count = len(encoded)
+        file.write(
+            struct.pack(
+                "<4s4H2LH", b"PK\x05\x06", 0, 0, count, count, len(directory), end, 0
+            )
+        )
+
+
+def npy_header(descr: str, count: int) -> bytes:
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": descr, "fortran_order": False, "shape": (count,)}
+    )
+    return header.getvalue()
+
+
+def test_model_arrays_sharing_one_body_are_refused_unread(tmp_path, segmented):
+    # Prepare: 64 model arrays, all the same 8 MiB of float32 zeros: 512 MiB read
+    # from an 8 MiB file
+    path = tmp_path / CHECKPOINT
+    names = [f"model/{index}.weight.npy" for index in range(64)]
+    write_stored_zip(path, names, npy_header("<f4", 2**21), 2**23)
+    assert np.load(path)["model/63.weight"].shape == (2**21,)  # a valid zip
+    # Execute
+    raised, growth = resume_measured(tmp_path)
+    # Assert
+    refused_in_child(
+        raised, tmp_path, r"members 'model/0.weight.npy' and 'model/1.weight.npy' share"
+    )
+    assert growth < LIMIT, f"{growth / 2**20:.0f} MiB"
+
+
+def test_a_manifest_larger_than_the_run_can_hold_is_refused_unread(tmp_path, segmented):
+    # Prepare: a 'state' of 320 MiB, stored (so every byte is in the file), more
+    # than the resuming model and STATE_ALLOWANCE (256 MiB) take
+    path = tmp_path / CHECKPOINT
+    write_stored_zip(path, ["state.npy"], npy_header("|u1", 320 * 2**20), 320 * 2**20)
+    # Execute
+    raised, growth = resume_measured(tmp_path, model=True)
+    # Assert
+    refused_in_child(
+        raised,
+        tmp_path,
+        rf"it holds {path.stat().st_size} bytes, more than this run's model "
+        rf"\(\d+ bytes\) and its state \({STATE_ALLOWANCE} bytes\) can take",
+    )
+    assert growth < LIMIT, f"{growth / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_a_model_that_is_not_finite_is_refused(saved, value):
+    # Prepare: one weight of the stored model
+    _, path = saved
+    rewrite(path, change("model/0.weight", at((1, 0, 2, 2), value)))
+    # Execute / Assert
+    assert re.search(
+        r"model array 'model/0.weight' holds 1 NaN or infinite values; a model that "
+        "resumes must be finite",
+        refused(path, model_state=tiny_model().state_dict()),
+    )
+
+
+def test_the_strict_reader_takes_deflate_only_where_asked(tmp_path):
+    # Prepare: a site's data.npz as np.savez_compressed writes it
+    path = tmp_path / "data.npz"
+    images = np.arange(4 * 28 * 28, dtype=np.uint8).reshape(4, 28, 28)
+    np.savez_compressed(path, images=images)
+    allowed = {"images": [np.dtype(np.uint8)]}
+    # Execute / Assert: refused by default, read when deflate is allowed
+    with pytest.raises(NpyError, match="'images.npy' is compressed with deflate"):
+        read_npz(path, allowed)
+    back = read_npz(path, allowed, compressions=STORED_OR_DEFLATED)
+    assert back["images"].tobytes() == images.tobytes()
+    # Assert: and bzip2, which inflates a chunk whole, cannot be asked for
+    with pytest.raises(ValueError, match="others inflate without a bound"):
+        read_npz(path, allowed, compressions={zipfile.ZIP_BZIP2})

@@ -19,19 +19,34 @@ checks them whole (every member, every field, each segment's size and digest,
 the buffer's invariants, and what the resuming run expects) before returning
 anything, so a damaged file or another run's is refused with a
 :class:`CheckpointError` that says what is wrong, rather than crashing the next
-round.
+round. Nor may reading them hang or exhaust memory, whoever wrote the folder:
+
+- each file must be a regular file, opened without following a symbolic link
+  and without waiting for a FIFO's writer (:func:`_open_regular`): a link to
+  ``/dev/zero`` would read forever, a FIFO block forever;
+- its zip members must be stored, as ``np.savez`` writes them, and laid out one
+  after the other (see :func:`flwr_select.npy.read_npz`): a compressed or
+  overlapping member could inflate a small file into gigabytes;
+- reads are bounded: a segment's by the size the manifest lists (no more than
+  that and one byte is read), the manifest's by :data:`STATE_ALLOWANCE` beyond
+  the resuming model's bytes;
+- the model must be finite: resumed, a NaN weight would make every honest
+  upload after it look like the site's fault.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
+import os
 import re
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -75,6 +90,24 @@ ADDED_KEYS = {"undelivered_top_ups": {}, "segments": None}
 ``segments`` None: the release before segments, whose manifest holds the whole
 buffer (the arrays of :meth:`TrainingBuffer.to_arrays`).
 """
+STATE_ALLOWANCE = 256 * 2**20
+"""Bytes ``checkpoint.npz`` may hold beyond the resuming model's arrays.
+
+The JSON state grows by a few hundred bytes a round, and a checkpoint of the
+release before segments also holds the whole buffer (60,000 MNIST images take
+47 MB, 50,000 CIFAR-10 images 154 MB). A larger file is refused unread: what
+reading it allocates is bounded by this and the model's own bytes.
+"""
+UNNAMED_MODEL_BYTES = 2**30
+"""The model's share of the manifest's bound when :func:`latest` is given none."""
+FILE_KINDS = {
+    stat.S_IFDIR: "a folder",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+"""What a message calls each kind of file that is not a regular file."""
 NUMBER = re.compile(r"0|[1-9][0-9]{0,19}")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 """A JSON key that is an int >= 0, as ``json.dumps`` writes it (2**64: 20 digits)."""
@@ -195,10 +228,12 @@ def latest(
 ) -> Checkpoint | None:
     """Return the checkpoint in ``run_dir`` with its buffer on ``device``, or None.
 
-    The file is checked whole before anything is returned: each member of an
-    allowed name and dtype (see :data:`MEMBERS`) and CRC, the ``state`` fields
-    of :meth:`Checkpoint.save` and their types, and the buffer's invariants (see
-    :meth:`TrainingBuffer.from_arrays`).
+    The file is checked whole before anything is returned: a regular file no
+    larger than the model's bytes and :data:`STATE_ALLOWANCE`, each member
+    stored, of an allowed name and dtype (see :data:`MEMBERS`) and CRC, the
+    ``state`` fields of :meth:`Checkpoint.save` and their types, a finite model,
+    and the buffer's invariants (see :meth:`TrainingBuffer.from_arrays`), its
+    segments read as regular files no larger than the manifest lists.
 
     Parameters
     ----------
@@ -213,7 +248,8 @@ def latest(
         The shape of one buffered image must be this (when it holds images).
     model_state : dict of str to Tensor, optional
         The resuming model's ``state_dict``: the stored model must have exactly
-        its keys, and each the same shape and dtype.
+        its keys, and each the same shape and dtype. Its bytes bound the
+        manifest's size (without it: :data:`UNNAMED_MODEL_BYTES`).
 
     Returns
     -------
@@ -223,30 +259,77 @@ def latest(
     Raises
     ------
     CheckpointError
-        Naming the file and what is wrong, if it is damaged or does not match
-        the expectations.
+        Naming the file and what is wrong, if it is damaged, not a regular file,
+        too large for this run, or does not match the expectations; also if it
+        cannot be read, or needs more memory than there is.
     """
     path = (Path(run_dir) / CHECKPOINT).absolute()
-    if not path.is_file():
+    if not os.path.lexists(path):
         return None
+    model_bytes = (
+        UNNAMED_MODEL_BYTES
+        if model_state is None
+        else sum(value.numel() * value.element_size() for value in model_state.values())
+    )
     try:
-        checkpoint = _read(path, device)
+        file, size = _open_regular(path)
+        with file:
+            if size > model_bytes + STATE_ALLOWANCE:
+                raise ValueError(
+                    f"it holds {size} bytes, more than this run's model "
+                    f"({model_bytes} bytes) and its state ({STATE_ALLOWANCE} bytes) "
+                    "can take"
+                )
+            checkpoint = _read(path, file, device)
         _expect(checkpoint, num_classes, sample_shape, model_state)
-    except ValueError as err:
+    except (ValueError, OSError, MemoryError) as err:
         raise CheckpointError(
             f"{path} is corrupt or does not belong to this run: {err}"
         ) from err
     return checkpoint
 
 
-def _read(path: Path, device: torch.device | str | None) -> Checkpoint:
-    """Read and check the checkpoint at ``path``; raise ValueError if unsound."""
-    arrays = read_npz(path, MEMBERS, required=["state"])
+def _open_regular(path: Path) -> tuple[BinaryIO, int]:
+    """Open ``path`` for reading; return it and its size, unless it is no regular file.
+
+    ``O_NOFOLLOW`` refuses a symbolic link (to ``/dev/zero``, say, which would
+    read forever) and ``O_NONBLOCK`` keeps a FIFO from blocking the open until a
+    writer comes; the kind is then checked on the file opened, so it cannot be
+    swapped in between. (On a regular file, ``O_NONBLOCK`` changes nothing.)
+
+    Raises
+    ------
+    ValueError
+        Naming ``path`` and its kind, if it is not a regular file.
+    OSError
+        If it cannot be opened.
+    """
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise ValueError(f"{path} is a symbolic link, not a regular file") from None
+        raise
+    try:
+        info = os.fstat(descriptor)
+        if not stat.S_ISREG(info.st_mode):
+            kind = FILE_KINDS.get(stat.S_IFMT(info.st_mode), "of an unknown kind")
+            raise ValueError(f"{path} is {kind}, not a regular file")
+    except BaseException:
+        os.close(descriptor)
+        raise
+    return os.fdopen(descriptor, "rb"), info.st_size
+
+
+def _read(path: Path, file: BinaryIO, device: torch.device | str | None) -> Checkpoint:
+    """Read and check the manifest ``file`` at ``path``; raise ValueError if unsound."""
+    arrays = read_npz(file, MEMBERS, required=["state"], name=str(path))
     state = _state(arrays.pop("state"))
     parts: dict[str, dict[str, np.ndarray]] = {"buffer": {}, "model": {}}
     for key, array in arrays.items():
         part, _, name = key.partition("/")
         parts[part][name] = array
+    _check_finite(parts["model"])
     segments = state["segments"]
     if segments is None:
         buffer = TrainingBuffer.from_arrays(parts["buffer"], device=device)
@@ -277,18 +360,38 @@ def _read(path: Path, device: torch.device | str | None) -> Checkpoint:
 def _read_segment(run_dir: Path, index: int, segment: Segment) -> dict[str, np.ndarray]:
     """Read the ``index``-th segment; raise ValueError unless it is ``segment``."""
     path = segment_path(run_dir, index)
-    try:  # its size first: nothing larger than the manifest says is read
-        size = path.stat().st_size
-        data = path.read_bytes() if size == segment.bytes else b""
+    try:  # its size first: no more than the manifest lists (and a byte) is read
+        file, size = _open_regular(path)
+        with file:
+            data = file.read(segment.bytes + 1) if size == segment.bytes else b""
     except OSError as err:
         raise ValueError(f"segment {path} cannot be read: {err}") from None
-    if size != segment.bytes or hashlib.sha256(data).hexdigest() != segment.sha256:
+    if (
+        size != segment.bytes
+        or len(data) != segment.bytes
+        or hashlib.sha256(data).hexdigest() != segment.sha256
+    ):
         raise ValueError(
             f"segment {path} holds {size} bytes that are not the segment the "
             f"manifest lists ({segment.bytes} bytes, sha256 {segment.sha256[:12]}...): "
             "damaged, cut short or replaced"
         )
     return read_npz(io.BytesIO(data), SEGMENT_DTYPES, name=str(path))
+
+
+def _check_finite(model: dict[str, np.ndarray]) -> None:
+    """Raise ValueError if a float array of the model holds NaN or inf.
+
+    No sound round ends with such a model, and resumed, it would have every
+    honest upload after it rejected as the site's fault.
+    """
+    for name, array in model.items():
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            count = np.count_nonzero(~np.isfinite(array))
+            raise ValueError(
+                f"model array 'model/{name}' holds {count} NaN or infinite values; "
+                "a model that resumes must be finite"
+            )
 
 
 def _state(array: np.ndarray) -> dict[str, Any]:
