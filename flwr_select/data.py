@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from flwr_select.download import download_missing
-from flwr_select.npy import CHUNK, read_npz
+from flwr_select.npy import CHUNK, STORED_OR_DEFLATED, read_npz
 
 DATA_DIR_ENV = "FLWR_SELECT_DATA_DIR"
 """Environment variable naming the data folder when a command line does not."""
@@ -651,6 +651,7 @@ def load_local_site(folder: str | Path, num_classes: int) -> SiteData:
             path,
             {"images": [np.dtype(np.uint8)], "labels": INTEGERS, "ids": INTEGERS},
             required=("images", "labels"),
+            compressions=STORED_OR_DEFLATED,  # np.savez_compressed too
         )
         images = torch.from_numpy(arrays["images"])
         labels = torch.from_numpy(arrays["labels"].astype(np.int64))
