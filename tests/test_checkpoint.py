@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 from flwr_select.data import SiteData
 from flwr_select.models import build_model
 from flwr_select.npy import CHUNK, STORED_OR_DEFLATED, NpyError, read_npz
+from flwr_select.selection.allocation import PROBATION_LEVELS
 from flwr_select.selection.buffer import TrainingBuffer
 from flwr_select.selection.checkpoint import (
     CHECKPOINT,
@@ -72,6 +73,7 @@ def assert_same(back: Checkpoint, saved: Checkpoint) -> None:
         saved.undelivered,
     )
     assert back.undelivered_top_ups == saved.undelivered_top_ups
+    assert back.probation == saved.probation
     assert back.train_metrics == saved.train_metrics and back.records == saved.records
     assert back.model_state.keys() == saved.model_state.keys()
     for name, value in saved.model_state.items():
@@ -141,6 +143,7 @@ def test_resume_restores_the_model_the_buffer_and_the_records(tmp_path):
     first.buffer.add(5, samples([10, 11]))
     first.rounds = {1: {"samples-received": 2}}
     first.records = {0: {"accuracy": 0.5}}
+    first.probation.caught(7)  # held: a liar does not win trust back by a restart
     first.finish_round(2, None)
     # Execute: a new process builds the same strategy and resumes
     second = strategy(tmp_path, rho=0.2)
@@ -149,6 +152,7 @@ def test_resume_restores_the_model_the_buffer_and_the_records(tmp_path):
     assert second.resume() == 2 and second.completed_round == 2
     assert second.rounds == first.rounds and second.records == first.records
     assert second.buffer.ids.tolist() == [10, 11]
+    assert second.probation.levels == {7: 0}
     assert second.buffer.seen(5, np.array([10, 12])).tolist() == [True, False]
     assert all(
         torch.equal(a, b)
@@ -310,6 +314,7 @@ def small_checkpoint() -> Checkpoint:
         undelivered={BIG_SITE: [2, 3], 4: []},
         config={"rho": 0.05, "dataset": "mnist"},
         undelivered_top_ups={4: [1, 3]},
+        probation={4: 1},
     )
 
 
@@ -520,8 +525,8 @@ DAMAGE = {
     "state a list": (raw_state(b"[]"), r"'state' holds list; expected \['config'"),
     "state lacks round": (
         state(lambda fields: fields.pop("round")),
-        r"'state' holds \['config', 'records', 'segments', 'train_metrics', "
-        r"'undelivered', 'undelivered_top_ups'\]",
+        r"'state' holds \['config', 'probation', 'records', 'segments', "
+        r"'train_metrics', 'undelivered', 'undelivered_top_ups'\]",
     ),
     "state has an extra field": (
         field("extra", 1),
@@ -584,6 +589,14 @@ DAMAGE = {
     "undelivered not a list": (
         field("undelivered", {"4": 2}),
         r"'undelivered' holds 2 at '4'",
+    ),
+    "a probation level beyond the last": (
+        field("probation", {"4": PROBATION_LEVELS}),
+        rf"'probation' holds {PROBATION_LEVELS} at '4'; expected a level",
+    ),
+    "a probation level that is not an int": (
+        field("probation", {"4": 1.5}),
+        r"'probation' holds 1.5 at '4'",
     ),
 }
 

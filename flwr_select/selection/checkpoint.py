@@ -54,6 +54,7 @@ from torch import Tensor
 
 from flwr_select.files import write_atomically
 from flwr_select.npy import read_npz
+from flwr_select.selection.allocation import PROBATION_LEVELS
 from flwr_select.selection.buffer import NPZ_DTYPES, SEGMENT_ARRAYS, TrainingBuffer
 
 CHECKPOINT = "checkpoint.npz"
@@ -82,9 +83,10 @@ STATE_KEYS = {
     "undelivered",
     "undelivered_top_ups",
     "segments",
+    "probation",
 }
 """The fields of the JSON ``state`` array (``segments``: absent before segments)."""
-ADDED_KEYS = {"undelivered_top_ups": {}, "segments": None}
+ADDED_KEYS = {"undelivered_top_ups": {}, "segments": None, "probation": {}}
 """Fields a checkpoint of an earlier release lacks, with the value it means.
 
 ``segments`` None: the release before segments, whose manifest holds the whole
@@ -158,6 +160,9 @@ class Checkpoint:
     segments : list of Segment (default: none)
         The buffer's segments on disk, oldest first (what :meth:`save` wrote
         before, or :func:`latest` read).
+    probation : dict (default: none)
+        Per site held on probation, its level
+        (:class:`~flwr_select.selection.allocation.Probation`).
     """
 
     round: int
@@ -169,6 +174,7 @@ class Checkpoint:
     config: dict[str, Any]
     undelivered_top_ups: dict[int, list[int]] = field(default_factory=dict)
     segments: list[Segment] = field(default_factory=list)
+    probation: dict[int, int] = field(default_factory=dict)
 
     def save(self, run_dir: str | Path) -> Path:
         """Write what the buffer accepted since it was last saved, then the manifest.
@@ -191,6 +197,7 @@ class Checkpoint:
             "undelivered": self.undelivered,
             "undelivered_top_ups": self.undelivered_top_ups,
             "segments": [vars(segment) for segment in segments],
+            "probation": self.probation,
         }
         arrays = {
             "state": np.frombuffer(json.dumps(state).encode(), np.uint8),
@@ -354,6 +361,7 @@ def _read(path: Path, file: BinaryIO, device: torch.device | str | None) -> Chec
         undelivered_top_ups=_by_round(state["undelivered_top_ups"]),
         config=state["config"],
         segments=[] if segments is None else segments,
+        probation=_by_round(state["probation"]),
     )
 
 
@@ -432,6 +440,13 @@ def _state(array: np.ndarray) -> dict[str, Any]:
             ),
             f"a list of rounds (ints in [1, {last}])",
         )
+    _check_keyed(
+        state,
+        "probation",
+        range(2**64),
+        lambda v: type(v) is int and 0 <= v < PROBATION_LEVELS,
+        f"a level (an int in [0, {PROBATION_LEVELS}))",
+    )
     return state
 
 

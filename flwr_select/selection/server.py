@@ -901,6 +901,7 @@ class SelectionServer:
                 config=self.run_settings(),
                 undelivered_top_ups=self.undelivered_top_ups,
                 segments=self.segments,
+                probation=self.probation.levels,
             )
             checkpoint.save(self.run_dir)
             self.segments = checkpoint.segments
@@ -986,6 +987,7 @@ class SelectionServer:
         self.undelivered = checkpoint.undelivered
         self.undelivered_top_ups = checkpoint.undelivered_top_ups
         self.segments = checkpoint.segments
+        self.probation = Probation(checkpoint.probation)
         self.completed_round = checkpoint.round
         logger.info(
             "Resuming %s after round %s, %s samples in the buffer",
