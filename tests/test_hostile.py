@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, RecordDict
+from flwr.common.serde import recorddict_to_proto
 
 from flwr_select.files import read_json_lines
 from flwr_select.selection.checkpoint import latest
@@ -20,6 +21,7 @@ from tests.hostile import (
     good_upload,
     make_strategy,
     reply,
+    reported,
     state_of,
     unchanged,
 )
@@ -141,3 +143,57 @@ def test_a_site_that_attacks_every_round_is_rejected_every_round(
     checkpoint = latest(tmp_path, device="cpu")
     assert checkpoint.round == rounds
     assert len(checkpoint.buffer) == records[-1]["buffer_size"]
+
+
+def test_a_site_that_lies_in_every_summary_cannot_starve_a_global_round(
+    mnist_dir, tmp_path, flower_simulation
+):
+    # Prepare: three sites share one global budget; site 0 claims 2**40 candidates
+    # worth 1e9 each in every phase 1, then uploads its real (worse) best
+    rounds, fold, rho = 3, 500, 0.1
+    honest_budget = 2 * int(rho * fold)  # what the two honest sites' rho allows
+    config = (
+        f'data-dir="{mnist_dir}" out-dir="{tmp_path}" num-server-rounds={rounds} '
+        f"validation-size=500 initial-size=500 pool-size={3 * rounds * fold} "
+        f'initial-epochs=1 server-epochs=1 rho={rho} model="lenet5" '
+        'allocation="global"'
+    )
+    # Execute
+    done = flower_simulation(
+        "tests.lying_site", "--num-supernodes", "3", "--run-config", config
+    )
+    # Assert: every round, the liar's upload is refused and it is held; the honest
+    # sites bring at least 90% of their budget, and the budget is not inflated
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = read_json_lines(tmp_path / "rounds.jsonl")
+    execution = read_json_lines(tmp_path / "execution.jsonl")
+    assert [r["round"] for r in records] == list(range(rounds + 1))
+    for record, nodes in zip(records[1:], execution[1:], strict=True):
+        honest = nodes["samples_received_by_node"]
+        assert len(honest) == 2 and sum(honest.values()) >= 0.9 * honest_budget
+        assert sum(nodes["quota_by_node"].values()) <= 3 * int(rho * fold)
+        assert (record["sites_rejected"], record["sites_accepted"]) == (1, 2)
+    log = done.stderr + done.stdout
+    caught = re.findall(r"round (\d+): node \d+ sent 0 of the (\d+) samples", log)
+    assert [int(r) for r, _ in caught] == list(range(1, rounds + 1))
+    assert int(caught[0][1]) > int(caught[1][1])  # held at a small quota after
+
+
+def test_what_sites_say_of_their_candidates_cannot_overflow_the_records(task_identity):
+    # Prepare: three sites claim 2**64 - 1 candidates and as many suspect, three
+    # others the most allowed, 2**40
+    strategy = make_strategy()
+
+    def claims(node, count):
+        metrics = {"num-candidates": count, "num-suspect": count}
+        return reply(node, reported(good_upload(node), metrics))
+
+    replies = [claims(node, 2**64 - 1) for node in (1, 2, 3)]
+    replies += [claims(node, 2**40) for node in (4, 5, 6)]
+    # Execute
+    _, metrics = strategy.aggregate_train(1, replies)
+    # Assert: the first three are refused; the totals stay inside int64, and Flower
+    # can serialise the round's record
+    assert (metrics["sites-rejected"], metrics["sites-accepted"]) == (3, 3)
+    assert metrics["suspect-candidates"] == 3 * 2**40 < 2**63
+    assert recorddict_to_proto(RecordDict({"metrics": metrics})).ByteSize() > 0
