@@ -5,6 +5,15 @@ The handler answers ``train.select`` messages, so it can sit beside a user's own
 ClientApp with :func:`add_select_handler`. What the site has sent is kept in its
 ledger (:class:`SiteLedger`): in the node's context state in a simulation, in a
 file beside its data on an edge box, so that a restarted site sends nothing twice.
+
+The server is someone else's: each message is read strictly before anything is
+built (:func:`read_config`: :class:`SiteRequest` and the selection, errors naming
+the key; then the model's arrays, see :mod:`clients.common`), and what the
+site sends is bounded by its ledger whatever it is asked: no round earlier than
+its latest, one top-up a round after the round's upload, and no more bytes in a
+round than the node config's ``max-bytes`` (see
+:mod:`flwr_select.selection.site`). A refused message raises, so Flower sends
+the server an error reply, and leaves the ledger as it was.
 """
 
 from __future__ import annotations
@@ -38,21 +47,32 @@ from flwr_select.selection.protocol import (
     ACTION,
     METRICS_KEY,
     NODE_MAX_BYTES_KEY,
-    QUOTA_KEY,
     SUMMARY_ACTION,
-    TOP_UP_KEY,
-    UNDELIVERED_KEY,
-    UNDELIVERED_TOP_UPS_KEY,
     UPLOAD_KEY,
     SelectionConfig,
+    SiteRequest,
 )
-from flwr_select.selection.site import site_round, site_summary, site_trial
+from flwr_select.selection.site import (
+    check_request,
+    site_round,
+    site_summary,
+    site_trial,
+)
 from flwr_select.selection.trial import TrialResult
 
 LEDGER_KEY = "flwr_select.sent-ids"
 """Key of the ArrayRecord in the node's context state that holds the ledger."""
 LEDGER_FILE = "sent-ids.npz"
 """The ledger's file in an edge box's ``state-dir`` (default: its ``data-dir``)."""
+LEDGER_ARRAYS = {
+    "ids": [np.dtype(np.int64)],
+    "rounds": [np.dtype(np.int64)],
+    "top-ups": [np.dtype(bool)],
+    "answered-rounds": [np.dtype(np.int64)],
+    "answered-bytes": [np.dtype(np.int64)],
+    "answered-top-ups": [np.dtype(bool)],
+}
+"""The arrays of a ledger's file and their dtypes (see :meth:`SiteLedger.to_arrays`)."""
 TRIAL_KEY = "flwr_select.round-trial"
 """Key of the ArrayRecord in the node's context state that holds a global round's
 trial test (phase 1's), which phase 2 and the top-up reuse instead of re-running."""
@@ -87,7 +107,8 @@ def load_site(context: Context, config: ConfigRecord) -> SiteData:
     run asks for label noise (``label-noise``). Ids are positions in the
     training set.
     """
-    num_classes = int(config["num-classes"])
+    request = SiteRequest.from_config(config)
+    num_classes = request.num_classes
     local = edge_box_data(context, num_classes)
     if local is not None:
         return local
@@ -97,8 +118,7 @@ def load_site(context: Context, config: ConfigRecord) -> SiteData:
     partition_id, num_partitions = simulated_partition(context)
     partition = _site_share(share, seed, partition_id, num_partitions)
     labels = _site_labels(share, seed, partition_id, num_classes)
-    server_round = int(config["server-round"])
-    fold = round_fold(partition, server_round, share.num_server_rounds)
+    fold = round_fold(partition, request.server_round, share.num_server_rounds)
     ids = torch.from_numpy(fold.copy())
     return SiteData(images[ids], labels[ids], num_classes, ids=ids)
 
@@ -137,11 +157,9 @@ def load_ledger(context: Context) -> SiteLedger:
     if path is not None:
         if not path.is_file():
             return SiteLedger()
-        required = {"ids": [np.dtype(np.int64)], "rounds": [np.dtype(np.int64)]}
-        arrays = {**required, "top-ups": [np.dtype(bool)]}
         try:
-            stored = read_npz(path, arrays, required=required)
-            return SiteLedger(stored["ids"], stored["rounds"], stored.get("top-ups"))
+            stored = read_npz(path, LEDGER_ARRAYS, required=("ids", "rounds"))
+            return ledger_of(stored)
         except ValueError as err:  # NpyError included
             raise ValueError(
                 f"the site's ledger {path} is damaged ({err}); fix or delete it "
@@ -149,10 +167,24 @@ def load_ledger(context: Context) -> SiteLedger:
             ) from None
     if LEDGER_KEY in context.state.array_records:
         stored = context.state.array_records[LEDGER_KEY]
-        return SiteLedger(
-            stored["ids"].numpy(), stored["rounds"].numpy(), stored["top-ups"].numpy()
-        )
+        return ledger_of({name: array.numpy() for name, array in stored.items()})
     return SiteLedger()
+
+
+def ledger_of(stored: dict[str, np.ndarray]) -> SiteLedger:
+    """Return the ledger of its stored arrays (:meth:`SiteLedger.to_arrays`).
+
+    ``ids`` and ``rounds`` are required; the arrays a ledger stored before
+    top-ups, or before answers were kept, lacks are empty.
+    """
+    return SiteLedger(
+        stored["ids"],
+        stored["rounds"],
+        stored.get("top-ups"),
+        stored.get("answered-rounds", ()),
+        stored.get("answered-bytes", ()),
+        stored.get("answered-top-ups", ()),
+    )
 
 
 def save_ledger(context: Context, ledger: SiteLedger) -> None:
@@ -220,20 +252,13 @@ def kept_trial(
     )
 
 
-def undelivered_of(config: ConfigRecord) -> dict[str, list[int]]:
-    """Return what the server says it did not keep: rounds, and rounds' top-ups."""
-    return {
-        "undelivered": list(config.get(UNDELIVERED_KEY, [])),
-        "undelivered_top_ups": list(config.get(UNDELIVERED_TOP_UPS_KEY, [])),
-    }
-
-
 def node_max_bytes(context: Context) -> int:
-    """Return the node's own cap on one upload's bytes (node config ``max-bytes``).
+    """Return the node's own cap on a round's bytes (node config ``max-bytes``).
 
     0 (the default) for none. An edge box behind a thin link declares it; the
-    site never sends more, and in a round with one global budget the server
-    allocates within it.
+    site never sends more in a round, its upload and top-up together, whatever
+    it is asked, and in a round with one global budget the server allocates
+    within it.
 
     Raises
     ------
@@ -277,7 +302,22 @@ def make_select_handler(
         :func:`flwr_select.models.model_input`). Default: as stored.
     """
     answer = functools.partial(select_and_upload, transform=transform)
-    return make_handler(answer, load_site, model_fn)
+    return make_handler(answer, load_site, model_fn, read_config)
+
+
+def read_config(config: ConfigRecord) -> None:
+    """Read every key the site acts on, strictly, before anything is built.
+
+    Its :class:`SiteRequest` and its :class:`SelectionConfig`; the handlers
+    read them again from the same config where they act on them.
+
+    Raises
+    ------
+    flwr_select.config.ConfigError
+        Naming the first key whose value is missing or not allowed.
+    """
+    SiteRequest.from_config(config)
+    SelectionConfig.from_config(config)
 
 
 def select_and_upload(
@@ -291,11 +331,13 @@ def select_and_upload(
     """Answer a ``train.select`` message: one ``site_round``, the ledger kept.
 
     In a global round (a ``quota``) the trial test of phase 1 is reused when it
-    is this model's (:func:`kept_trial`).
+    is this model's (:func:`kept_trial`). A request the site must not answer
+    (see :func:`~flwr_select.selection.site.check_request`, and the node's
+    round budget) raises before the ledger is saved: it stays as it was.
     """
+    request = SiteRequest.from_config(config)
     ledger = load_ledger(context)
-    quota = config.get(QUOTA_KEY)
-    server_round = int(config["server-round"])
+    server_round = request.server_round
     upload, metrics = site_round(
         model,
         site,
@@ -303,12 +345,17 @@ def select_and_upload(
         server_round=server_round,
         site_key=site_key_of(context),
         ledger=ledger,
-        **undelivered_of(config),
+        undelivered=request.undelivered_rounds,
+        undelivered_top_ups=request.undelivered_top_ups,
         transform=transform,
-        quota=None if quota is None else int(quota),
-        top_up=bool(config.get(TOP_UP_KEY, False)),
+        quota=request.quota,
+        top_up=request.top_up,
         node_max_bytes=node_max_bytes(context),
-        trial=None if quota is None else kept_trial(context, model, server_round, site),
+        trial=(
+            None
+            if request.quota is None
+            else kept_trial(context, model, server_round, site)
+        ),
     )
     save_ledger(context, ledger)
     return RecordDict({UPLOAD_KEY: upload, METRICS_KEY: MetricRecord(metrics)})
@@ -324,7 +371,7 @@ def make_summary_handler(
     The arguments are :func:`make_select_handler`'s, and must be the same.
     """
     answer = functools.partial(summarise_candidates, transform=transform)
-    return make_handler(answer, load_site, model_fn)
+    return make_handler(answer, load_site, model_fn, read_config)
 
 
 def summarise_candidates(
@@ -338,18 +385,22 @@ def summarise_candidates(
     """Answer phase 1 of a round with one global budget: one ``site_summary``.
 
     Its trial test is kept (:func:`keep_trial`) for the round's later phases.
+    A round earlier than the latest the site answered is refused first.
     """
-    server_round = int(config["server-round"])
+    request = SiteRequest.from_config(config)
+    ledger = load_ledger(context)  # read, not changed: nothing is sent yet
+    check_request(ledger, request.server_round, top_up=False)
     trial = site_trial(model, site, transform)
-    keep_trial(context, model, server_round, trial)
+    keep_trial(context, model, request.server_round, trial)
     metrics = site_summary(
         model,
         site,
         SelectionConfig.from_config(config),
-        server_round=server_round,
+        server_round=request.server_round,
         site_key=site_key_of(context),
-        ledger=load_ledger(context),  # read, not changed: nothing is sent yet
-        **undelivered_of(config),
+        ledger=ledger,
+        undelivered=request.undelivered_rounds,
+        undelivered_top_ups=request.undelivered_top_ups,
         transform=transform,
         node_max_bytes=node_max_bytes(context),
         trial=trial,

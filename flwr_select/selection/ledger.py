@@ -3,7 +3,10 @@
 A site offers no sample twice (:class:`SentLedger`, the ids it uploaded), and
 knows which of its uploads the server kept (:class:`SiteLedger`, each id with its
 round, released again when the server says the round was not kept); the server's
-buffer keeps a :class:`SentLedger` of the ids it accepted from each site.
+buffer keeps a :class:`SentLedger` of the ids it accepted from each site. A
+:class:`SiteLedger` also remembers every request the site answered (its round,
+its bytes, whether a top-up), never released: what bounds a round whatever the
+server asks.
 """
 
 from __future__ import annotations
@@ -69,12 +72,24 @@ class SiteLedger:
     top-up the server did not keep releases only its own ids, not the round's
     first upload, which the server kept.
 
+    Every answer (an upload or a top-up, empty ones included) is also kept as
+    one row of ``answered_rounds``, ``answered_bytes`` and
+    ``answered_top_ups``, which nothing releases: the site's latest round
+    (:meth:`latest_round`), what it sent in a round (:meth:`bytes_sent_in`) and
+    whether the round had its upload and its top-up hold however often the
+    server asks again.
+
     Parameters
     ----------
     ids, rounds : array-like of int (default: empty)
         A stored ledger (:meth:`to_arrays`).
     top_ups : array-like of bool, optional
         Which ids a top-up sent (default: none; a ledger stored before top-ups).
+    answered_rounds, answered_bytes : array-like of int (default: empty)
+        The round and the wire bytes of each answer (none: a ledger stored
+        before answers were kept).
+    answered_top_ups : array-like of bool (default: empty)
+        Which answers were top-ups.
     """
 
     def __init__(
@@ -82,6 +97,9 @@ class SiteLedger:
         ids: np.ndarray | tuple = (),
         rounds: np.ndarray | tuple = (),
         top_ups: np.ndarray | tuple | None = None,
+        answered_rounds: np.ndarray | tuple = (),
+        answered_bytes: np.ndarray | tuple = (),
+        answered_top_ups: np.ndarray | tuple = (),
     ) -> None:
         self.ids = np.asarray(ids, dtype=np.int64)
         self.rounds = np.asarray(rounds, dtype=np.int64)
@@ -94,6 +112,14 @@ class SiteLedger:
             raise ValueError("a ledger needs one round and one top-up flag per id")
         if self.ids.ndim != 1:
             raise ValueError("a ledger's ids are one-dimensional")
+        self.answered_rounds = np.asarray(answered_rounds, dtype=np.int64)
+        self.answered_bytes = np.asarray(answered_bytes, dtype=np.int64)
+        self.answered_top_ups = np.asarray(answered_top_ups, dtype=bool)
+        shapes = {self.answered_bytes.shape, self.answered_top_ups.shape}
+        if shapes != {self.answered_rounds.shape} or self.answered_rounds.ndim != 1:
+            raise ValueError("a ledger needs one size and top-up flag per answer")
+        if (self.answered_bytes < 0).any():
+            raise ValueError("a ledger's answers have sizes >= 0")
 
     def kept_by_server(
         self,
@@ -128,19 +154,58 @@ class SiteLedger:
         return SentLedger(self.ids[self.rounds < server_round])
 
     def record(
-        self, ids: np.ndarray, server_round: int, *, top_up: bool = False
+        self,
+        ids: np.ndarray,
+        server_round: int,
+        *,
+        top_up: bool = False,
+        sent_bytes: int = 0,
     ) -> None:
-        """Note ``ids`` as sent in ``server_round`` (by its top-up if ``top_up``)."""
+        """Note an answer: ``ids`` sent in ``server_round``, ``sent_bytes`` on the wire.
+
+        ``top_up``: the answer was the round's top-up.
+        """
         self.ids = np.concatenate([self.ids, np.asarray(ids, dtype=np.int64)])
         self.rounds = np.concatenate(
             [self.rounds, np.full(len(ids), server_round, np.int64)]
         )
         self.top_ups = np.concatenate([self.top_ups, np.full(len(ids), top_up)])
+        self.answered_rounds = np.append(self.answered_rounds, np.int64(server_round))
+        self.answered_bytes = np.append(self.answered_bytes, np.int64(sent_bytes))
+        self.answered_top_ups = np.append(self.answered_top_ups, top_up)
+
+    def latest_round(self) -> int:
+        """Return the latest round the site answered (0 before any)."""
+        rounds = np.concatenate([self.answered_rounds, self.rounds])
+        return int(rounds.max()) if len(rounds) else 0
+
+    def bytes_sent_in(self, server_round: int) -> int:
+        """Return the wire bytes the site sent in ``server_round``, top-up included."""
+        return int(self.answered_bytes[self.answered_rounds == server_round].sum())
+
+    def answered_in(self, server_round: int, *, top_up: bool) -> bool:
+        """Return whether the site answered ``server_round``'s upload (or top-up)."""
+        answers = (self.answered_rounds == server_round) & (
+            self.answered_top_ups == top_up
+        )
+        ids = (self.rounds == server_round) & (self.top_ups == top_up)
+        return bool(answers.any() or ids.any())
 
     def _keep(self, kept: np.ndarray) -> None:
         self.ids, self.rounds = self.ids[kept], self.rounds[kept]
         self.top_ups = self.top_ups[kept]
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """Return the ledger as ``ids``, ``rounds`` and ``top-ups`` arrays, to store."""
-        return {"ids": self.ids, "rounds": self.rounds, "top-ups": self.top_ups}
+        """Return the ledger as arrays to store: ``ids``, ``rounds``, ``top-ups``.
+
+        And the answers: ``answered-rounds``, ``answered-bytes`` and
+        ``answered-top-ups``.
+        """
+        return {
+            "ids": self.ids,
+            "rounds": self.rounds,
+            "top-ups": self.top_ups,
+            "answered-rounds": self.answered_rounds,
+            "answered-bytes": self.answered_bytes,
+            "answered-top-ups": self.answered_top_ups,
+        }

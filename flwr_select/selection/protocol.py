@@ -4,6 +4,11 @@ The server sends a :class:`SelectionConfig` (as plain config values under the
 run-config spellings) with the model in a ``train.select`` message; the site
 replies with its upload and its metrics. Both the strategy and the ClientApp
 build their budget and policy from this one class, so they cannot disagree.
+
+The rest of what a message asks (its round, the classes, a quota, a top-up, the
+rounds the server did not keep) a site reads through :class:`SiteRequest`: the
+server is someone else's, so every value is checked by type and range and a
+refusal names the key, as the server checks a site's upload.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from dataclasses import dataclass, fields
 
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from flwr_select.config import RunConfigFields, check, check_name
+from flwr_select.config import RunConfigFields, check, check_name, convert, required
 from flwr_select.selection.policies import GROUPS, POLICIES, Budget, Policy, make_policy
 from flwr_select.selection.scores import CONFIDENCE_METRICS
 
@@ -38,7 +43,23 @@ TOP_UP_KEY = "top-up"
 UNDELIVERED_TOP_UPS_KEY = "undelivered-top-ups"
 """Config key of the rounds whose top-up (not the upload) the server did not keep."""
 NODE_MAX_BYTES_KEY = "max-bytes"
-"""Node-config key: a site's own cap on one upload's bytes (its link budget)."""
+"""Node-config key: a site's own cap on the bytes it sends in one round (its link
+budget), its upload and its top-up together."""
+ROUND_KEY, NUM_CLASSES_KEY, MODEL_NAME_KEY = "server-round", "num-classes", "model"
+"""Config keys of every message: the round, the classes, the built-in model's name."""
+MAX_NUM_CLASSES = 100_000
+"""The most classes a node takes a model of. Far above the data sets here (10)
+and ImageNet-21k (21,841), and low enough that what a node sizes by the class
+count (a model's output layer, per-class counts) stays small whatever a
+message says."""
+MAX_ROUND = 2**63 - 1
+"""The latest round a node answers: a ledger stores rounds as int64."""
+
+
+def check_num_classes(num_classes: int) -> None:
+    """Raise ``ConfigError`` naming ``num-classes`` unless it is in [2, MAX]."""
+    allowed = f"in [2, {MAX_NUM_CLASSES}]"
+    check(NUM_CLASSES_KEY, num_classes, 2 <= num_classes <= MAX_NUM_CLASSES, allowed)
 
 
 def request(arrays: ArrayRecord, config: Mapping[str, object]) -> RecordDict:
@@ -138,3 +159,90 @@ class SelectionConfig(RunConfigFields):
         takes = {option.name for option in fields(POLICIES[self.selection_policy])}
         options = {name: getattr(self, name) for name in takes}
         return make_policy(self.selection_policy, **options)
+
+
+@dataclass(frozen=True)
+class SiteRequest:
+    """What one message asks of a site beside the selection, read strictly.
+
+    A site answers someone else's server, so it reads every key it acts on
+    through this class (and the selection through :class:`SelectionConfig`),
+    before it builds a model or touches its ledger. Build it with
+    :meth:`from_config`: a value of another type (a float or a string for an
+    int, a string for a bool) or out of range is refused, never cast.
+
+    Parameters
+    ----------
+    server_round : int
+        ``server-round``, in [1, :data:`MAX_ROUND`]; required.
+    num_classes : int
+        ``num-classes``, in [2, :data:`MAX_NUM_CLASSES`]; required.
+    quota : int or None (default: None)
+        ``quota``: the samples a round with one global budget asks of this site
+        (its upload or its top-up), >= 1. None: the site's own ``rho`` share.
+    top_up : bool (default: False)
+        ``top-up``: the quota is the round's second pass; a bool, with a quota.
+    undelivered_rounds, undelivered_top_ups : tuple of int (default: ())
+        ``undelivered-rounds`` and ``undelivered-top-ups``: the rounds whose
+        upload, or whose top-up, the server did not keep; each an earlier
+        round, in [1, server-round).
+
+    Raises
+    ------
+    flwr_select.config.ConfigError
+        If a value is missing, of another type or not allowed, naming the key.
+    """
+
+    server_round: int
+    num_classes: int
+    quota: int | None = None
+    top_up: bool = False
+    undelivered_rounds: tuple[int, ...] = ()
+    undelivered_top_ups: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        server_round = self.server_round
+        ok = 1 <= server_round <= MAX_ROUND
+        check(ROUND_KEY, server_round, ok, f"in [1, {MAX_ROUND}]")
+        check_num_classes(self.num_classes)
+        if self.quota is not None:
+            check(QUOTA_KEY, self.quota, self.quota >= 1, ">= 1")
+        ok = not self.top_up or self.quota is not None
+        check(TOP_UP_KEY, self.top_up, ok, f"false without a {QUOTA_KEY}")
+        earlier = f"earlier rounds only, in [1, {server_round})"
+        for key, rounds in (
+            (UNDELIVERED_KEY, self.undelivered_rounds),
+            (UNDELIVERED_TOP_UPS_KEY, self.undelivered_top_ups),
+        ):
+            for listed in rounds:
+                check(key, listed, 1 <= listed < server_round, f"a list of {earlier}")
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, object]) -> SiteRequest:
+        """Read the request from a message's config (keys it does not know: ignored)."""
+        quota = config.get(QUOTA_KEY)
+        return cls(
+            server_round=required(config, ROUND_KEY, "int"),
+            num_classes=required(config, NUM_CLASSES_KEY, "int"),
+            quota=None if quota is None else convert(QUOTA_KEY, "int", quota),
+            top_up=_flag(config, TOP_UP_KEY),
+            undelivered_rounds=_rounds(config, UNDELIVERED_KEY),
+            undelivered_top_ups=_rounds(config, UNDELIVERED_TOP_UPS_KEY),
+        )
+
+
+def _flag(config: Mapping[str, object], key: str) -> bool:
+    """Return a flag the server sends as a bool; a string ("false") is refused."""
+    value = config.get(key, False)
+    check(key, value, isinstance(value, bool), "true or false (a bool)")
+    return value
+
+
+def _rounds(config: Mapping[str, object], key: str) -> tuple[int, ...]:
+    """Return a list of rounds the server sends (default: none) as a tuple of ints."""
+    value = config.get(key, [])
+    check(key, value, isinstance(value, list | tuple), "a list of integers")
+    for listed in value:
+        integer = isinstance(listed, int) and not isinstance(listed, bool)
+        check(key, listed, integer, "a list of integers only")
+    return tuple(value)

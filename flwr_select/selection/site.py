@@ -4,6 +4,13 @@
 receives, whoever carries it: the ClientApp handlers (``clients.site``,
 ``clients.legacy``) wrap it in messages, the in-process experiments
 (``simulations.paper``) call it directly, so both run the same site.
+
+The site answers someone else's server, so what it is asked is bounded by its
+own ledger, not by the server's word (:func:`check_request`,
+:func:`byte_cap`): no round earlier than the latest it answered, one top-up per
+round and only after the round's upload, and never more bytes in a round than
+the node's own ``max-bytes``. A refusal raises, naming the key, before the
+ledger changes.
 """
 
 from __future__ import annotations
@@ -14,13 +21,14 @@ import numpy as np
 from flwr.app import ArrayRecord
 from torch import nn
 
+from flwr_select.config import check
 from flwr_select.data import SiteData
 from flwr_select.models import Transform, check_model, model_input
 from flwr_select.selection.allocation import SKETCH_POINTS, ScoreSketch
 from flwr_select.selection.buffer import default_device
 from flwr_select.selection.ledger import SiteLedger
 from flwr_select.selection.policies import Budget, likely_mislabelled, ranked
-from flwr_select.selection.protocol import SelectionConfig
+from flwr_select.selection.protocol import ROUND_KEY, TOP_UP_KEY, SelectionConfig
 from flwr_select.selection.trial import TrialResult, trial_test
 from flwr_select.selection.wire import pack, wire_bytes
 
@@ -78,9 +86,82 @@ def site_trial(model: nn.Module, site: SiteData, transform: Transform) -> TrialR
     return trial_test(model, site, transform=model_input(transform))
 
 
-def byte_cap(selection: SelectionConfig, node_max_bytes: int = 0) -> int | None:
-    """Return the cap on one upload's wire bytes: the run's and the node's, or None."""
-    caps = [cap for cap in (selection.max_bytes, node_max_bytes) if cap]
+def check_request(ledger: SiteLedger, server_round: int, *, top_up: bool) -> None:
+    """Refuse what the site must not answer, whatever the server asks.
+
+    A round earlier than the latest the site answered: a resumed server redoes
+    its round, never an earlier one, and an earlier round would release (and
+    send again) what the later rounds sent. A top-up before the round's upload,
+    or a second one in the round: each sends the best samples past what the
+    round sent, so asked again and again, a site would send everything.
+
+    Raises
+    ------
+    flwr_select.config.ConfigError
+        Naming ``server-round`` or ``top-up``; the ledger is not changed.
+    """
+    latest = ledger.latest_round()
+    check(
+        ROUND_KEY,
+        server_round,
+        server_round >= latest,
+        f">= {latest}, the latest round this site answered",
+    )
+    if top_up:
+        uploaded = ledger.answered_in(server_round, top_up=False)
+        check(
+            TOP_UP_KEY, top_up, uploaded, f"false before round {server_round}'s upload"
+        )
+        again = ledger.answered_in(server_round, top_up=True)
+        check(
+            TOP_UP_KEY,
+            top_up,
+            not again,
+            f"false: round {server_round} had its top-up (one a round)",
+        )
+
+
+def byte_cap(
+    site: SiteData,
+    selection: SelectionConfig,
+    ledger: SiteLedger,
+    server_round: int,
+    node_max_bytes: int = 0,
+) -> int | None:
+    """Return the cap on an answer's wire bytes, or None for none.
+
+    The run's cap on one upload (the selection's ``max-bytes``) and what is
+    left of the node's own budget for the round (``node_max_bytes`` less what
+    the ledger says the round sent; 0 for no budget).
+
+    Raises
+    ------
+    flwr_select.config.ConfigError
+        If the run's cap is below the bytes of an empty upload.
+    ValueError
+        If what is left of the node's round budget is below an empty upload's
+        bytes: the site sends nothing more in the round (the message names the
+        node config ``max-bytes``).
+    """
+    empty = wire_bytes(pack(site, np.empty(0, np.int64), compress=selection.compress))
+    run_cap = selection.max_bytes
+    check(
+        "max-bytes",
+        run_cap,
+        run_cap == 0 or run_cap >= empty,
+        f"0 (no limit) or >= {empty}, an empty upload's bytes",
+    )
+    caps = [run_cap] if run_cap else []
+    if node_max_bytes:
+        sent = ledger.bytes_sent_in(server_round)
+        left = node_max_bytes - sent
+        if left < empty:
+            raise ValueError(
+                f"node config max-bytes: server-round {server_round} may send "
+                f"{node_max_bytes} bytes and sent {sent}, and an answer needs "
+                f"{empty} or more; the site sends nothing more in this round"
+            )
+        caps.append(left)
     return min(caps) if caps else None
 
 
@@ -102,12 +183,22 @@ def site_summary(
 
     The site ranks its candidates as :func:`site_round` would and sketches the
     priorities of as many as it could send (``max-count``, and the run's and the
-    node's byte caps, measured on the wire format): ``num-candidates``,
-    ``sketch-ranks`` and ``sketch-values`` (:class:`ScoreSketch`, at up to
-    twice as many ranks as its rho share, so that phase 1 weighs little beside the
-    uploads, and at most :data:`SKETCH_POINTS`). Nothing is
-    sent or recorded in the ledger. ``trial``: as for :func:`rank_candidates`.
+    node's byte caps, measured on the wire format: :func:`byte_cap`):
+    ``num-candidates``, ``sketch-ranks`` and ``sketch-values``
+    (:class:`ScoreSketch`, at up to twice as many ranks as its rho share, so
+    that phase 1 weighs little beside the uploads, and at most
+    :data:`SKETCH_POINTS`). Nothing is sent or recorded in the ledger; a round
+    earlier than the site's latest is refused (:func:`check_request`).
+    ``trial``: as for :func:`rank_candidates`.
     """
+    check_request(ledger, server_round, top_up=False)
+    cap = byte_cap(
+        site,
+        selection,
+        ledger,
+        server_round=server_round,
+        node_max_bytes=node_max_bytes,
+    )
     _, positions, priorities = rank_candidates(
         model,
         site,
@@ -122,7 +213,6 @@ def site_summary(
     )
     if selection.max_count:
         positions = positions[: selection.max_count]
-    cap = byte_cap(selection, node_max_bytes)
     if cap is not None:
         fits = pack(site, positions, max_bytes=cap, compress=selection.compress)
         positions = positions[: len(fits["ids"].numpy())]
@@ -158,10 +248,13 @@ def site_round(
 
     The site sends its best ``rho`` share (and at most ``max-count``), or, in a
     round with one global budget, its ``quota`` (phase 2, after
-    :func:`site_summary`); never more bytes than the run's and the node's caps
-    (``node_max_bytes``: 0 for none). A ``top_up`` (a second pass of a global
-    round, for the quotas other sites did not send) sends the ``quota`` best
-    after what the round's upload sent.
+    :func:`site_summary`); never more bytes than the run's cap on an upload,
+    nor, with what it sent before in the round, than the node's round budget
+    (``node_max_bytes``: 0 for none; :func:`byte_cap`). A ``top_up`` (a second
+    pass of a global round, for the quotas other sites did not send) sends the
+    ``quota`` best after what the round's upload sent; one a round, after the
+    upload. A request the site must not answer is refused before the ledger
+    changes (:func:`check_request`).
 
     ``undelivered`` are the rounds whose upload the server says it did not keep,
     ``undelivered_top_ups`` those whose top-up only it did not keep
@@ -177,6 +270,14 @@ def site_round(
     selection's ``trim`` (likely mislabelled), so that the server sees a noisy
     site even when its policy leaves those samples out of the upload.
     """
+    check_request(ledger, server_round, top_up=top_up)
+    cap = byte_cap(
+        site,
+        selection,
+        ledger,
+        server_round=server_round,
+        node_max_bytes=node_max_bytes,
+    )
     trial, positions, _ = rank_candidates(
         model,
         site,
@@ -192,17 +293,17 @@ def site_round(
     )
     budget = selection.budget() if quota is None else Budget(count=quota)
     chosen = positions[: budget.sample_limit(len(trial))]
-    cap = byte_cap(selection, node_max_bytes)
     upload = pack(site, chosen, max_bytes=cap, compress=selection.compress)
     sent_ids = upload["ids"].numpy().astype(np.int64)
-    ledger.record(sent_ids, server_round, top_up=top_up)
+    sent_bytes = wire_bytes(upload)
+    ledger.record(sent_ids, server_round, top_up=top_up, sent_bytes=sent_bytes)
     return upload, {
         "num-candidates": len(site),
         "num-wrong": int(trial.wrong.sum()),
         "num-selected": len(sent_ids),
         "num-selected-wrong": int(trial.wrong[np.isin(trial.ids, sent_ids)].sum()),
         "trial-accuracy": trial.accuracy,
-        "upload-bytes": wire_bytes(upload),
+        "upload-bytes": sent_bytes,
         "num-suspect": int(
             likely_mislabelled(trial.label_probability, selection.trim).sum()
         ),
