@@ -54,13 +54,26 @@ def serving(folder):
         def log_message(self, format, *args):
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    with listening(Handler, mirror):
+        yield mirror
+
+
+@contextmanager
+def listening(handler, mirror, stop=None):
+    """Serve ``handler`` on 127.0.0.1 (port 0) in a thread; set ``mirror.url``.
+
+    On leaving, ``stop`` (an Event its handlers watch) is set before the
+    server shuts down.
+    """
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     mirror.url = f"http://127.0.0.1:{server.server_address[1]}/"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield mirror
+        yield
     finally:
+        if stop is not None:
+            stop.set()
         server.shutdown()
         server.server_close()
         thread.join()
@@ -276,17 +289,8 @@ def dripping(where):
         def log_message(self, format, *args):
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    mirror.url = f"http://127.0.0.1:{server.server_address[1]}/"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with listening(Handler, mirror, stop):
         yield mirror
-    finally:
-        stop.set()
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 TINY = RemoteFile("tiny.bin", 4096, hashlib.sha256(bytes(range(256)) * 16).hexdigest())
