@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, Context, RecordDict
 from flwr.client import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.server import ServerApp, ServerConfig
@@ -14,6 +14,8 @@ from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.simulation import run_simulation
 
 from clients.legacy import SelectNumPyClient
+from clients.site import LEDGER_KEY
+from flwr_select.config import ConfigError
 from flwr_select.data import SiteData
 from flwr_select.models import build_model
 from flwr_select.selection.buffer import TrainingBuffer
@@ -180,3 +182,37 @@ def test_compressed_uploads_are_refused_up_front():
     )
     with pytest.raises(ValueError, match="compress"):
         LegacySampleSelection(strategy)
+
+
+def legacy_site():
+    return SelectNumPyClient(
+        synthetic_site(0), lenet, context=Context(0, 0, {}, RecordDict(), {})
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        (lambda config, arrays: config.update({"server-round": "3"}), "server-round"),
+        (lambda config, arrays: config.update({"server-round": 2.9}), "server-round"),
+        (lambda config, arrays: config.pop("server-round"), "server-round"),
+        (lambda config, arrays: config.update({"num-classes": 10**7}), "num-classes"),
+        (lambda config, arrays: arrays.pop(), "parameters"),
+        (
+            lambda config, arrays: arrays.__setitem__(0, arrays[0].astype(np.float64)),
+            "parameters['standardize.mean']",
+        ),
+    ],
+)
+def test_a_legacy_site_reads_the_servers_message_strictly(change, key):
+    # Prepare: what the legacy strategy sends, with one thing changed
+    config = {**SelectionConfig(rho=RHO).to_config(), "server-round": 1}
+    config["num-classes"] = NUM_CLASSES
+    arrays = [t.numpy() for t in lenet().state_dict().values()]
+    change(config, arrays)
+    site = legacy_site()
+    # Execute / Assert: refused naming the key, nothing recorded as sent
+    with pytest.raises(ConfigError) as error:
+        site.fit(arrays, config)
+    assert error.value.key == key
+    assert LEDGER_KEY not in site.context.state.array_records
