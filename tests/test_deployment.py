@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from clients.site import LEDGER_FILE
 from flwr_select.data import load_mnist
 from flwr_select.files import read_json_lines
 from flwr_select.selection.checkpoint import latest
@@ -140,7 +141,13 @@ def logs_on_failure(deployment):
 
 
 def finished_run(deployment, run_config: dict) -> set[int]:
-    """Submit a run, wait for it to succeed; return the ServerApp pids seen."""
+    """Submit a new experiment, wait for it to succeed; return the ServerApp pids seen.
+
+    Each site starts it with its ledger deleted, as an operator does for a new
+    experiment (a site refuses a round earlier than the latest it answered).
+    """
+    for node in deployment.supernodes:
+        (Path(node.node_config["data-dir"]) / LEDGER_FILE).unlink(missing_ok=True)
     run = deployment.start_run(run_config)
     serverapps, deadline = set(), time.monotonic() + 300
     while run.running and time.monotonic() < deadline:

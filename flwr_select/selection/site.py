@@ -105,7 +105,8 @@ def check_request(ledger: SiteLedger, server_round: int, *, top_up: bool) -> Non
         ROUND_KEY,
         server_round,
         server_round >= latest,
-        f">= {latest}, the latest round this site answered",
+        f">= {latest}, the latest round this site answered (a new experiment "
+        "starts with the site's ledger deleted)",
     )
     if top_up:
         uploaded = ledger.answered_in(server_round, top_up=False)
