@@ -34,6 +34,7 @@ from tests.hostile import (
     random_site,
     reply,
 )
+from tests.memory import LIMIT, peak_growth
 
 
 def sketch(priorities, points=SKETCH_POINTS):
@@ -508,3 +509,28 @@ def test_no_site_adds_more_than_max_site_samples_a_round(task_identity, caplog):
 def test_max_site_samples_below_one_is_refused_by_the_constructor(value):
     with pytest.raises(ConfigError, match="max-site-samples must be an int >= 1"):
         make_strategy(max_site_samples=value)
+
+
+def test_a_summary_claiming_the_most_candidates_costs_the_server_no_memory():
+    # Prepare: in a process of its own, two honest summaries and one claiming
+    # 2**40 candidates sketched at 128 ranks up to 2**40, every one worth 1e9
+    setup = """
+        from flwr_select.selection.protocol import SelectionConfig
+        from tests.hostile import make_strategy
+
+        strategy = make_strategy(selection=SelectionConfig(rho=0.5, allocation="global"))
+        honest = {"num-candidates": 100, "sketch-ranks": [1, 50], "sketch-values": [0.9, 0.1]}
+        ranks = [1 + k * (2**40 - 1) // 127 for k in range(128)]
+        liar = {"num-candidates": 2**40, "sketch-ranks": ranks, "sketch-values": [1e9] * 128}
+        summaries = [(1, lambda: honest), (2, lambda: honest), (3, lambda: liar)]
+    """
+    # Execute
+    raised, growth = peak_growth(
+        setup,
+        """
+        strategy.allocate_round(1, summaries)
+        assert strategy.phase_one["round-budget"] == 150, strategy.phase_one
+        """,
+    )
+    # Assert: the budget is three honest shares; the phase costs no memory to speak of
+    assert raised == "" and growth < LIMIT

@@ -2,9 +2,6 @@ import codecs
 import gzip
 import pickle
 import struct
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,33 +19,13 @@ from flwr_select.data import (
     load_mnist,
     read_idx,
 )
+from tests.memory import LIMIT, peak_growth
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-def peak_growth_mib(call):
-    """Run ``call`` in a fresh Python (``data`` is flwr_select.data); return the
-    ValueError it printed and how far its peak memory grew past the imports."""
-    code = (
-        "import resource\n"
-        "from flwr_select import data\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "try:\n"
-        f"    {call}\n"
-        "except ValueError as err:\n"
-        "    print(err)\n"
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    *message, growth = result.stdout.strip().splitlines()
-    return "\n".join(message), float(growth)
+def data_call_growth(call):
+    """Run ``call`` (``data`` is flwr_select.data) in a Python of its own; return
+    the error it raised and how far its peak memory grew past the imports."""
+    return peak_growth("from flwr_select import data", call)
 
 
 def write_idx(path, array, type_code=0x08, compress=False):
@@ -93,9 +70,9 @@ def test_read_idx_reads_no_more_of_a_gzip_bomb_than_its_header_declares(tmp_path
         for _ in range(256):
             f.write(bytes(1 << 20))
     assert bomb.stat().st_size < 2_000_000
-    message, growth = peak_growth_mib(f"data.read_idx({str(bomb)!r})")
+    message, growth = data_call_growth(f"data.read_idx({str(bomb)!r})")
     assert str(bomb) in message and "but more bytes follow" in message
-    assert growth < 64
+    assert growth < LIMIT
 
 
 @pytest.mark.parametrize(
@@ -354,10 +331,10 @@ def test_load_cifar10_refuses_a_small_pickle_that_grows_memory(tmp_path):
     with (folder / "test_batch").open("wb") as f:
         pickle.dump({b"data": value, b"labels": []}, f, protocol=2)
     assert (folder / "test_batch").stat().st_size < 1000
-    message, growth = peak_growth_mib(f"data.load_cifar10({str(folder)!r}, 'test')")
-    assert message.startswith(str(folder / "test_batch"))
+    message, growth = data_call_growth(f"data.load_cifar10({str(folder)!r}, 'test')")
+    assert message.startswith(f"UnsafePickleError: {folder / 'test_batch'}")
     assert "refusing _codecs.encode other than (str, 'latin1')" in message
-    assert growth < 64
+    assert growth < LIMIT
 
 
 class Reduce:
