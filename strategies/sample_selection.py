@@ -60,7 +60,8 @@ class SampleSelection(TrainOnlyFedAvg, SelectionServer):
     model_fn, num_classes, **server
         The server core's: ``model_fn``, ``num_classes``, ``selection``,
         ``server_training``, ``from_scratch``, ``buffer``, ``site_config``,
-        ``run_dir``, ``sample_shape``, ``max_upload_bytes``, ``transform`` (see
+        ``run_dir``, ``sample_shape``, ``max_upload_bytes``, ``max_site_samples``,
+        ``transform`` (see
         :class:`~flwr_select.selection.server.SelectionServer`).
     """
 
