@@ -60,28 +60,62 @@ class UnsafePickleError(DataFileError, pickle.UnpicklingError):
     """A CIFAR-10 batch pickle that asks for more than a batch needs, or is damaged."""
 
 
+def as_tensor(name: str, values: object) -> Tensor:
+    """Return a tensor or NumPy array as a tensor; refuse anything else, naming it.
+
+    A NumPy array becomes a tensor on its memory (a copy only when NumPy's is
+    read-only or not contiguous, which a tensor cannot share).
+    """
+    if isinstance(values, Tensor):
+        return values
+    if isinstance(values, np.ndarray):
+        if not values.flags.writeable or not values.flags.c_contiguous:
+            values = np.array(values, order="C")
+        return torch.from_numpy(values)
+    raise ValueError(
+        f"{name} must be a torch Tensor or a NumPy array, got {type(values).__name__}"
+    )
+
+
+def dtype_name(values: Tensor) -> str:
+    """Return a tensor's dtype as NumPy names it (``uint8``, not ``torch.uint8``)."""
+    return str(values.dtype).removeprefix("torch.")
+
+
 @dataclass(frozen=True)
 class SiteData:
     """Labelled raw samples held by one site (or sent in one upload), with stable ids.
 
+    Each array may be a tensor or a NumPy array (kept as a tensor, sharing its
+    memory where NumPy allows).
+
     Parameters
     ----------
-    images : Tensor
+    images : Tensor or np.ndarray
         ``uint8``, ``(n, H, W)`` or ``(n, C, H, W)``.
-    labels : Tensor
+    labels : Tensor or np.ndarray
         Integer class indices in ``[0, num_classes)``; stored as int64.
     num_classes : int
         Number of classes of the task (the model's output width).
-    ids : Tensor, optional
+    ids : Tensor or np.ndarray, optional
         Unique non-negative integer ids that stay with each sample across rounds
         (the server deduplicates by them). Default: ``0 .. n-1``.
 
+    Raises
+    ------
+    ValueError
+        Naming the array, what it must be and what it is.
+
     Examples
     --------
-    >>> site = SiteData(torch.zeros(3, 28, 28, dtype=torch.uint8),
-    ...                 torch.tensor([0, 1, 2]), num_classes=10)
-    >>> len(site), site.ids.tolist()
-    (3, [0, 1, 2])
+    >>> site = SiteData(np.zeros((3, 28, 28), np.uint8), np.array([0, 1, 2]), 10)
+    >>> len(site), site.ids.tolist(), site.images.dtype
+    (3, [0, 1, 2], torch.uint8)
+    >>> SiteData(np.zeros((3, 28, 28), np.float32), np.array([0, 1, 2]), 10)
+    ... # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: images must be uint8 of shape ..., got float32 of shape (3, 28, 28)
     """
 
     images: Tensor
@@ -90,11 +124,15 @@ class SiteData:
     ids: Tensor = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
+        for name in ("images", "labels", "ids"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, as_tensor(name, value))
         n = len(self.images)
         if self.images.dtype != torch.uint8 or self.images.ndim not in (3, 4):
             raise ValueError(
                 f"images must be uint8 of shape (n, H, W) or (n, C, H, W), got "
-                f"{self.images.dtype} of shape {tuple(self.images.shape)}"
+                f"{dtype_name(self.images)} of shape {tuple(self.images.shape)}"
             )
         if int(self.num_classes) != self.num_classes or self.num_classes < 2:
             raise ValueError(
@@ -109,8 +147,8 @@ class SiteData:
                 or values.is_complex()
             ):
                 raise ValueError(
-                    f"{name} must be a 1-D integer tensor of length {n} (one per "
-                    f"image), got {values.dtype} of shape {tuple(values.shape)}"
+                    f"{name} must be 1-D integers, one per image ({n}), got "
+                    f"{dtype_name(values)} of shape {tuple(values.shape)}"
                 )
         if n:
             lo, hi = int(self.labels.min()), int(self.labels.max())

@@ -488,17 +488,22 @@ def test_load_cifar10_refuses_pickles_that_run_code(tmp_path):
         ),
         (
             {"labels": torch.tensor([0])},
-            "labels must be a 1-D integer tensor of length 2",
+            r"labels must be 1-D integers, one per image \(2\)",
         ),
-        ({"labels": torch.tensor([0.0, 1.0])}, "labels must be a 1-D integer tensor"),
+        ({"labels": torch.tensor([0.0, 1.0])}, "labels must be 1-D integers"),
         (
             {"labels": torch.tensor([True, False])},
-            "labels must be a 1-D integer tensor of length 2 .* got torch.bool",
+            r"labels must be 1-D integers, one per image \(2\), got bool",
         ),
-        ({"ids": torch.tensor([True, False])}, "ids must be a 1-D integer tensor"),
+        ({"ids": torch.tensor([True, False])}, "ids must be 1-D integers"),
         ({"ids": torch.tensor([4, 4])}, "ids must be unique"),
         ({"ids": torch.tensor([-1, 4])}, "ids must be >= 0, got -1"),
         ({"images": torch.zeros(2, 28, 28)}, "images must be uint8"),
+        (
+            {"images": np.zeros((2, 28, 28), np.float32)},
+            r"images must be uint8 of .* got float32 of shape \(2, 28, 28\)",
+        ),
+        ({"labels": [0, 1]}, "labels must be a torch Tensor or a NumPy array"),
         ({"num_classes": 1}, "num_classes must be an integer >= 2"),
     ],
 )
@@ -606,7 +611,7 @@ BAD_SITE_FILES = {
     ),
     "short-labels": (
         {"images": IMAGES, "labels": np.array([0])},
-        "labels must be a 1-D integer tensor of length 2",
+        r"labels must be 1-D integers, one per image \(2\)",
     ),
     "label-10": (
         {"images": IMAGES, "labels": np.array([0, 10])},
@@ -736,3 +741,17 @@ def test_a_named_data_set_of_another_shape_or_more_classes_is_refused(tmp_path):
     write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.array([0, 10], np.uint8))
     with pytest.raises(DataFileError, match="labels go up to 10; mnist has 10 classes"):
         load_dataset("mnist", tmp_path, "test")
+
+
+def test_site_data_takes_numpy_arrays_and_shares_their_memory():
+    # Prepare: a site's arrays as NumPy holds them; ids read-only, as np.load mmaps
+    images = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28)
+    ids = np.array([7, 3])
+    ids.setflags(write=False)
+    # Execute
+    site = SiteData(images, np.array([4, 9], np.int32), 10, ids)
+    # Assert: tensors of the same values; the images are the same memory
+    assert site.images.dtype == torch.uint8 and site.labels.tolist() == [4, 9]
+    assert site.ids.tolist() == [7, 3] and site.labels.dtype == torch.int64
+    images[0, 0, 0] = 200
+    assert int(site.images[0, 0, 0]) == 200
