@@ -14,8 +14,11 @@ message must hold).
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
-from collections.abc import Collection, Mapping
+import re
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import MISSING, Field, fields
 from typing import Self
 
@@ -185,3 +188,73 @@ def _kind(annotation: object) -> str:
     if isinstance(annotation, str):
         return annotation
     return getattr(annotation, "__name__", str(annotation))
+
+
+SECTION_RULE = re.compile(r"-{3,}")
+ROLE = re.compile(r":[a-z]+:`~?([^`]+)`")
+"""A Sphinx cross-reference (``:data:`~pkg.NAME```)."""
+
+
+def key_meanings(classes: Iterable[type]) -> dict[str, str]:
+    """Return what each run-config key of ``classes`` means, from their docstrings.
+
+    The text is the one the dataclass that declares the key gives it in the
+    ``Parameters`` section of its docstring (NumPy style; one entry may name
+    several fields), the nearest class first: the one place a key is
+    described, for ``--help`` and the docs. A cross-reference to a collection
+    of names (``:data:`~flwr_select.data.DATASETS```) shows its names, so the
+    text cannot drift from what the code allows; any other shows its last name.
+
+    Examples
+    --------
+    >>> from flwr_select.selection.protocol import SelectionConfig
+    >>> key_meanings([SelectionConfig])["rho"]
+    "Fraction of a site's samples this round it may send (0 < rho <= 1)."
+    """
+    meanings: dict[str, str] = {}
+    for cls in classes:
+        declared = {_key(f.name) for f in fields(cls)}
+        for klass in cls.__mro__:
+            for names, text in _parameters(klass.__dict__.get("__doc__") or ""):
+                module = klass.__module__
+                shown = ROLE.sub(lambda m, at=module: _reference(m[1], at), text)
+                for key in {_key(name) for name in names} & declared:
+                    meanings.setdefault(key, shown.replace("``", ""))
+    return meanings
+
+
+def _reference(target: str, module: str) -> str:
+    """Show a cross-reference by its last name, with its value if it is plain.
+
+    A collection of names gets them (sorted), a number its value: what the code
+    allows, read from the code.
+    """
+    path, _, name = target.rpartition(".")
+    try:
+        value = getattr(importlib.import_module(path or module), name)
+    except (ImportError, AttributeError, ValueError):
+        return name
+    if isinstance(value, Mapping | tuple | list | set | frozenset) and value:
+        if all(isinstance(item, str) for item in value):
+            return f"{name} ({', '.join(sorted(value))})"
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return f"{name} ({value})"
+    return name
+
+
+def _parameters(doc: str) -> list[tuple[list[str], str]]:
+    """Return the entries of a NumPy-style ``Parameters`` section: names and text."""
+    lines = inspect.cleandoc(doc).splitlines()
+    entries: list[tuple[list[str], list[str]]] = []
+    inside = False
+    for line, below in zip(lines, [*lines[1:], ""], strict=True):
+        if SECTION_RULE.fullmatch(below.strip()):
+            inside = line.strip() == "Parameters"
+        elif not inside or SECTION_RULE.fullmatch(line.strip()) or not line.strip():
+            continue
+        elif not line.startswith(" "):
+            names = line.partition(" : ")[0]
+            entries.append(([name.strip() for name in names.split(",")], []))
+        elif entries:
+            entries[-1][1].append(line.strip())
+    return [(names, " ".join(text)) for names, text in entries]

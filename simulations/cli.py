@@ -38,10 +38,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import math
 import re
 import shlex
 import sys
+import textwrap
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -53,7 +56,7 @@ from flwr.clientapp import ClientApp
 from flwr.common import EventType
 from flwr.serverapp import ServerApp
 
-from flwr_select.config import ConfigError, check
+from flwr_select.config import ConfigError, check, key_meanings
 from flwr_select.flower_private import (
     Run,
     _run_simulation,
@@ -135,9 +138,19 @@ class Simulation:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parse the command line and run the app's simulation."""
+    """Parse the command line and run the app's simulation.
+
+    ``--help`` with an ``--app`` also lists that app's run-config keys
+    (:func:`run_config_help`).
+    """
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--app")
+    named = first.parse_known_args(argv)[0].app
     parser = argparse.ArgumentParser(
-        prog="flower-simulation", description=__doc__.splitlines()[0]
+        prog="flower-simulation",
+        description=__doc__.splitlines()[0],
+        epilog=None if named is None else run_config_help(named),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--app",
@@ -205,6 +218,34 @@ def main(argv: list[str] | None = None) -> None:
         run=simulation.run,
         verbose_logging=args.verbose,
     )
+
+
+def run_config_help(app_name: str) -> str:
+    """Return the run-config keys of the app ``--app app_name`` names, for ``--help``.
+
+    Each key with its default; for this project's apps also what it means, from
+    the dataclasses its ``check_config`` returns
+    (:func:`~flwr_select.config.key_meanings`). An app that cannot be found
+    says why instead.
+    """
+    try:
+        app = find_app(app_name)
+    except AppRefused as err:
+        return f"--app {app_name!r}: {err}"
+    if isinstance(app, FlowerApp):
+        defaults, meanings = app.defaults, {}
+    else:
+        defaults = app.DEFAULTS
+        returned = typing.get_type_hints(app.check_config)["return"]
+        meanings = key_meanings(typing.get_args(returned))
+    lines = [f"run-config keys of {app_name} (--run-config 'key=value ...'):"]
+    for key, default in defaults.items():
+        lines.append(f"  {key} = {json.dumps(default)}")
+        if key in meanings:
+            lines += textwrap.wrap(
+                meanings[key], 78, initial_indent=" " * 6, subsequent_indent=" " * 6
+            )
+    return "\n".join(lines)
 
 
 def prepare_simulation(app_name: str, run_config: str, num_nodes: int) -> Simulation:

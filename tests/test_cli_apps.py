@@ -7,6 +7,7 @@ its ``out-file`` names; each ClientApp replies with its partition and the
 """
 
 import ast
+import importlib
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from flwr_select.selection.policies import POLICIES
 from simulations import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -366,3 +368,27 @@ def test_a_run_config_the_sites_cannot_honour_is_refused_before_anything_starts(
     done = flower_simulation("simulations.mnist", "--run-config", run_config)
     # Assert
     assert refused_in_its_own_process(done) == refusal
+
+
+@pytest.mark.parametrize("app", cli.PROJECT_APPS)
+def test_every_key_of_a_project_app_says_what_it_means(app):
+    # Prepare
+    module = importlib.import_module(app)
+    # Execute: the help text, as --help shows it
+    shown = cli.run_config_help(app)
+    # Assert: every key with its default and a meaning from its dataclass
+    lines = shown.splitlines()
+    for key, default in module.DEFAULTS.items():
+        at = lines.index(f"  {key} = {json.dumps(default)}")
+        assert lines[at + 1].startswith("      "), f"{key} has no meaning"
+
+
+def test_help_lists_the_apps_keys_and_what_names_they_take(flower_simulation):
+    # Execute: the real command, as a newcomer types it
+    done = flower_simulation("simulations.mnist", "--help")
+    # Assert: the names a key takes are read from the code that checks them
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "run-config keys of simulations.mnist" in done.stdout
+    assert "rho = 0.05\n      Fraction of a site's samples" in done.stdout
+    policies = ", ".join(sorted(POLICIES))
+    assert f"POLICIES ({policies})" in " ".join(done.stdout.split())

@@ -105,7 +105,8 @@ class SelectionConfig(RunConfigFields):
         (:mod:`~flwr_select.selection.allocation`).
     round_budget_bytes : int (default: 0)
         The global budget of a round, in upload bytes; 0: what the per-site
-        budgets would have allowed together, so that both spend the same.
+        budgets would have allowed together, none counted above the largest
+        other's (so that no site raises it by what it claims).
 
     Raises
     ------
