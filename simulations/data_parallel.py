@@ -73,7 +73,6 @@ def defaults(dataset: str) -> dict[str, Any]:
         dataset=dataset,
         model=DATASETS[dataset].model,
         num_server_rounds=300,
-        out_dir=f"runs/{dataset}-data-parallel",
     )
     return {
         **server.to_config(),

@@ -11,6 +11,8 @@ from simulations.runner import make_server_app
 
 DEFAULTS = data_parallel.defaults("mnist")
 check_config = data_parallel.check_config
-server_app = make_server_app("mnist", data_parallel.run, data_parallel.defaults)
+server_app = make_server_app(
+    "mnist", data_parallel.run, data_parallel.defaults, name="mnist-data-parallel"
+)
 
 __all__ = ["DEFAULTS", "check_config", "client_app", "server_app"]

@@ -7,8 +7,10 @@ trains on everything accepted so far and evaluates. Every round is one JSON line
 in ``out-dir/rounds.jsonl`` (round 0 is the initial model). After every round the
 model, the training buffer and the records are checkpointed to
 ``out-dir/checkpoint.npz`` and ``out-dir/segments/``
-(:mod:`flwr_select.selection.checkpoint`); a run started
-again on the same ``out-dir`` resumes after the last complete round.
+(:mod:`flwr_select.selection.checkpoint`). Without an ``out-dir`` every run
+gets a fresh folder (:func:`fresh_run_dir`), so a second run never meets the
+first's; a run started again on the ``out-dir`` it printed resumes after the
+last complete round.
 """
 
 from __future__ import annotations
@@ -54,8 +56,9 @@ class ServerConfig(ShareConfig):
 
     Parameters
     ----------
-    out_dir : str (default: "runs/mnist")
-        Where records go; not empty.
+    out_dir : str (default: "")
+        Where records go: a folder named to resume the run in it; empty: a fresh
+        folder each run, ``runs/<app>-<date>-<time>``.
     optimizer : str (default: "sgd")
         A name from :data:`~flwr_select.trainer.OPTIMIZERS`.
     lr : float (default: 0.01)
@@ -71,7 +74,7 @@ class ServerConfig(ShareConfig):
         If a value is not allowed, naming the run-config key.
     """
 
-    out_dir: str = "runs/mnist"
+    out_dir: str = ""
     optimizer: str = "sgd"
     lr: float = 0.01
     fraction_train: float = 1.0
@@ -79,7 +82,6 @@ class ServerConfig(ShareConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check("out-dir", self.out_dir, self.out_dir != "", "a folder, not empty")
         check_name("optimizer", self.optimizer, sorted(OPTIMIZERS))
         check("lr", self.lr, self.lr > 0, "> 0")
         # the strategies' constructors check their arguments the same way
@@ -174,7 +176,7 @@ def defaults(dataset: str) -> dict[str, Any]:
     The server's defaults, with the training of the data set's recipe
     (:data:`DATASET_RECIPES`), and the selection's.
     """
-    server = SelectionServerConfig(dataset=dataset, out_dir=f"runs/{dataset}")
+    server = SelectionServerConfig(dataset=dataset)
     return {
         **server.to_config(),
         **RECIPES[DATASET_RECIPES[dataset]],
@@ -421,19 +423,50 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def fresh_run_dir(name: str, parent: str | Path = "runs") -> Path:
+    """Create and return a new folder for one run: ``<parent>/<name>-<date>-<time>``.
+
+    A second run in the same second gets ``-2`` (then ``-3``...) appended; the
+    folder is created here, so two runs never share one.
+    """
+    stem = Path(parent) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for attempt in range(1, 1000):
+        folder = stem if attempt == 1 else stem.with_name(f"{stem.name}-{attempt}")
+        try:
+            folder.mkdir(parents=True)
+        except FileExistsError:
+            continue
+        return folder
+    raise FileExistsError(f"{stem} and 998 more exist already")
+
+
 def make_server_app(
     dataset: str,
     run_fn: Callable[[Grid, Mapping[str, Any]], None] = run,
     defaults_fn: Callable[[str], dict[str, Any]] = defaults,
+    name: str = "",
 ) -> ServerApp:
     """Return a ServerApp that runs ``run_fn`` on ``dataset``'s ``defaults_fn``.
 
     The run config overrides the defaults; the defaults are sample selection's.
+    Without an ``out-dir`` the run gets a fresh folder named after ``name``
+    (default: ``dataset``; :func:`fresh_run_dir`); either way the folder is
+    printed when the run starts and when it ends, with how to resume it.
     """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_fn(grid, {**defaults_fn(dataset), **context.run_config})
+        config = {**defaults_fn(dataset), **context.run_config}
+        if not config["out-dir"]:
+            config["out-dir"] = str(fresh_run_dir(name or dataset))
+        folder = Path(config["out-dir"]).absolute()
+        print(f"Records go to {folder}", flush=True)
+        run_fn(grid, config)
+        print(
+            f"Records are in {folder} (rounds.jsonl); to go on with this run, "
+            f'start it again with out-dir="{folder}"',
+            flush=True,
+        )
 
     return app

@@ -1,5 +1,6 @@
 """The sample-selection app on Flower's real simulation engine, through `flower-simulation`."""
 
+import subprocess
 import time
 from pathlib import Path
 
@@ -334,3 +335,38 @@ def test_the_progress_line_counts_the_sites_and_names_the_largest_nodes(
         read_json_lines(tmp_path / "execution.jsonl")[0]["suspect_labels_by_node"]
         == suspects
     )
+
+
+def test_a_second_run_from_the_same_folder_gets_a_fresh_run_folder(
+    mnist_dir, tmp_path, flower_simulation_command
+):
+    # Prepare: two short runs with other settings, no out-dir, from one folder,
+    # as a newcomer types the main command and then tries a key
+    command, env = flower_simulation_command
+    short = (
+        f'data-dir="{mnist_dir}" num-server-rounds=1 validation-size=500 '
+        "initial-size=500 pool-size=1000 initial-epochs=1 server-epochs=1 "
+        'model="lenet5"'
+    )
+
+    def run(config: str) -> str:
+        done = subprocess.run(
+            [*command, "--app", "simulations.mnist", "--run-config", config],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    # Execute
+    first, second = run(f"{short} rho=0.05"), run(f"{short} rho=0.1")
+    # Assert: each in a folder of its own, named at the start and the end
+    folders = sorted((tmp_path / "runs").iterdir())
+    assert len(folders) == 2 and all(f.name.startswith("mnist-") for f in folders)
+    for stdout, folder in zip((first, second), folders, strict=True):
+        assert f"Records go to {folder}" in stdout
+        assert f'start it again with out-dir="{folder}"' in stdout
+        assert len(read_json_lines(folder / "rounds.jsonl")) == 2
