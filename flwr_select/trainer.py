@@ -8,6 +8,7 @@ GPU is not synchronised every step.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -16,6 +17,12 @@ import torch
 from torch import Tensor, nn
 
 from flwr_select.models import BatchTransform
+
+logger = logging.getLogger("flwr.select")
+
+PROGRESS_EVERY_S = 20.0
+"""A training call that runs longer says how far it is this often (wall seconds):
+the initial model's minutes would otherwise look like a hang."""
 
 OPTIMIZERS = {"sgd", "adam"}
 SCHEDULES = ("constant", "cosine")
@@ -243,7 +250,17 @@ def _train(
     total = torch.zeros((), device=images.device)
     seen = 0
     batches = batch_order(len(images), config, generator)
+    said = started
     for step, idx in enumerate(batches):
+        if time.perf_counter() - said >= PROGRESS_EVERY_S:
+            said = time.perf_counter()
+            logger.info(
+                "training on %s samples: step %s of %s, %.0f s so far",
+                len(images),
+                step,
+                len(batches),
+                said - started,
+            )
         if config.schedule != "constant" or config.warmup:
             for group in optimizer.param_groups:
                 group["lr"] = config.lr_at(step, len(batches))

@@ -31,7 +31,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr_select.config import check, check_name
 from flwr_select.data import DATASETS, SiteData, load_dataset, resolve_data_dir
 from flwr_select.evaluation import held_out_metrics
-from flwr_select.files import write_json_lines
+from flwr_select.files import read_json_lines, write_json_lines
 from flwr_select.models import build_model
 from flwr_select.partition import ShareConfig, SiteShareConfig
 from flwr_select.selection.protocol import SelectionConfig
@@ -358,6 +358,12 @@ def run(grid: Grid, config: Mapping[str, Any]) -> None:
     )
     if strategy.resume() is None:
         initial = torch.from_numpy(split.initial)
+        print(
+            f"Training the initial model on the server's {len(initial)} samples, "
+            f"{server.initial_epochs} epochs (minutes on a CPU; it says how far "
+            "it is as it goes)",
+            flush=True,
+        )
         initial_arrays = strategy.pretrain(
             SiteData(images[initial], labels[initial], num_classes, ids=initial),
             server.train_config(server.initial_epochs),
@@ -440,6 +446,30 @@ def fresh_run_dir(name: str, parent: str | Path = "runs") -> Path:
     raise FileExistsError(f"{stem} and 998 more exist already")
 
 
+def run_summary(folder: Path) -> str:
+    """Return what a finished run says last: its final figures and where they are.
+
+    From ``rounds.jsonl``: the last round's accuracies, and the bytes the
+    rounds moved each way where the app records them.
+    """
+    records = read_json_lines(folder / "rounds.jsonl")
+    last = records[-1]
+    figures = [
+        f"{name} {last[key]:.4f}"
+        for key, name in (("accuracy", "accuracy"), ("test_accuracy", "test"))
+        if isinstance(last.get(key), float)
+    ] + [
+        f"{sum(r[key] for r in records):,} bytes {way}"
+        for key, way in (("bytes_received", "up"), ("bytes_sent", "down"))
+        if key in last
+    ]
+    return (
+        f"Done after round {last['round']}: {', '.join(figures)}.\n"
+        f"Records are in {folder} (rounds.jsonl, execution.jsonl); to go on with "
+        f'this run, start it again with out-dir="{folder}"'
+    )
+
+
 def make_server_app(
     dataset: str,
     run_fn: Callable[[Grid, Mapping[str, Any]], None] = run,
@@ -463,10 +493,6 @@ def make_server_app(
         folder = Path(config["out-dir"]).absolute()
         print(f"Records go to {folder}", flush=True)
         run_fn(grid, config)
-        print(
-            f"Records are in {folder} (rounds.jsonl); to go on with this run, "
-            f'start it again with out-dir="{folder}"',
-            flush=True,
-        )
+        print(run_summary(folder), flush=True)
 
     return app

@@ -363,10 +363,13 @@ def test_a_second_run_from_the_same_folder_gets_a_fresh_run_folder(
 
     # Execute
     first, second = run(f"{short} rho=0.05"), run(f"{short} rho=0.1")
-    # Assert: each in a folder of its own, named at the start and the end
+    # Assert: each in a folder of its own, named at the start and the end, with
+    # what the run is doing and its final figures
     folders = sorted((tmp_path / "runs").iterdir())
     assert len(folders) == 2 and all(f.name.startswith("mnist-") for f in folders)
     for stdout, folder in zip((first, second), folders, strict=True):
         assert f"Records go to {folder}" in stdout
         assert f'start it again with out-dir="{folder}"' in stdout
+        assert "Training the initial model on the server's 500 samples" in stdout
+        assert "Done after round 1: accuracy 0." in stdout and "bytes up" in stdout
         assert len(read_json_lines(folder / "rounds.jsonl")) == 2

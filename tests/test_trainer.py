@@ -6,6 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+from flwr_select import trainer
 from flwr_select.data import SiteData
 from flwr_select.models import build_model
 from flwr_select.selection.buffer import TrainingBuffer
@@ -359,4 +360,24 @@ def test_dropout_is_seeded_by_the_call_and_the_global_generator_left_alone():
     again = trained()
     assert torch.equal(torch.random.get_rng_state(), state)  # not consumed
     for a, b in zip(first.values(), again.values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_long_training_call_says_how_far_it_is_and_trains_the_same(
+    monkeypatch, caplog
+):
+    # Prepare: the same call twice; the second says where it is at every step
+    images, labels = brightness_task()
+    config = TrainConfig(epochs=2, batch_size=16, lr=0.1)
+    quiet, chatty = (build_model("lenet5", seed=0) for _ in range(2))
+    train(quiet, images, labels, config, seed=1)
+    monkeypatch.setattr(trainer, "PROGRESS_EVERY_S", 0.0)
+    # Execute
+    with caplog.at_level("INFO", logger="flwr.select"):
+        train(chatty, images, labels, config, seed=1)
+    # Assert: a line before every step, and the same weights
+    said = [r.getMessage() for r in caplog.records if "training on" in r.getMessage()]
+    assert len(said) == 8 and said[-1].startswith("training on 64 samples: step 7 of 8")
+    pairs = zip(quiet.state_dict().values(), chatty.state_dict().values(), strict=True)
+    for a, b in pairs:
         assert torch.equal(a, b)
