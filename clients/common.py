@@ -26,15 +26,15 @@ from torch import nn
 
 from flwr_select.config import ConfigError, check_name, required
 from flwr_select.data import SiteData, load_dataset, load_local_site, resolve_data_dir
-from flwr_select.models import MODELS, build_model
-from flwr_select.npy import NpyError, array_from_bytes
-from flwr_select.selection.protocol import (
+from flwr_select.messages import (
     CONFIG_KEY,
     MODEL_KEY,
     MODEL_NAME_KEY,
     NUM_CLASSES_KEY,
     check_num_classes,
 )
+from flwr_select.models import MODELS, build_model
+from flwr_select.npy import NpyError, array_from_bytes
 
 SiteLoader = Callable[[Context, ConfigRecord], SiteData]
 """``(context, config) -> SiteData``: the samples a node offers or draws from."""
@@ -85,7 +85,7 @@ def model_from_config(config: ConfigRecord, *, device: str = "cpu") -> nn.Module
     """Build the built-in model named by the config's ``model`` and ``num-classes``.
 
     Both are read strictly (a name of :data:`~flwr_select.models.MODELS`, an int
-    in [2, :data:`~flwr_select.selection.protocol.MAX_NUM_CLASSES`]). On the
+    in [2, :data:`~flwr_select.messages.MAX_NUM_CLASSES`]). On the
     ``"meta"`` device the model has shapes and dtypes but no memory: what the
     received arrays are checked against before the real one is built.
 

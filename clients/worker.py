@@ -24,6 +24,12 @@ from torch import nn
 from clients import common
 from flwr_select.config import RunConfigFields, check
 from flwr_select.data import SiteData
+from flwr_select.messages import (
+    MAX_ROUND,
+    METRICS_KEY,
+    ROUND_KEY,
+    check_num_classes,
+)
 from flwr_select.parallel.batches import Sampling
 from flwr_select.parallel.gradients import (
     ACTION,
@@ -32,12 +38,6 @@ from flwr_select.parallel.gradients import (
     worker_gradient,
 )
 from flwr_select.partition import ShareConfig, site_partition
-from flwr_select.selection.protocol import (
-    MAX_ROUND,
-    METRICS_KEY,
-    ROUND_KEY,
-    check_num_classes,
-)
 
 MAX_WORKERS = 100_000
 """The most workers a node takes a share of: far above any federation, and few
@@ -50,9 +50,9 @@ class WorkerRequest(RunConfigFields):
 
     Every field is a required config key (``server-round``...), an int:
     ``server_round`` and ``num_server_rounds`` in [1,
-    :data:`~flwr_select.selection.protocol.MAX_ROUND`], ``num_workers`` in [1,
+    :data:`~flwr_select.messages.MAX_ROUND`], ``num_workers`` in [1,
     :data:`MAX_WORKERS`], ``worker_index`` in [0, num-workers) and
-    ``num_classes`` in [2, :data:`~flwr_select.selection.protocol.MAX_NUM_CLASSES`].
+    ``num_classes`` in [2, :data:`~flwr_select.messages.MAX_NUM_CLASSES`].
 
     Raises
     ------

@@ -9,13 +9,17 @@ Laid out by paper, over what both share:
 - :mod:`flwr_select.parallel`: biased-sampling data parallelism (Sharp 2020):
   batch class distributions, worker gradients, reductions and monitors.
 - shared: data sets and readers (:mod:`.data`, :mod:`.partition`), models,
-  the central trainer, evaluation, run-config fields (:mod:`.config`) and files
-  (:mod:`.files`, :mod:`.npy`).
+  the central trainer, evaluation, run-config fields (:mod:`.config`), the keys
+  and bounds of every message (:mod:`.messages`) and files (:mod:`.files`,
+  :mod:`.npy`).
 
-Neither engine imports the other. Pure torch/NumPy: only
-:mod:`flwr_select.selection.wire` imports Flower (for its record types). The
-names below are the public ones; the Flower strategies and ClientApps are in
-the ``strategies`` and ``clients`` packages.
+Neither engine imports the other. The engines are torch/NumPy; five modules
+use Flower's record types, for what travels in messages (an upload, a
+request, a model's arrays): :mod:`.selection.wire`, :mod:`.selection.protocol`,
+:mod:`.selection.site`, :mod:`.selection.server` and :mod:`.parallel.server`;
+:mod:`.flower_private` holds the few private Flower names the apps need, in
+one place. The names below are the public ones; the Flower strategies and
+ClientApps are in the ``strategies`` and ``clients`` packages.
 """
 
 from flwr_select.config import ConfigError

@@ -12,9 +12,13 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from torch import nn
 
+from flwr_select.messages import (
+    CONFIG_KEY,
+    METRICS_KEY,
+    MODEL_KEY,
+)
 from flwr_select.parallel.gradients import GRADIENT_KEY, MESSAGE_TYPE, WorkerGradient
 from flwr_select.parallel.server import DataParallelServer, GradientError
-from flwr_select.selection.protocol import CONFIG_KEY, METRICS_KEY, MODEL_KEY
 from strategies.nodes import (
     TrainOnlyFedAvg,
     content_digest,

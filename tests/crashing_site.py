@@ -15,9 +15,11 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from clients.site import make_select_handler, make_summary_handler
+from flwr_select.messages import (
+    CONFIG_KEY,
+)
 from flwr_select.selection.protocol import (
     ACTION,
-    CONFIG_KEY,
     SUMMARY_ACTION,
     TOP_UP_KEY,
 )

@@ -26,13 +26,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flwr_select.data import SiteData
+from flwr_select.messages import (
+    CONFIG_KEY,
+    METRICS_KEY,
+    MODEL_KEY,
+)
 from flwr_select.models import build_model
 from flwr_select.selection.buffer import TrainingBuffer
 from flwr_select.selection.protocol import (
-    CONFIG_KEY,
     MESSAGE_TYPE,
-    METRICS_KEY,
-    MODEL_KEY,
     UPLOAD_KEY,
     SelectionConfig,
 )

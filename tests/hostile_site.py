@@ -9,7 +9,13 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from clients.site import make_select_handler
-from flwr_select.selection.protocol import ACTION, CONFIG_KEY, UPLOAD_KEY
+from flwr_select.messages import (
+    CONFIG_KEY,
+)
+from flwr_select.selection.protocol import (
+    ACTION,
+    UPLOAD_KEY,
+)
 from simulations.mnist import DEFAULTS, check_config, server_app
 from tests.hostile import attacks
 

@@ -9,6 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from flwr_select.config import ConfigError
+from flwr_select.messages import (
+    METRICS_KEY,
+)
 from flwr_select.selection.allocation import (
     PROBATION_LEVELS,
     SKETCH_POINTS,
@@ -18,7 +21,6 @@ from flwr_select.selection.allocation import (
 )
 from flwr_select.selection.ledger import SiteLedger
 from flwr_select.selection.protocol import (
-    METRICS_KEY,
     SUMMARY_MESSAGE_TYPE,
     SelectionConfig,
 )

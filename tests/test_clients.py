@@ -13,13 +13,15 @@ from flwr.clientapp import ClientApp
 from clients.site import add_select_handler, keep_trial, kept_trial
 from clients.worker import add_gradient_handler
 from flwr_select.data import SiteData
+from flwr_select.messages import (
+    CONFIG_KEY,
+    METRICS_KEY,
+    MODEL_KEY,
+)
 from flwr_select.models import build_model
 from flwr_select.parallel.batches import Sampling
 from flwr_select.parallel.gradients import GRADIENT_KEY, DataParallelConfig
 from flwr_select.selection.protocol import (
-    CONFIG_KEY,
-    METRICS_KEY,
-    MODEL_KEY,
     UPLOAD_KEY,
     SelectionConfig,
 )

@@ -21,6 +21,11 @@ from torch import nn
 
 from clients.worker import make_gradient_handler
 from flwr_select.data import SiteData
+from flwr_select.messages import (
+    CONFIG_KEY,
+    METRICS_KEY,
+    MODEL_KEY,
+)
 from flwr_select.models import build_model
 from flwr_select.parallel.batches import Sampling, WorkerStep
 from flwr_select.parallel.gradients import (
@@ -31,7 +36,6 @@ from flwr_select.parallel.gradients import (
     num_parameters,
     worker_gradient,
 )
-from flwr_select.selection.protocol import CONFIG_KEY, METRICS_KEY, MODEL_KEY
 from flwr_select.trainer import TrainConfig
 from strategies.data_parallel import BiasedDataParallel
 from tests.hostile import npy_header

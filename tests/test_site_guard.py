@@ -20,14 +20,16 @@ from clients.site import add_select_handler, load_ledger
 from clients.worker import add_gradient_handler
 from flwr_select.config import ConfigError
 from flwr_select.data import SiteData
-from flwr_select.models import build_model
-from flwr_select.parallel.batches import Sampling
-from flwr_select.parallel.gradients import GRADIENT_KEY, DataParallelConfig
-from flwr_select.selection.protocol import (
+from flwr_select.messages import (
     CONFIG_KEY,
     MAX_NUM_CLASSES,
     METRICS_KEY,
     MODEL_KEY,
+)
+from flwr_select.models import build_model
+from flwr_select.parallel.batches import Sampling
+from flwr_select.parallel.gradients import GRADIENT_KEY, DataParallelConfig
+from flwr_select.selection.protocol import (
     UPLOAD_KEY,
     SelectionConfig,
 )

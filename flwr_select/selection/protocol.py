@@ -19,16 +19,23 @@ from dataclasses import dataclass, fields
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from flwr_select.config import RunConfigFields, check, check_name, convert, required
+from flwr_select.messages import (
+    CONFIG_KEY,
+    MAX_ROUND,
+    MODEL_KEY,
+    NUM_CLASSES_KEY,
+    ROUND_KEY,
+    check_num_classes,
+)
 from flwr_select.selection.policies import GROUPS, POLICIES, Budget, Policy, make_policy
 from flwr_select.selection.scores import CONFIDENCE_METRICS
 
 ACTION = "select"
 """The ClientApp action: messages of type ``train.select`` reach the handler."""
 MESSAGE_TYPE = f"train.{ACTION}"
-MODEL_KEY, CONFIG_KEY = "arrays", "config"
-"""Keys of the server's message: the model's ArrayRecord and the ConfigRecord."""
-UPLOAD_KEY, METRICS_KEY = "upload", "metrics"
-"""Keys of a site's reply: the upload's ArrayRecord and a MetricRecord."""
+UPLOAD_KEY = "upload"
+"""Key of a site's reply: the upload's ArrayRecord (beside its metrics,
+:data:`~flwr_select.messages.METRICS_KEY`)."""
 ALLOCATIONS = ("per-site", "global")
 """How a round's upload budget is shared: each site its rho, or one for all."""
 UNDELIVERED_KEY = "undelivered-rounds"
@@ -45,21 +52,6 @@ UNDELIVERED_TOP_UPS_KEY = "undelivered-top-ups"
 NODE_MAX_BYTES_KEY = "max-bytes"
 """Node-config key: a site's own cap on the bytes it sends in one round (its link
 budget), its upload and its top-up together."""
-ROUND_KEY, NUM_CLASSES_KEY, MODEL_NAME_KEY = "server-round", "num-classes", "model"
-"""Config keys of every message: the round, the classes, the built-in model's name."""
-MAX_NUM_CLASSES = 100_000
-"""The most classes a node takes a model of. Far above the data sets here (10)
-and ImageNet-21k (21,841), and low enough that what a node sizes by the class
-count (a model's output layer, per-class counts) stays small whatever a
-message says."""
-MAX_ROUND = 2**63 - 1
-"""The latest round a node answers: a ledger stores rounds as int64."""
-
-
-def check_num_classes(num_classes: int) -> None:
-    """Raise ``ConfigError`` naming ``num-classes`` unless it is in [2, MAX]."""
-    allowed = f"in [2, {MAX_NUM_CLASSES}]"
-    check(NUM_CLASSES_KEY, num_classes, 2 <= num_classes <= MAX_NUM_CLASSES, allowed)
 
 
 def request(arrays: ArrayRecord, config: Mapping[str, object]) -> RecordDict:
@@ -175,9 +167,10 @@ class SiteRequest:
     Parameters
     ----------
     server_round : int
-        ``server-round``, in [1, :data:`MAX_ROUND`]; required.
+        ``server-round``, in [1, :data:`~flwr_select.messages.MAX_ROUND`]; required.
     num_classes : int
-        ``num-classes``, in [2, :data:`MAX_NUM_CLASSES`]; required.
+        ``num-classes``, in [2, :data:`~flwr_select.messages.MAX_NUM_CLASSES`];
+        required.
     quota : int or None (default: None)
         ``quota``: the samples a round with one global budget asks of this site
         (its upload or its top-up), >= 1. None: the site's own ``rho`` share.
