@@ -23,12 +23,18 @@ from torch import nn
 
 from flwr_select.config import check
 from flwr_select.data import SiteData
+from flwr_select.messages import (
+    ROUND_KEY,
+)
 from flwr_select.models import Transform, check_model, model_input
 from flwr_select.selection.allocation import SKETCH_POINTS, ScoreSketch
 from flwr_select.selection.buffer import default_device
 from flwr_select.selection.ledger import SiteLedger
 from flwr_select.selection.policies import Budget, likely_mislabelled, ranked
-from flwr_select.selection.protocol import ROUND_KEY, TOP_UP_KEY, SelectionConfig
+from flwr_select.selection.protocol import (
+    TOP_UP_KEY,
+    SelectionConfig,
+)
 from flwr_select.selection.trial import TrialResult, trial_test
 from flwr_select.selection.wire import pack, wire_bytes
 
