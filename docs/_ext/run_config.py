@@ -1,0 +1,58 @@
+"""Write the run-config reference of every project app from the code, at each build.
+
+For each app module (``simulations.cli.PROJECT_APPS``), one table: every key of
+its ``DEFAULTS``, the default, and what it means, as ``flower-simulation --app
+APP --help`` shows it (:func:`flwr_select.config.key_meanings` on the
+dataclasses its ``check_config`` returns). Written to
+``reference/run-config.md`` before Sphinx reads the sources, so the page is
+never older than the code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import typing
+from pathlib import Path
+
+from flwr_select.config import key_meanings
+
+HEADER = """# Run-config reference
+
+Every key of every app, its default, and what it means: written from the
+dataclasses that declare the keys at each docs build, the same text as
+`flower-simulation --app APP --help`. Give values with
+`--run-config 'key=value ...'` (`flower-simulation`, `flwr run`) or in your app's
+`[tool.flwr.app.config]`.
+"""
+
+
+def run_config_page(apps: typing.Iterable[str]) -> str:
+    """Return the reference page: a section and a table per app module."""
+    parts = [HEADER]
+    for name in apps:
+        module = importlib.import_module(name)
+        returned = typing.get_type_hints(module.check_config)["return"]
+        meanings = key_meanings(typing.get_args(returned))
+        parts.append(f"\n## `{name}`\n\n| key | default | meaning |\n|---|---|---|")
+        for key, default in module.DEFAULTS.items():
+            meaning = meanings.get(key, "").replace("|", "\\|")
+            parts.append(f"| `{key}` | `{json.dumps(default)}` | {meaning} |")
+    return "\n".join(parts) + "\n"
+
+
+def write_page(app) -> None:
+    """Write ``reference/run-config.md`` under the docs' source folder."""
+    from simulations.cli import PROJECT_APPS
+
+    page = Path(app.srcdir) / "reference" / "run-config.md"
+    page.parent.mkdir(exist_ok=True)
+    text = run_config_page(PROJECT_APPS)
+    if not page.is_file() or page.read_text() != text:
+        page.write_text(text)
+
+
+def setup(app):
+    """Register :func:`write_page` to run before the sources are read."""
+    app.connect("builder-inited", write_page)
+    return {"parallel_read_safe": True}
