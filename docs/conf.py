@@ -2,7 +2,8 @@
 
 The run-config reference is written from the code at every build
 (``_ext/run_config.py``), so it cannot drift from the dataclasses that declare
-the keys; the API pages are autodoc'd from the docstrings.
+the keys; the results page from the committed records (``_ext/results.py``);
+the API pages are autodoc'd from the docstrings.
 """
 
 import sys
@@ -18,6 +19,7 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
     "run_config",
+    "results",
 ]
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
 exclude_patterns = ["_build"]

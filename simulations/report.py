@@ -280,14 +280,14 @@ def section(experiment: str, summary: dict[str, Any]) -> tuple[str, Any, str | N
     return sites_title(summary["setting"]), allocation_table, None
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Print every table whose summary exists under the given folder.
+def report(out: Path) -> str:
+    """Return every table whose summary exists under ``out``, as Markdown.
 
     The paper's experiments come first, in the order of :data:`SECTIONS`, then
-    the N-site ones by name.
+    the N-site ones by name. The docs' results page is this text.
     """
-    out = Path((argv if argv is not None else sys.argv[1:] or ["results"])[0])
     sites = sorted({path.parent.name for path in out.glob("sites-*/summary-*.json")})
+    parts = []
     for dataset in ("mnist", "fashion-mnist", "cifar10"):
         for experiment in [*SECTIONS, *sites]:
             summary = _load(out, experiment, dataset)
@@ -295,9 +295,16 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             title, table, extra = section(experiment, summary)
             seeds = next(iter(summary["lines"].values()))["seeds"]
-            print(f"\n**{dataset}, {title}** (mean ± std over seeds {seeds})\n")
+            parts.append(f"\n**{dataset}, {title}** (mean ± std over seeds {seeds})\n")
             rows = table(summary, extra) if extra else table(summary)
-            print("\n".join(rows))
+            parts.append("\n".join(rows))
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print :func:`report` of the folder given (default: ``results``)."""
+    out = Path((argv if argv is not None else sys.argv[1:] or ["results"])[0])
+    print(report(out))
 
 
 if __name__ == "__main__":
