@@ -39,9 +39,7 @@ from clients.common import (
 )
 from flwr_select.data import SiteData
 from flwr_select.files import write_atomically
-from flwr_select.messages import (
-    METRICS_KEY,
-)
+from flwr_select.messages import METRICS_KEY
 from flwr_select.models import Transform
 from flwr_select.npy import read_npz
 from flwr_select.partition import SiteShareConfig, round_fold

@@ -15,9 +15,7 @@ from flwr.serverapp.strategy import Result
 from torch import nn
 
 from flwr_select.data import SiteData
-from flwr_select.messages import (
-    METRICS_KEY,
-)
+from flwr_select.messages import METRICS_KEY
 from flwr_select.selection.protocol import (
     MESSAGE_TYPE,
     QUOTA_KEY,

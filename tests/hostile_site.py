@@ -9,9 +9,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from clients.site import make_select_handler
-from flwr_select.messages import (
-    CONFIG_KEY,
-)
+from flwr_select.messages import CONFIG_KEY
 from flwr_select.selection.protocol import (
     ACTION,
     UPLOAD_KEY,

@@ -9,9 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from flwr_select.config import ConfigError
-from flwr_select.messages import (
-    METRICS_KEY,
-)
+from flwr_select.messages import METRICS_KEY
 from flwr_select.selection.allocation import (
     PROBATION_LEVELS,
     SKETCH_POINTS,

@@ -21,9 +21,7 @@ from hypothesis import strategies as st
 from clients.site import load_ledger, make_select_handler
 from flwr_select.config import ConfigError
 from flwr_select.data import SiteData
-from flwr_select.messages import (
-    METRICS_KEY,
-)
+from flwr_select.messages import METRICS_KEY
 from flwr_select.selection.protocol import (
     MESSAGE_TYPE,
     UNDELIVERED_KEY,

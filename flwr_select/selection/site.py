@@ -23,9 +23,7 @@ from torch import nn
 
 from flwr_select.config import check
 from flwr_select.data import SiteData
-from flwr_select.messages import (
-    ROUND_KEY,
-)
+from flwr_select.messages import ROUND_KEY
 from flwr_select.models import Transform, check_model, model_input
 from flwr_select.selection.allocation import SKETCH_POINTS, ScoreSketch
 from flwr_select.selection.buffer import default_device
