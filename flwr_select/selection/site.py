@@ -7,7 +7,7 @@ receives, whoever carries it: the ClientApp handlers (``clients.site``,
 
 The site answers someone else's server, so what it is asked is bounded by its
 own ledger, not by the server's word (:func:`check_request`,
-:func:`byte_cap`): no round earlier than the latest it answered, one top-up per
+:func:`answer_cap`): no round earlier than the latest it answered, one top-up per
 round and only after the round's upload, and never more bytes in a round than
 the node's own ``max-bytes``. A refusal raises, naming the key, before the
 ledger changes.
@@ -126,28 +126,33 @@ def check_request(ledger: SiteLedger, server_round: int, *, top_up: bool) -> Non
         )
 
 
-def byte_cap(
+def answer_cap(
     site: SiteData,
     selection: SelectionConfig,
     ledger: SiteLedger,
     server_round: int,
     node_max_bytes: int = 0,
+    *,
+    top_up: bool = False,
 ) -> int | None:
-    """Return the cap on an answer's wire bytes, or None for none.
+    """Return the cap on an answer's wire bytes (None for none), if it may answer.
 
-    The run's cap on one upload (the selection's ``max-bytes``) and what is
+    The request must be one the site answers (:func:`check_request`). The cap
+    is the run's on one upload (the selection's ``max-bytes``) and what is
     left of the node's own budget for the round (``node_max_bytes`` less what
     the ledger says the round sent; 0 for no budget).
 
     Raises
     ------
     flwr_select.config.ConfigError
-        If the run's cap is below the bytes of an empty upload.
+        If the request is refused (:func:`check_request`), or the run's cap is
+        below the bytes of an empty upload.
     ValueError
         If what is left of the node's round budget is below an empty upload's
         bytes: the site sends nothing more in the round (the message names the
         node config ``max-bytes``).
     """
+    check_request(ledger, server_round, top_up=top_up)
     empty = wire_bytes(pack(site, np.empty(0, np.int64), compress=selection.compress))
     run_cap = selection.max_bytes
     check(
@@ -188,7 +193,7 @@ def site_summary(
 
     The site ranks its candidates as :func:`site_round` would and sketches the
     priorities of as many as it could send (``max-count``, and the run's and the
-    node's byte caps, measured on the wire format: :func:`byte_cap`):
+    node's byte caps, measured on the wire format: :func:`answer_cap`):
     ``num-candidates``, ``sketch-ranks`` and ``sketch-values``
     (:class:`ScoreSketch`, at up to twice as many ranks as its rho share, so
     that phase 1 weighs little beside the uploads, and at most
@@ -196,14 +201,7 @@ def site_summary(
     earlier than the site's latest is refused (:func:`check_request`).
     ``trial``: as for :func:`rank_candidates`.
     """
-    check_request(ledger, server_round, top_up=False)
-    cap = byte_cap(
-        site,
-        selection,
-        ledger,
-        server_round=server_round,
-        node_max_bytes=node_max_bytes,
-    )
+    cap = answer_cap(site, selection, ledger, server_round, node_max_bytes)
     _, positions, priorities = rank_candidates(
         model,
         site,
@@ -255,7 +253,7 @@ def site_round(
     round with one global budget, its ``quota`` (phase 2, after
     :func:`site_summary`); never more bytes than the run's cap on an upload,
     nor, with what it sent before in the round, than the node's round budget
-    (``node_max_bytes``: 0 for none; :func:`byte_cap`). A ``top_up`` (a second
+    (``node_max_bytes``: 0 for none; :func:`answer_cap`). A ``top_up`` (a second
     pass of a global round, for the quotas other sites did not send) sends the
     ``quota`` best after what the round's upload sent; one a round, after the
     upload. A request the site must not answer is refused before the ledger
@@ -275,13 +273,8 @@ def site_round(
     selection's ``trim`` (likely mislabelled), so that the server sees a noisy
     site even when its policy leaves those samples out of the upload.
     """
-    check_request(ledger, server_round, top_up=top_up)
-    cap = byte_cap(
-        site,
-        selection,
-        ledger,
-        server_round=server_round,
-        node_max_bytes=node_max_bytes,
+    cap = answer_cap(
+        site, selection, ledger, server_round, node_max_bytes, top_up=top_up
     )
     trial, positions, _ = rank_candidates(
         model,
