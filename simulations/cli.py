@@ -235,9 +235,7 @@ def run_config_help(app_name: str) -> str:
     if isinstance(app, FlowerApp):
         defaults, meanings = app.defaults, {}
     else:
-        defaults = app.DEFAULTS
-        returned = typing.get_type_hints(app.check_config)["return"]
-        meanings = key_meanings(typing.get_args(returned))
+        defaults, meanings = app.DEFAULTS, app_key_meanings(app)
     lines = [f"run-config keys of {app_name} (--run-config 'key=value ...'):"]
     for key, default in defaults.items():
         lines.append(f"  {key} = {json.dumps(default)}")
@@ -246,6 +244,17 @@ def run_config_help(app_name: str) -> str:
                 meanings[key], 78, initial_indent=" " * 6, subsequent_indent=" " * 6
             )
     return "\n".join(lines)
+
+
+def app_key_meanings(app: ModuleType) -> dict[str, str]:
+    """Return what each run-config key of one of this project's apps means.
+
+    From the dataclasses its ``check_config`` returns (its annotation names
+    them; :func:`~flwr_select.config.key_meanings`): for ``--help`` and the
+    docs' run-config reference.
+    """
+    returned = typing.get_type_hints(app.check_config)["return"]
+    return key_meanings(typing.get_args(returned))
 
 
 def prepare_simulation(app_name: str, run_config: str, num_nodes: int) -> Simulation:

@@ -2,8 +2,7 @@
 
 For each app module (``simulations.cli.PROJECT_APPS``), one table: every key of
 its ``DEFAULTS``, the default, and what it means, as ``flower-simulation --app
-APP --help`` shows it (:func:`flwr_select.config.key_meanings` on the
-dataclasses its ``check_config`` returns). Written to
+APP --help`` shows it (:func:`simulations.cli.app_key_meanings`). Written to
 ``reference/run-config.md`` before Sphinx reads the sources, so the page is
 never older than the code.
 """
@@ -15,7 +14,7 @@ import json
 import typing
 from pathlib import Path
 
-from flwr_select.config import key_meanings
+from simulations.cli import PROJECT_APPS, app_key_meanings
 
 HEADER = """# Run-config reference
 
@@ -32,8 +31,7 @@ def run_config_page(apps: typing.Iterable[str]) -> str:
     parts = [HEADER]
     for name in apps:
         module = importlib.import_module(name)
-        returned = typing.get_type_hints(module.check_config)["return"]
-        meanings = key_meanings(typing.get_args(returned))
+        meanings = app_key_meanings(module)
         parts.append(f"\n## `{name}`\n\n| key | default | meaning |\n|---|---|---|")
         for key, default in module.DEFAULTS.items():
             meaning = meanings.get(key, "").replace("|", "\\|")
@@ -43,8 +41,6 @@ def run_config_page(apps: typing.Iterable[str]) -> str:
 
 def write_page(app) -> None:
     """Write ``reference/run-config.md`` under the docs' source folder."""
-    from simulations.cli import PROJECT_APPS
-
     page = Path(app.srcdir) / "reference" / "run-config.md"
     page.parent.mkdir(exist_ok=True)
     text = run_config_page(PROJECT_APPS)

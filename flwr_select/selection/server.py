@@ -763,7 +763,7 @@ class SelectionServer:
         second pass), ``received`` what was accepted from it. A site that
         delivered a quota > 0 in full earns a level back.
         """
-        caught = sorted(site for site, q in given.items() if received.get(site, 0) < q)
+        caught = {site for site, q in given.items() if received.get(site, 0) < q}
         for site in given:
             if site in caught:
                 self.probation.caught(site)
